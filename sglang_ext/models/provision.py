@@ -112,7 +112,17 @@ def _convert(spec: PackagedModel, gguf: Path, staging: Path, log: Callable[[str]
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for a bad GGUF
         raise ModelFetchError(f"{gguf}: transformers could not load this GGUF ({type(e).__name__}: {e})") from e
-    model.save_pretrained(staging, safe_serialization=True)
+    # The weights are already de-quantised float32, but transformers marks a GGUF-loaded model as
+    # "quantized" and refuses to serialise it: rebuild a plain model from the same config and weights.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelFetchError(f"{gguf}: converted weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    plain.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
 
 

