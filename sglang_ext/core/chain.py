@@ -29,7 +29,7 @@ import torch
 from .processing import check_distribution
 from .random_source import RandomSource
 from .tree import DraftTree, VerifyResult
-from .tree_verify import InvalidDraftError, _renormalised_residual
+from .tree_verify import _TINY, InvalidDraftError, _renormalised_residual
 
 
 def verify_chain(
@@ -74,7 +74,7 @@ def verify_chain(
         b, i = (int(v) for v in torch.nonzero(impossible)[0])
         name = request_ids[b] if request_ids is not None else b
         raise InvalidDraftError(f"request {name!r}: draft token {int(draft_tokens[b, i])} at position {i} has q(x) = 0")
-    ratio = torch.where(live, (p_x / q_x.clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0), torch.zeros_like(p_x))
+    ratio = torch.where(live, (p_x / q_x.clamp(min=_TINY)).clamp(max=1.0), torch.zeros_like(p_x))
     accepted = rng.bernoulli(ratio) & live
     num_accepted = torch.cumprod(accepted.long(), dim=1).sum(dim=1)
 

@@ -55,6 +55,9 @@ from .random_source import RandomSource
 from .tree import DraftTree, VerifyResult
 
 
+_TINY = torch.finfo(torch.float64).tiny  # guards divisions whose result is masked out anyway
+
+
 class InvalidDraftError(ValueError):
     """A draft that contradicts its own proposal distribution (e.g. a token with q(x) = 0)."""
 
@@ -63,7 +66,7 @@ def _renormalised_residual(p_res: torch.Tensor, q: torch.Tensor) -> torch.Tensor
     """``norm(max(0, p_res - q))`` per row; rows whose residual mass is 0 keep ``p_res``."""
     res = (p_res - q).clamp(min=0.0)
     mass = res.sum(dim=-1, keepdim=True)
-    return torch.where(mass > 0, res / mass.clamp(min=torch.finfo(res.dtype).tiny), p_res)
+    return torch.where(mass > 0, res / mass.clamp(min=_TINY), p_res)
 
 
 def _name(tree: DraftTree, b: int) -> object:
@@ -121,20 +124,20 @@ def verify_tree(
                 if dedup_topk:
                     live = live & ~tried[rows, x]
                 p_x = p_node[rows, x]
-                ratio = (p_x / (1.0 - tried_mass).clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+                ratio = (p_x / (1.0 - tried_mass).clamp(min=_TINY)).clamp(max=1.0)
                 accept = rng.bernoulli(torch.where(live, ratio, torch.zeros_like(ratio))) & live
                 rejected = live & ~accept
                 tried[rows, x] |= rejected
                 tried_mass = tried_mass + torch.where(rejected, p_x, torch.zeros_like(p_x))
                 left = torch.where(tried, torch.zeros_like(p_node), p_node)
                 mass = left.sum(dim=-1, keepdim=True)
-                p_res = torch.where(mass > 0, left / mass.clamp(min=torch.finfo(torch.float64).tiny), p_node)
+                p_res = torch.where(mass > 0, left / mass.clamp(min=_TINY), p_node)
                 cur = torch.where(accept, kid, cur)
                 moved |= accept
                 continue
-            q_j = q_res
+            # iid / chain / without_replacement: sibling j was drawn from the current proposal residual q_res
             p_x = p_res[rows, x]
-            q_x = q_j[rows, x]
+            q_x = q_res[rows, x]
             impossible = live & (q_x <= 0)
             if bool(impossible.any()):
                 b = int(torch.nonzero(impossible)[0, 0])
@@ -143,15 +146,15 @@ def verify_tree(
                     f"request {_name(tree, b)!r}: draft token {int(x[b])} at node {int(kid[b])} has proposal "
                     f"probability 0 ({why}); it cannot have been drawn from the recorded draft distribution"
                 )
-            ratio = torch.where(live, (p_x / q_x.clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0), torch.zeros_like(p_x))
+            ratio = torch.where(live, (p_x / q_x.clamp(min=_TINY)).clamp(max=1.0), torch.zeros_like(p_x))
             accept = rng.bernoulli(ratio) & live
             rejected = live & ~accept
             if bool(rejected.any()):
-                p_res = torch.where(rejected[:, None], _renormalised_residual(p_res, q_j), p_res)
+                p_res = torch.where(rejected[:, None], _renormalised_residual(p_res, q_res), p_res)
                 if scheme == "without_replacement":
                     q_drop = q_res.clone()
                     q_drop[rows, x] = 0.0
-                    q_drop = q_drop / q_drop.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+                    q_drop = q_drop / q_drop.sum(dim=-1, keepdim=True).clamp(min=_TINY)
                     q_res = torch.where(rejected[:, None], q_drop, q_res)
             cur = torch.where(accept, kid, cur)
             moved |= accept
