@@ -56,7 +56,8 @@ def print_overview() -> None:
 
 # ---- lossless -----------------------------------------------------------------------------------------
 def run_lossless(scheme: str, branching: tuple[int, ...], vocab: int, temperature: float, top_p: float,
-                 top_k: int, seed: int) -> float:
+                 top_k: int, seed: int) -> tuple[float, int]:
+    """Exact check of one rule on a toy case; returns (max abs error, branches enumerated)."""
     from sglang_ext.core import greedy_verify_fn, verify_chain_tree, verify_tree
     from sglang_ext.core.lossless import LosslessCase, ToyModel, TreeSpec, check_lossless_exact
     from sglang_ext.core.processing import SamplingParams

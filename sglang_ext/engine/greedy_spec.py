@@ -51,10 +51,9 @@ def generate_greedy(model, input_ids: Sequence[int], max_new_tokens: int, drafte
     eos = set(int(t) for t in eos_token_ids)
     t0 = time.perf_counter()
     cache = DynamicCache()
-    prompt = torch.tensor([list(input_ids)], device=device)
-    logits = model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True).logits if prompt.shape[1] > 1 else None
-    del logits
-    context = list(input_ids)  # the KV cache holds all but the last token of `context`
+    context = list(input_ids)  # the KV cache always holds all but the last token of `context`
+    if len(context) > 1:  # prefill all but the last prompt token; the first step feeds that one
+        model(input_ids=torch.tensor([context[:-1]], device=device), past_key_values=cache, use_cache=True)
     out: list[int] = []
     result = GenerationResult(tokens=out)
     while len(out) < max_new_tokens and not (out and out[-1] in eos):
