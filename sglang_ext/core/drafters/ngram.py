@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .base import Draft, DraftRequest, StatelessDrafter
+
 
 @dataclass
-class NgramDrafter:
+class NgramDrafter(StatelessDrafter):
     max_ngram: int = 3
     min_ngram: int = 1
+    name: str = "ngram"
 
     def __post_init__(self) -> None:
         if not (1 <= self.min_ngram <= self.max_ngram):
@@ -36,3 +39,7 @@ class NgramDrafter:
                     if follow:
                         return follow
         return []
+
+    def draft(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        """One chain per request (point-mass proposals: scheme ``topk``)."""
+        return [Draft.chain(r.tokens[-1], self.propose(r.tokens, r.num_steps)) for r in requests]

@@ -1,0 +1,88 @@
+"""The one interface every drafter implements, whichever host (reference engine, SGLang plugin, simulator) runs it.
+
+A host keeps live requests in batch slots ``0..B-1`` and, once per speculative step, asks the drafter for
+one draft tree per request. Drafters that condition on the target's hidden states (EAGLE-style) receive them
+through :meth:`Drafter.observe` after every target forward, for committed positions only, so there is never a
+second target pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from ..tree import DraftTree, Scheme
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter may look at for one request in one step."""
+
+    slot: int
+    tokens: Sequence[int]  # every committed token, prompt included; the last one is the tree's root
+    num_steps: int  # draft depth (chain length when ``topk == 1``)
+    greedy: bool = True  # greedy requests are verified by argmax, so proposals need no q
+    generator: torch.Generator | None = None  # for drafters that *sample* proposals (stochastic chains)
+
+
+@dataclass
+class Draft:
+    """One request's tree: node 0 is the root (last committed token); ``parents[i] < i``."""
+
+    tokens: list[int]
+    parents: list[int]
+    scheme: Scheme
+    draft_probs: torch.Tensor | None = None  # [N, V] q at each node (schemes that sample)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.tokens)
+
+    def as_tree(self) -> DraftTree:
+        probs = [self.draft_probs] if self.draft_probs is not None else None
+        return DraftTree.from_lists([self.tokens], [self.parents], self.scheme, draft_probs=probs)
+
+    @staticmethod
+    def chain(root: int, drafted: Sequence[int], scheme: Scheme = "topk", draft_probs: torch.Tensor | None = None) -> "Draft":
+        n = len(drafted)
+        return Draft(tokens=[int(root), *map(int, drafted)], parents=[-1, *range(n)], scheme=scheme, draft_probs=draft_probs)
+
+
+class Drafter(Protocol):
+    """``draft`` proposes; the slot hooks keep per-request state aligned with the host's batch slots."""
+
+    name: str
+    needs_features: bool  # True: the host passes target hidden states to ``observe``
+
+    def admit(self, slot: int) -> None: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def move(self, src: int, dst: int) -> None: ...
+
+    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
+        """Committed positions: ``features[i]`` is the target's feature at a position whose next committed token is
+        ``next_tokens[i]`` (EAGLE's (h_t, x_{t+1}) pairs)."""
+        ...
+
+    def draft(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
+
+
+class StatelessDrafter:
+    """Slot hooks that do nothing, for drafters that look only at the token history."""
+
+    needs_features = False
+
+    def admit(self, slot: int) -> None:
+        pass
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def move(self, src: int, dst: int) -> None:
+        pass
+
+    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
+        pass

@@ -1,0 +1,225 @@
+"""Serving the EAGLE-style drafter: its own KV cache, chain drafting and EAGLE-2 dynamic trees.
+
+Per request the drafter keeps a one-layer KV cache of *committed* pairs ``(h_t, x_{t+1})`` (cache index ``j``
+holds the pair whose token sits at position ``j + 1``). The host hands over new pairs with :meth:`observe`
+after every target forward; :meth:`draft` first runs them through the layer in one batched forward (that
+extends the cache and yields the state ``a`` at the root), then drafts from ``a``:
+
+* ``topk == 1`` (chain, SGLang's default for EAGLE): ``num_steps`` tokens, each the argmax of ``q`` for greedy
+  requests, or a sample from ``q`` (scheme ``chain``, ``q`` recorded) for stochastic ones;
+* ``topk > 1`` (EAGLE-2 dynamic tree): expand the ``topk`` best frontier nodes by cumulative log-probability
+  for ``num_steps`` levels, then keep the ``num_draft_tokens - 1`` best nodes overall (their ancestors score at
+  least as high, so the kept set is a tree). Siblings are *chosen*, so the scheme is ``topk`` (point masses).
+
+Draft nodes are written to the cache's scratch region beyond the committed length and are never committed:
+the next :meth:`draft` overwrites them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..kv_cache import SlotKVCache, StepLayout
+from .base import Draft, DraftRequest
+from .eagle_model import EagleDraftModel
+
+
+class EagleDrafter:
+    name = "eagle"
+    needs_features = True
+
+    def __init__(self, model: EagleDraftModel, num_slots: int, max_len: int, topk: int = 1,
+                 num_draft_tokens: int | None = None) -> None:
+        if model.embed_weight is None:
+            raise ValueError("bind the drafter to its target first (EagleDraftModel.bind_target)")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.model = model.eval()
+        c = model.config
+        dev = model.fc.weight.device
+        self.cache = SlotKVCache(1, num_slots, c.num_kv_heads, c.head_dim, max_len, dtype=model.fc.weight.dtype, device=dev)
+        self.topk = topk
+        self.num_draft_tokens = num_draft_tokens
+        self.pending: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
+        self.version = 0  # bumped by `swap_model`; a step is verified against the version that proposed it
+
+    # ---- slot hooks ----------------------------------------------------------------------------------
+    def admit(self, slot: int) -> None:
+        self.cache.reset(slot)
+        self.pending[slot] = ([], [])
+
+    def release(self, slot: int) -> None:
+        self.cache.reset(slot)
+        self.pending.pop(slot, None)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+        self.pending[dst] = self.pending.pop(src, ([], []))
+
+    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
+        if features is None or features.shape[0] != len(next_tokens):
+            raise ValueError(f"slot {slot}: need one feature row per next token, got "
+                             f"{None if features is None else tuple(features.shape)} for {len(next_tokens)} tokens")
+        feats, toks = self.pending.setdefault(slot, ([], []))
+        feats.append(features.detach().to(self.model.fc.weight.device, self.model.fc.weight.dtype))
+        toks.extend(int(t) for t in next_tokens)
+
+    def swap_model(self, model: EagleDraftModel) -> None:
+        """Serve new weights from the next step on (the cached pairs were made by the old ones: a small, lossless mismatch)."""
+        self.model = model.eval()
+        self.version += 1
+
+    # ---- drafting ------------------------------------------------------------------------------------
+    def _attend(self, layout: StepLayout):
+        return lambda q, k, v: layout.attend(0, q, k, v, self.model.scale)
+
+    @torch.inference_mode()
+    def _absorb_pending(self, first_slot: int, B: int) -> torch.Tensor:
+        """Run every request's pending pairs through the layer, commit them, return the root states ``[B, d]``."""
+        m = self.model
+        counts = [len(self.pending.get(first_slot + b, ([], []))[1]) for b in range(B)]
+        if min(counts) == 0:
+            empty = [first_slot + b for b in range(B) if counts[b] == 0]
+            raise RuntimeError(f"slots {empty}: no committed pair to draft from (observe() was not called after the last target forward)")
+        P = max(counts)
+        dev = m.fc.weight.device
+        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+        feats = torch.zeros(B, P, m.config.feature_dim, dtype=m.fc.weight.dtype, device=dev)
+        for b in range(B):
+            f, t = self.pending[first_slot + b]
+            tokens[b, :counts[b]] = torch.tensor(t, device=dev)
+            feats[b, :counts[b]] = torch.cat(f, dim=0)
+        visible = torch.ones(P, P, dtype=torch.bool, device=dev).tril().expand(B, P, P)
+        layout = StepLayout(self.cache, B, visible, first_slot=first_slot)
+        positions = layout.lengths.view(B, 1) + 1 + torch.arange(P, device=dev).view(1, P)
+        a = m.layer(tokens, m.project_features(feats), positions, self._attend(layout))
+        for b in range(B):
+            self.cache.commit(first_slot + b, list(range(counts[b])))
+            self.pending[first_slot + b] = ([], [])
+        idx = torch.tensor(counts, device=dev) - 1
+        return a[torch.arange(B, device=dev), idx]
+
+    @torch.inference_mode()
+    def draft(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        if not requests:
+            return []
+        s0 = requests[0].slot
+        if [r.slot for r in requests] != list(range(s0, s0 + len(requests))):
+            raise ValueError("requests must cover contiguous slots in order")
+        root_state = self._absorb_pending(s0, len(requests))
+        if self.topk == 1:
+            return self._draft_chain(requests, root_state)
+        return self._draft_tree(requests, root_state)
+
+    def _step(self, s0: int, tokens: torch.Tensor, g: torch.Tensor, visible: torch.Tensor, write_offset: int,
+              depth: int) -> torch.Tensor:
+        """One drafter forward over draft nodes at ``depth`` (position ``root + depth``) → their states."""
+        B = tokens.shape[0]
+        layout = StepLayout(self.cache, B, visible, write_offset=write_offset, first_slot=s0)
+        positions = (layout.lengths + depth).view(B, 1).expand_as(tokens)
+        return self.model.layer(tokens, g, positions, self._attend(layout))
+
+    def _draft_chain(self, requests: Sequence[DraftRequest], a: torch.Tensor) -> list[Draft]:
+        m = self.model
+        B, K = len(requests), max(r.num_steps for r in requests)
+        V = m.config.vocab_size
+        dev = a.device
+        vocab = m.draft_vocab
+        drafted: list[list[int]] = [[] for _ in range(B)]
+        qs: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        for d in range(1, K + 1):
+            logits = m.logits(a).float()  # [B, Vd]
+            choice = logits.argmax(dim=-1)
+            for b, r in enumerate(requests):
+                if r.greedy or d > r.num_steps:
+                    continue
+                q = torch.softmax(logits[b].double(), dim=-1)
+                choice[b] = torch.multinomial(q.float(), 1, generator=r.generator).squeeze()
+                full = torch.zeros(V, dtype=torch.float64, device=dev)
+                full[vocab] = q
+                qs[b].append(full)
+            tokens = vocab[choice]
+            for b, r in enumerate(requests):
+                if d <= r.num_steps:
+                    drafted[b].append(int(tokens[b]))
+            if d == K:
+                break
+            visible = torch.ones(B, 1, d, dtype=torch.bool, device=dev)
+            a = self._step(requests[0].slot, tokens.view(B, 1), a.view(B, 1, -1), visible, d - 1, d).squeeze(1)
+        out = []
+        for b, r in enumerate(requests):
+            root = r.tokens[-1]
+            if r.greedy or not drafted[b]:
+                out.append(Draft.chain(root, drafted[b], scheme="topk"))
+            else:
+                probs = torch.stack(qs[b] + [torch.zeros(V, dtype=torch.float64, device=dev)]).cpu()
+                out.append(Draft.chain(root, drafted[b], scheme="chain", draft_probs=probs))
+        return out
+
+    def _draft_tree(self, requests: Sequence[DraftRequest], a_root: torch.Tensor) -> list[Draft]:
+        m = self.model
+        B, k = len(requests), self.topk
+        depth = max(r.num_steps for r in requests)
+        budget = (self.num_draft_tokens or (k * depth + 1)) - 1
+        dev = a_root.device
+        vocab = m.draft_vocab
+        # node records per request: (token, parent node id (-1 = root), score, depth)
+        nodes: list[list[tuple[int, int, float, int]]] = [[] for _ in range(B)]
+        logp = torch.log_softmax(m.logits(a_root).float(), dim=-1)
+        scores, idx = logp.topk(k, dim=-1)  # [B, k]
+        frontier_ids = [[len(nodes[b]) + j for j in range(k)] for b in range(B)]
+        for b in range(B):
+            for j in range(k):
+                nodes[b].append((int(vocab[idx[b, j]]), -1, float(scores[b, j]), 1))
+        frontier_tokens = vocab[idx]  # [B, k]
+        frontier_g = a_root.unsqueeze(1).expand(B, k, -1)
+        # scratch bookkeeping: scratch column of each written frontier node, and each node's ancestor columns
+        scratch_of: list[dict[int, int]] = [{} for _ in range(B)]
+        for d in range(1, depth):
+            offset = (d - 1) * k
+            visible = torch.zeros(B, k, offset + k, dtype=torch.bool, device=dev)
+            for b in range(B):
+                for j, nid in enumerate(frontier_ids[b]):
+                    scratch_of[b][nid] = offset + j
+                    anc = nid
+                    while anc >= 0:
+                        if anc in scratch_of[b]:
+                            visible[b, j, scratch_of[b][anc]] = True
+                        anc = nodes[b][anc][1]
+            a = self._step(requests[0].slot, frontier_tokens, frontier_g, visible, offset, d)  # [B, k, dm]
+            logp = torch.log_softmax(m.logits(a).float(), dim=-1)  # [B, k, Vd]
+            child_lp, child_idx = logp.topk(k, dim=-1)  # [B, k, k]
+            parent_scores = torch.tensor([[nodes[b][n][2] for n in frontier_ids[b]] for b in range(B)], device=dev)
+            cu = (parent_scores.unsqueeze(-1) + child_lp).view(B, k * k)
+            best = cu.topk(k, dim=-1).indices  # [B, k] next frontier among the k*k candidates
+            new_frontier = []
+            for b in range(B):
+                base = len(nodes[b])
+                for c in range(k * k):
+                    pj, cj = divmod(c, k)
+                    nodes[b].append((int(vocab[child_idx[b, pj, cj]]), frontier_ids[b][pj], float(cu[b, c]), d + 1))
+                new_frontier.append([base + int(c) for c in best[b]])
+            frontier_ids = new_frontier
+            flat_tokens = vocab[child_idx.view(B, k * k)]
+            frontier_tokens = flat_tokens.gather(1, best)
+            frontier_g = a.gather(1, (best // k).unsqueeze(-1).expand(B, k, a.shape[-1]))
+        out = []
+        for b, r in enumerate(requests):
+            ranked = sorted(range(len(nodes[b])), key=lambda n: (-nodes[b][n][2], nodes[b][n][3], n))
+            keep = set(ranked[:budget])
+            for n in list(keep):  # ties could drop an ancestor: put it back (the budget may overflow by a node)
+                p = nodes[b][n][1]
+                while p >= 0 and p not in keep:
+                    keep.add(p)
+                    p = nodes[b][p][1]
+            order = sorted(keep, key=lambda n: (nodes[b][n][3], n))
+            new_index = {n: i + 1 for i, n in enumerate(order)}
+            tokens = [r.tokens[-1]] + [nodes[b][n][0] for n in order]
+            parents = [-1] + [new_index.get(nodes[b][n][1], 0) for n in order]
+            out.append(Draft(tokens=tokens, parents=parents, scheme="topk"))
+        return out
+
+
+__all__ = ["EagleDrafter"]

@@ -1,0 +1,137 @@
+r"""A slot-based KV cache with per-request lengths, tree writes and rollback.
+
+Layout: one buffer per layer of shape ``[S, H_kv, L_max, D]`` for keys and one for values, where slot ``s``
+belongs to one live request. ``lengths[s]`` is how many positions of slot ``s`` are *committed*.
+
+One forward writes ``T`` new positions per request at ``lengths[s] + j`` (``j < T``), tree nodes included.
+Nothing is committed until :meth:`commit` is told which of those ``T`` written entries survive: for a chain
+the accepted nodes are a prefix and nothing moves; for a tree the accepted path's entries are gathered to
+``lengths[s], lengths[s]+1, ...`` and the rest is simply left behind (it is overwritten by the next write).
+That is the whole rollback: rejected drafts never become visible because attention masks everything at or
+beyond ``lengths[s]`` that is not an ancestor in the current tree.
+
+Batch rows are slots ``0..B-1``: the owner keeps live requests in a prefix of slots (:meth:`move` fills the
+hole a finished request leaves), so every forward uses views, never a gather of the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(num_slots, dtype=torch.long)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.device = torch.device(device)
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def commit(self, slot: int, written_index: list[int]) -> None:
+        """Keep the entries written at ``lengths[slot] + i`` for ``i`` in ``written_index`` (in order) as committed.
+
+        ``written_index`` must be increasing (tree nodes are in topological order, so a root-to-node path is).
+        """
+        base = int(self.lengths[slot])
+        n = len(written_index)
+        if n == 0:
+            return
+        if base + n > self.max_len:
+            raise ValueError(f"slot {slot}: committing {n} entries past the cache length {self.max_len}")
+        if written_index != list(range(n)):
+            src = torch.tensor(written_index, device=self.device) + base
+            dst = torch.arange(n, device=self.device) + base
+            for buf in (*self.keys, *self.values):
+                buf[slot, :, dst] = buf[slot, :, src]
+        self.lengths[slot] = base + n
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget everything of ``slot`` from position ``length`` on."""
+        if length < 0 or length > int(self.lengths[slot]):
+            raise ValueError(f"slot {slot}: cannot truncate to {length} (length {int(self.lengths[slot])})")
+        self.lengths[slot] = length
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s committed entries into slot ``dst`` (keeps live requests in a slot prefix)."""
+        n = int(self.lengths[src])
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = n
+        self.lengths[src] = 0
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+def step_attention_mask(lengths: torch.Tensor, visible: torch.Tensor, kv_len: int) -> torch.Tensor:
+    r"""Boolean mask ``[B, 1, T, kv_len]`` for a forward whose ``T`` queries see a scratch region of ``S`` entries.
+
+    The scratch region of request ``b`` is cache positions ``lengths[b] .. lengths[b] + S - 1``: the nodes this
+    forward writes (and, when drafting a tree depth by depth, the nodes written by earlier depths). Query ``i``
+    may attend to
+
+    .. math:: \{\, j < \text{lengths}[b] \,\} \ \cup\ \{\, \text{lengths}[b] + s : \text{visible}[b, i, s] \,\}
+
+    ``visible [B, T, S]`` is ancestor-or-self (a causal lower triangle for a chain or a prefill chunk).
+    """
+    B, T, S = visible.shape
+    pos = torch.arange(kv_len, device=visible.device)
+    lengths = lengths.to(visible.device)
+    context = (pos.view(1, 1, kv_len) < lengths.view(B, 1, 1)).expand(B, T, kv_len)
+    rel = pos.view(1, kv_len) - lengths.view(B, 1)  # [B, kv]: offset into the scratch region
+    in_scratch = (rel >= 0) & (rel < S)
+    idx = rel.clamp(0, S - 1).view(B, 1, kv_len).expand(B, T, kv_len)
+    from_scratch = visible.gather(2, idx) & in_scratch.view(B, 1, kv_len)
+    return (context | from_scratch).unsqueeze(1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, HF's convention (``cos, sin [B, 1, T, D]``)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class StepLayout:
+    """Where one forward's ``T`` nodes go in the cache, and what they see (shared by every layer of the forward).
+
+    ``first_slot``: the batch is slots ``first_slot .. first_slot + B - 1``. ``write_offset``: the nodes are
+    written at ``lengths + write_offset + arange(T)`` (0 for the target; the depth-so-far when drafting a
+    tree). ``visible [B, T, S]`` with ``S = write_offset + T`` as in :func:`step_attention_mask`.
+    """
+
+    def __init__(self, cache: SlotKVCache, batch: int, visible: torch.Tensor, write_offset: int = 0,
+                 first_slot: int = 0) -> None:
+        T = visible.shape[1]
+        if visible.shape[2] != write_offset + T:
+            raise ValueError(f"visible must be [B, T, write_offset + T], got {tuple(visible.shape)} with offset {write_offset}")
+        self.cache, self.batch, self.first_slot = cache, batch, first_slot
+        dev = cache.device
+        self.lengths = cache.lengths[first_slot:first_slot + batch].to(dev)
+        self.write_pos = self.lengths.view(batch, 1) + write_offset + torch.arange(T, device=dev).view(1, T)
+        self.kv_len = int(self.write_pos.max()) + 1
+        if self.kv_len > cache.max_len:
+            raise ValueError(f"a request would need {self.kv_len} cache positions; the cache holds {cache.max_len}")
+        self.mask = step_attention_mask(self.lengths, visible.to(dev), self.kv_len)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Write ``k, v [B, H_kv, T, D]``, then SDPA of ``q [B, H, T, D]`` over the visible cache → ``[B, T, H*D]``."""
+        c, s0, B = self.cache, self.first_slot, self.batch
+        rows = torch.arange(s0, s0 + B, device=k.device).unsqueeze(1).expand_as(self.write_pos)
+        c.keys[layer][rows, :, self.write_pos] = k.transpose(1, 2)
+        c.values[layer][rows, :, self.write_pos] = v.transpose(1, 2)
+        keys = c.keys[layer][s0:s0 + B, :, :self.kv_len]
+        values = c.values[layer][s0:s0 + B, :, :self.kv_len]
+        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
+                                                             enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(1, 2).reshape(B, q.shape[2], -1)

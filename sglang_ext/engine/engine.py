@@ -1,0 +1,368 @@
+"""The reference engine: continuous batching with one speculative step per iteration.
+
+Each :meth:`Engine.step`:
+
+1. **admit** waiting requests into free batch slots and prefill them (``prompt[:-1]``, in chunks; the last
+   prompt token is the first step's root), handing the prefill's hidden states to the drafter;
+2. **draft**: one tree per running request (``num_steps`` deep; no drafts when speculation is off);
+3. **one target forward** over the padded batch of trees with a tree attention mask, writing K/V for every node;
+4. **verify** each request with the core's rules (greedy argmax walk, or lossless stochastic verification of
+   the processed distribution with the request's own seeded generator);
+5. **commit**: keep the K/V of the root and the accepted path only (rollback of everything else), give the
+   drafter the accepted positions' hidden states, append tokens, apply stop conditions;
+6. **finish** requests and compact the batch so live requests always occupy slots ``0..B-1``.
+
+With speculation off the same loop feeds one token per request per forward: plain decoding, so speedups
+compare like with like.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from sglang_ext.core.drafters.base import Draft, Drafter, DraftRequest
+from sglang_ext.core.greedy import verify_greedy_tree
+from sglang_ext.core.processing import SamplingParams, check_finite, process_logits
+from sglang_ext.core.random_source import TorchRandomSource
+from sglang_ext.core.tree_verify import verify_tree
+
+from .target import TargetModel
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (the message names the field)."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    rid: str | None = None
+
+
+@dataclass
+class RequestState:
+    """A request in flight, with SGLang's per-request speculative counters."""
+
+    request: GenerationRequest
+    rid: str
+    output_ids: list[int] = field(default_factory=list)
+    slot: int = -1
+    rng: TorchRandomSource | None = None
+    finished: bool = False
+    finish_reason: dict | None = None
+    text: str | None = None
+    spec_verify_ct: int = 0
+    spec_num_correct_drafts: int = 0
+    spec_num_proposed_drafts: int = 0
+    spec_correct_drafts_histogram: list[int] = field(default_factory=list)
+    t_arrival: float = 0.0
+    t_first_token: float | None = None
+    t_finish: float | None = None
+    on_tokens: Callable[["RequestState", list[int]], None] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    def meta_info(self) -> dict:
+        """SGLang's ``meta_info`` fields for this request (names and meanings as in SGLang 0.5.23)."""
+        n = len(self.output_ids)
+        info = {
+            "id": self.rid, "prompt_tokens": len(self.request.prompt_ids), "completion_tokens": n,
+            "finish_reason": self.finish_reason, "spec_verify_ct": self.spec_verify_ct,
+        }
+        if self.spec_verify_ct:
+            info.update(
+                spec_num_correct_drafts=self.spec_num_correct_drafts,
+                spec_num_proposed_drafts=self.spec_num_proposed_drafts,
+                spec_accept_rate=(self.spec_num_correct_drafts / self.spec_num_proposed_drafts
+                                  if self.spec_num_proposed_drafts else 0.0),
+                spec_accept_length=n / self.spec_verify_ct,
+                spec_correct_drafts_histogram=list(self.spec_correct_drafts_histogram),
+            )
+        if self.t_finish is not None:
+            info["e2e_latency"] = self.t_finish - self.t_arrival
+        if self.t_first_token is not None:
+            info["ttft"] = self.t_first_token - self.t_arrival
+        return info
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 8
+    context_length: int | None = None  # default: the model's max positions, capped at 4096
+    num_steps: int = 0  # draft depth per step; 0 = speculation off
+    topk: int = 1
+    num_draft_tokens: int | None = None  # tree node budget incl. the root (topk > 1)
+    prefill_chunk: int = 512
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class StepStats:
+    """What one step did (the policies and the capture buffer of later issues consume these)."""
+
+    batch_size: int = 0
+    prefill_tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    nodes_per_request: list[int] = field(default_factory=list)
+    accepted_per_request: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, target: TargetModel, drafter: Drafter | None = None, config: EngineConfig | None = None,
+                 tokenizer=None) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        c = self.config
+        self.context_length = c.context_length or min(target.max_positions, 4096)
+        if c.num_steps > 0 and drafter is None:
+            raise ValueError("num_steps > 0 needs a drafter")
+        self.speculative = drafter is not None and c.num_steps > 0
+        self.max_tree_nodes = max(c.num_draft_tokens or 0, c.topk * c.num_steps + 1) if self.speculative else 1
+        self.cache = target.new_cache(c.max_batch_size, self.context_length + self.max_tree_nodes + 1)
+        self.waiting: list[RequestState] = []
+        self.running: list[RequestState] = []  # running[i].slot == i
+        self._ids = itertools.count()
+        self.totals = {"steps": 0, "draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0, "tokens": 0}
+        self.last_step = StepStats()
+
+    # ---- requests --------------------------------------------------------------------------------------
+    def validate(self, req: GenerationRequest) -> None:
+        if not req.prompt_ids:
+            raise RequestError("prompt: empty prompt (need at least one token)")
+        if req.max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens: must be >= 1, got {req.max_new_tokens}")
+        vocab = self.target.vocab_size
+        bad = [t for t in req.prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        need = len(req.prompt_ids) + req.max_new_tokens
+        if need > self.context_length:
+            raise RequestError(f"prompt: {len(req.prompt_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} = {need} "
+                               f"exceeds the context length {self.context_length}")
+        if req.stop and self.tokenizer is None:
+            raise RequestError("stop: stop strings need an engine with a tokenizer")
+
+    def add_request(self, req: GenerationRequest, on_tokens=None) -> RequestState:
+        self.validate(req)
+        rid = req.rid or f"req-{next(self._ids)}"
+        state = RequestState(request=req, rid=rid, rng=TorchRandomSource(req.seed), t_arrival=time.perf_counter(),
+                             on_tokens=on_tokens)
+        self.waiting.append(state)
+        return state
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, rid: str) -> bool:
+        for s in list(self.waiting):
+            if s.rid == rid:
+                self.waiting.remove(s)
+                self._finish(s, {"type": "abort"}, release=False)
+                return True
+        for s in list(self.running):
+            if s.rid == rid:
+                self._finish(s, {"type": "abort"})
+                self._compact()
+                return True
+        return False
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def step(self) -> list[RequestState]:
+        """One iteration: admit + prefill, then one (speculative) decode step. Returns requests finished now."""
+        stats = StepStats()
+        done: list[RequestState] = []
+        self._admit(stats)
+        if self.running:
+            done = self._decode(stats)
+        self.last_step = stats
+        self.totals["steps"] += 1
+        return done
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[RequestState]:
+        states = [self.add_request(r) for r in requests]
+        while self.has_work():
+            self.step()
+        return states
+
+    def _admit(self, stats: StepStats) -> None:
+        t0 = time.perf_counter()
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            state = self.waiting.pop(0)
+            state.slot = len(self.running)
+            self.running.append(state)
+            self.cache.reset(state.slot)
+            if self.drafter is not None:
+                self.drafter.admit(state.slot)
+            self._prefill(state, stats)
+        stats.prefill_seconds = time.perf_counter() - t0
+        self.totals["prefill_s"] += stats.prefill_seconds
+
+    def _prefill(self, state: RequestState, stats: StepStats) -> None:
+        """Write K/V for ``prompt[:-1]`` (chunked); the prompt's last token is the first decode step's root."""
+        ids = state.request.prompt_ids
+        body = ids[:-1]
+        chunk = self.config.prefill_chunk
+        want_features = self.drafter is not None and self.drafter.needs_features
+        for start in range(0, len(body), chunk):
+            piece = body[start:start + chunk]
+            T = len(piece)
+            out = self.target.forward(
+                self.cache, torch.tensor([piece]), torch.ones(T, T, dtype=torch.bool).tril().unsqueeze(0),
+                torch.arange(T).unsqueeze(0), logits_for=torch.zeros(1, T, dtype=torch.bool), first_slot=state.slot,
+            )
+            self.cache.commit(state.slot, list(range(T)))
+            if want_features:
+                self.drafter.observe(state.slot, out.features[0], ids[start + 1:start + 1 + T])
+            stats.prefill_tokens += T
+
+    def _num_steps(self, state: RequestState) -> int:
+        if not self.speculative:
+            return 0
+        left = state.request.max_new_tokens - len(state.output_ids)
+        return max(0, min(self.config.num_steps, left - 1))
+
+    def _decode(self, stats: StepStats) -> list[RequestState]:
+        running = self.running
+        B = len(running)
+        t0 = time.perf_counter()
+        if self.speculative:
+            reqs = [DraftRequest(slot=s.slot, tokens=s.tokens, num_steps=self._num_steps(s),
+                                 greedy=s.request.sampling.greedy, generator=s.rng.generator) for s in running]
+            drafts = self.drafter.draft(reqs)
+            for d, s in zip(drafts, running):  # a chain drafter may not trim to a per-request length itself
+                k = self._num_steps(s)
+                if self.config.topk == 1 and d.num_nodes - 1 > k:
+                    d.tokens, d.parents = d.tokens[:k + 1], d.parents[:k + 1]
+                    if d.draft_probs is not None:
+                        d.draft_probs = d.draft_probs[:k + 1]
+        else:
+            drafts = [Draft.chain(s.tokens[-1], []) for s in running]
+        t1 = time.perf_counter()
+        N = max(d.num_nodes for d in drafts)
+        input_ids = torch.zeros(B, N, dtype=torch.long)
+        visible = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
+        depths = torch.zeros(B, N, dtype=torch.long)
+        trees = []
+        for b, d in enumerate(drafts):
+            tree = d.as_tree()
+            tree.request_ids = [running[b].rid]
+            trees.append(tree)
+            n = d.num_nodes
+            input_ids[b, :n] = torch.tensor(d.tokens)
+            visible[b, :n, :n] = tree.attention_mask[0]
+            depths[b, :n] = tree.depths[0]
+        out = self.target.forward(self.cache, input_ids, visible, depths)
+        check_finite(out.logits, [s.rid for s in running])
+        finished: list[RequestState] = []
+        now = time.perf_counter()
+        for b, (state, d, tree) in enumerate(zip(running, drafts, trees)):
+            n = d.num_nodes
+            logits = out.logits[b:b + 1, :n]
+            sp = state.request.sampling
+            if sp.greedy:
+                result = verify_greedy_tree(tree, logits.argmax(dim=-1))
+            else:
+                p = process_logits(logits, sp, [state.rid])
+                result = verify_tree(tree, p, state.rng)
+            path = result.accepted_nodes[0]
+            emitted = result.emitted[0]
+            self.cache.commit(state.slot, [0] + path)
+            if self.drafter is not None and self.drafter.needs_features:
+                self.drafter.observe(state.slot, out.features[b, [0] + path], emitted)
+            if self.speculative:
+                state.spec_verify_ct += 1
+                state.spec_num_correct_drafts += len(path)
+                state.spec_num_proposed_drafts += n - 1
+                hist = state.spec_correct_drafts_histogram
+                while len(hist) <= len(path):
+                    hist.append(0)
+                hist[len(path)] += 1
+            stats.nodes_per_request.append(n)
+            stats.accepted_per_request.append(len(path))
+            if state.t_first_token is None:
+                state.t_first_token = now
+            if self._append(state, emitted):
+                finished.append(state)
+        t2 = time.perf_counter()
+        stats.batch_size = B
+        stats.draft_seconds, stats.verify_seconds = t1 - t0, t2 - t1
+        self.totals["draft_s"] += stats.draft_seconds
+        self.totals["verify_s"] += stats.verify_seconds
+        for state in finished:
+            self._finish(state, state.finish_reason)
+        if finished:
+            self._compact()
+        return finished
+
+    # ---- commit / finish ------------------------------------------------------------------------------
+    def _append(self, state: RequestState, tokens: list[int]) -> bool:
+        """Append committed tokens, honouring max_new_tokens, EOS/stop ids and stop strings; True if finished."""
+        req = state.request
+        stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(self.config.eos_token_ids))
+        new: list[int] = []
+        reason = None
+        for tok in tokens:
+            new.append(tok)
+            state.output_ids.append(tok)
+            if tok in stop_ids:
+                reason = {"type": "stop", "matched": tok}
+                break
+            if len(state.output_ids) >= req.max_new_tokens:
+                reason = {"type": "length", "length": req.max_new_tokens}
+                break
+        self.totals["tokens"] += len(new)
+        if req.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
+            hits = [(text.find(s), s) for s in req.stop if s and s in text]
+            if hits:
+                pos, s = min(hits)
+                state.text = text[:pos]
+                reason = {"type": "stop", "matched": s}
+        if state.on_tokens is not None and new:
+            state.on_tokens(state, new)
+        if reason is not None:
+            state.finish_reason = reason
+            return True
+        return False
+
+    def _finish(self, state: RequestState, reason: dict | None, release: bool = True) -> None:
+        state.finished = True
+        state.finish_reason = reason
+        state.t_finish = time.perf_counter()
+        if state.text is None and self.tokenizer is not None:
+            state.text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
+        if release and state.slot >= 0:
+            self.cache.reset(state.slot)
+            if self.drafter is not None:
+                self.drafter.release(state.slot)
+            state.slot = -1
+        if state.on_tokens is not None:
+            state.on_tokens(state, [])
+
+    def _compact(self) -> None:
+        """Move live requests down into the holes finished ones left, so they occupy slots ``0..B-1``."""
+        live = [s for s in self.running if not s.finished]
+        for new_slot, state in enumerate(live):
+            if state.slot != new_slot:
+                self.cache.move(state.slot, new_slot)
+                if self.drafter is not None:
+                    self.drafter.move(state.slot, new_slot)
+                state.slot = new_slot
+        self.running = live
