@@ -19,8 +19,9 @@ from sglang_ext.core.kv_cache import SlotKVCache, StepLayout, apply_rope
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # [B, T, V] float32 (zeros where not requested)
+    logits: torch.Tensor | None  # [B, T, V] float32 (zeros where not requested; None with ``hidden_only``)
     features: torch.Tensor | None  # [B, T, F]: concatenated outputs of the feature layers
+    hidden: torch.Tensor | None = None  # [B, T, d] final-norm hidden state (the LM head's input)
 
 
 def supports(model) -> bool:
@@ -78,13 +79,14 @@ class TargetModel:
 
     @torch.inference_mode()
     def forward(self, cache: SlotKVCache, input_ids: torch.Tensor, visible: torch.Tensor, depths: torch.Tensor,
-                logits_for: torch.Tensor | None = None, first_slot: int = 0) -> ForwardOutput:
+                logits_for: torch.Tensor | None = None, first_slot: int = 0, hidden_only: bool = False) -> ForwardOutput:
         """One forward over slots ``first_slot .. first_slot + B - 1``; node ``j`` is written at ``lengths[b] + j``.
 
         ``visible [B, T, T]`` is ancestor-or-self among the ``T`` new nodes; ``depths [B, T]`` their depth (the
         node's position is ``lengths[b] + depth``). Padding nodes may hold any token id >= 0. Nothing is
         committed: call ``cache.commit`` with the surviving nodes afterwards. ``logits_for [B, T]`` (bool)
-        restricts the LM head to the rows that need logits (a prefill needs only its last one).
+        restricts the LM head to the rows that need logits (a prefill needs only its last one); ``hidden_only``
+        skips the LM head and returns the final hidden state instead (drafter training applies its own head).
         """
         B, T = input_ids.shape
         layout = StepLayout(cache, B, visible, first_slot=first_slot)
@@ -106,6 +108,8 @@ class TargetModel:
                 feats[li] = x
         features = torch.cat([feats[i] for i in self.feature_layers], dim=-1) if feats else None
         hidden = inner.norm(x)
+        if hidden_only:
+            return ForwardOutput(logits=None, features=features, hidden=hidden)
         if logits_for is not None:
             logits = torch.zeros(B, T, self.vocab_size, dtype=torch.float32, device=self.device)
             sel = logits_for.to(self.device)

@@ -1,0 +1,311 @@
+r"""Offline training of the EAGLE-style drafter from the target's own hidden states and distributions.
+
+Per batch of token sequences the target runs once (no grad) and yields, at every position ``t``, the feature
+``h_t`` (its chosen layers' outputs) and its next-token distribution ``p_t`` (final hidden state through its
+LM head, restricted to the draft vocabulary and renormalised). The drafter is then unrolled ``K`` steps
+("training-time test", EAGLE-3), so later draft steps are trained on the drafter's *own* states, exactly as
+they are used when serving:
+
+* step 1, at index ``i`` (token position ``i+1``): input ``(g = W_fc h_i, x_{i+1})``, attends causally to the
+  step-1 keys ``≤ i``; output ``a^1_i`` must predict ``p_{i+1}``;
+* step ``j > 1``, at index ``i``: input ``(g = a^{j-1}_{i-1}, x_{i+1})``: the state the previous draft step
+  produced one position earlier, paired with the token it (ideally) drafted. It attends to step-1 keys
+  ``≤ i-j+1`` (the committed context when drafting started) and to one key of each later step on its own
+  diagonal (its drafted ancestors), the same set the serving cache shows it.
+
+Loss: :math:`\sum_j w^{j-1}\,\mathrm{CE}(p_{i+1},\, q^j_i)` over valid positions (soft labels; ``w = 0.8``), whose
+minimiser is ``q = p``. Reported: KL and top-1 agreement ``argmax q == argmax p`` per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel, target_identity
+from sglang_ext.engine.target import TargetModel
+
+
+@dataclass
+class TrainConfig:
+    feature_layers: list[int] = field(default_factory=lambda: [2, 15, 27])  # EAGLE-3: low, middle, high
+    draft_vocab_size: int | None = 16384
+    ttt_steps: int = 3
+    step_weight: float = 0.8
+    max_tokens: int = 512  # per sequence
+    batch_tokens: int = 4096  # target+drafter tokens per optimiser step (sequences packed by length)
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    epochs: int = 1
+    seed: int = 0
+    checkpoint_every: int = 100  # optimiser steps between resumable checkpoints
+
+
+def draft_vocabulary(sequences: Sequence[Sequence[int]], size: int | None, vocab_size: int,
+                     always: Sequence[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent token ids of the corpus (plus ``always``, e.g. EOS), sorted; all ids if ``size`` is None."""
+    if size is None or size >= vocab_size:
+        return torch.arange(vocab_size)
+    counts = Counter(t for s in sequences for t in s)
+    keep = list(dict.fromkeys([*always, *(t for t, _ in counts.most_common(size))]))[:size]
+    if len(keep) < size:  # pad with the lowest unused ids so the size is exactly as asked
+        used = set(keep)
+        keep += [t for t in range(vocab_size) if t not in used][: size - len(keep)]
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def batches(sequences: Sequence[Sequence[int]], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Group sequence indices into batches of similar length (little padding), in a seeded random order."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    groups, cur, cur_max = [], [], 0
+    for i in order:
+        n = len(sequences[i])
+        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
+            groups.append(cur)
+            cur, cur_max = [], 0
+        cur.append(i)
+        cur_max = max(cur_max, n)
+    if cur:
+        groups.append(cur)
+    random.Random(seed).shuffle(groups)
+    return groups
+
+
+class TargetTeacher:
+    """Runs the target over a padded batch and returns features and draft-vocabulary distributions (no grad)."""
+
+    def __init__(self, target: TargetModel, draft_vocab: torch.Tensor) -> None:
+        self.target = target
+        self.lm_rows = target.lm_head.weight.detach()[draft_vocab.to(target.device)]
+        self._cache = None
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens [B, S]`` → features ``[B, S, F]``, log p over the draft vocab ``[B, S, V_d]``, full argmax ``[B, S]``."""
+        B, S = tokens.shape
+        if self._cache is None or self._cache.num_slots < B or self._cache.max_len < S:
+            self._cache = self.target.new_cache(B, S)
+        self._cache.lengths.zero_()
+        visible = torch.ones(S, S, dtype=torch.bool, device=self.target.device).tril().expand(B, S, S)
+        out = self.target.forward(self._cache, tokens, visible, torch.arange(S).expand(B, S), hidden_only=True)
+        logp = torch.log_softmax(torch.nn.functional.linear(out.hidden, self.lm_rows).float(), dim=-1)
+        full_argmax = self.target.lm_head(out.hidden).argmax(dim=-1) if S * B <= 8192 else None
+        return out.features.float(), logp, full_argmax
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def ttt_forward(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Unrolled drafter over a batch: returns draft-vocab logits ``[B, S-1, V_d]`` for steps ``1..steps``.
+
+    Index ``i`` of every output predicts the token at position ``i + 2`` (see the module docstring).
+    """
+    c = model.config
+    B, S = tokens.shape
+    L = S - 1
+    x_in = tokens[:, 1:]
+    positions = torch.arange(1, S, device=tokens.device).expand(B, L)
+    rep = c.num_heads // c.num_kv_heads
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    g = model.project_features(features[:, :-1])
+    idx = torch.arange(L, device=tokens.device)
+    for j in range(1, steps + 1):
+        def attend(q, k, v, j=j):
+            keys.append(_repeat_kv(k, rep))
+            values.append(_repeat_kv(v, rep))
+            # step-1 keys: column <= i - j + 1
+            s1 = (q @ keys[0].transpose(-1, -2)) * model.scale  # [B, H, L, L]
+            allowed = idx.view(1, L) <= (idx.view(L, 1) - j + 1)
+            s1 = s1.masked_fill(~allowed, float("-inf"))
+            parts, vals = [s1], []
+            for m in range(2, j + 1):  # one diagonal key of step m at index i - (j - m)
+                shift = j - m
+                km = torch.roll(keys[m - 1], shifts=shift, dims=2)
+                vm = torch.roll(values[m - 1], shifts=shift, dims=2)
+                sm = (q * km).sum(-1, keepdim=True) * model.scale  # [B, H, L, 1]
+                sm = sm.masked_fill((idx < shift).view(1, 1, L, 1), float("-inf"))
+                parts.append(sm)
+                vals.append(vm)
+            w = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+            w = torch.nan_to_num(w, nan=0.0)  # rows with no visible key (invalid positions) contribute nothing
+            o = w[..., :L] @ values[0]
+            for m, vm in enumerate(vals):
+                o = o + w[..., L + m:L + m + 1] * vm
+            return o.transpose(1, 2).reshape(B, L, -1)
+
+        a = model.layer(x_in, g, positions, attend)
+        outs.append(model.logits(a))
+        # next step: the state produced one position earlier
+        g = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1]], dim=1)
+    return outs
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    kl: list[float]
+    top1: list[float]
+    tokens: int
+
+
+def ttt_loss(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
+             valid: torch.Tensor, steps: int, step_weight: float,
+             full_argmax: torch.Tensor | None = None) -> tuple[torch.Tensor, StepMetrics]:
+    """Soft-label cross-entropy over the unrolled steps; ``valid [B, S]`` marks real (non-padding) tokens."""
+    outs = ttt_forward(model, features, tokens, steps)
+    L = tokens.shape[1] - 1
+    target_logp = logp[:, 1:]  # p at position i+1: the distribution of the token at i+2
+    p = target_logp.exp()
+    total = torch.zeros((), device=tokens.device)
+    kls, accs = [], []
+    # predicting position i+2 needs positions i+1 and i+2 to be real tokens
+    pair_valid = valid[:, 1:] & torch.cat([valid[:, 2:], torch.zeros_like(valid[:, :1])], dim=1)
+    idx = torch.arange(L, device=tokens.device)
+    p_arg = target_logp.argmax(-1)
+    for j, logits in enumerate(outs, start=1):
+        m = pair_valid & (idx >= j - 1).view(1, L)
+        n = m.sum().clamp(min=1)
+        q_logp = torch.log_softmax(logits.float(), dim=-1)
+        ce = -(p * q_logp).sum(-1)
+        total = total + (step_weight ** (j - 1)) * (ce * m).sum() / n
+        with torch.no_grad():
+            ent = -(p * target_logp).sum(-1)
+            kls.append(float(((ce - ent) * m).sum() / n))
+            hit = q_logp.argmax(-1) == p_arg
+            accs.append(float((hit & m).sum() / n))
+    return total, StepMetrics(loss=float(total.detach()), kl=kls, top1=accs, tokens=int(pair_valid.sum()))
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    S = max(len(s) for s in sequences)
+    tokens = torch.full((len(sequences), S), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(sequences), S, dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        tokens[b, :len(s)] = torch.tensor(list(s))
+        valid[b, :len(s)] = True
+    return tokens, valid
+
+
+class DrafterTrainer:
+    """Trains an :class:`EagleDraftModel` against a target; resumable from ``out_dir/trainer_state``."""
+
+    def __init__(self, target: TargetModel, target_name: str, config: TrainConfig, out_dir: str | Path,
+                 device: str | torch.device = "cpu") -> None:
+        self.target, self.config, self.out_dir = target, config, Path(out_dir)
+        self.target_name = target_name
+        self.device = torch.device(device)
+        target.set_feature_layers(tuple(config.feature_layers))
+
+    def new_model(self, vocab: torch.Tensor) -> EagleDraftModel:
+        torch.manual_seed(self.config.seed)
+        cfg = EagleConfig.for_target(self.target.config, self.config.feature_layers, len(vocab) if len(vocab) < self.target.vocab_size else None,
+                                     target_identity(self.target_name, self.target.config))
+        model = EagleDraftModel(cfg).to(self.device)
+        if cfg.draft_vocab_size is not None:
+            model.set_draft_vocab(vocab.to(self.device))
+        return model.bind_target(self.target.embed_tokens.weight, self.target.lm_head.weight)
+
+    def train(self, train_seqs: Sequence[Sequence[int]], heldout: Sequence[Sequence[int]] = (),
+              eos_ids: Sequence[int] = (), progress: bool = True, log=print) -> dict:
+        c = self.config
+        seqs = [list(s)[: c.max_tokens] for s in train_seqs if len(s) >= 3]
+        if not seqs:
+            raise ValueError("no training sequence has 3 or more tokens")
+        state_dir = self.out_dir / "trainer_state"
+        resume = state_dir.joinpath("state.pt").is_file()
+        vocab = draft_vocabulary(seqs, c.draft_vocab_size, self.target.vocab_size, eos_ids)
+        model = self.new_model(vocab)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
+        plan = [b for e in range(c.epochs) for b in batches(seqs, c.batch_tokens, c.seed + e)]
+        total_steps = len(plan)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps))
+                                                  * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+        start = 0
+        history: list[dict] = []
+        if resume:
+            st = torch.load(state_dir / "state.pt", map_location=self.device, weights_only=False)
+            if st["config"] != asdict(c):
+                raise ValueError(f"{state_dir}: was made with a different training config; use another --out or delete it")
+            model.load_state_dict(st["model"])
+            model.bind_target(self.target.embed_tokens.weight, self.target.lm_head.weight)
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
+            start, history = st["step"], st["history"]
+            torch.set_rng_state(st["rng"])
+            log(f"resuming from step {start}/{total_steps} ({state_dir})")
+        teacher = TargetTeacher(self.target, model.draft_vocab)
+        t0 = time.perf_counter()
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]train-drafter"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress) as bar:
+            task = bar.add_task("train", total=total_steps, completed=start, info="")
+            for step in range(start, total_steps):
+                tokens, valid = pad_batch([seqs[i] for i in plan[step]])
+                tokens, valid = tokens.to(self.device), valid.to(self.device)
+                feats, logp, _ = teacher(tokens)
+                model.train()
+                loss, m = ttt_loss(model, feats, tokens, logp, valid, c.ttt_steps, c.step_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                opt.step()
+                sched.step()
+                history.append({"step": step + 1, "loss": m.loss, "top1": m.top1, "kl": m.kl, "tokens": m.tokens})
+                bar.update(task, advance=1, info=f"loss {m.loss:.3f} top1 " + "/".join(f"{a:.2f}" for a in m.top1))
+                if (step + 1) % c.checkpoint_every == 0 and step + 1 < total_steps:
+                    self._save_state(state_dir, model, opt, sched, step + 1, history)
+        model.eval()
+        train_seconds = time.perf_counter() - t0
+        report = {"train_steps": total_steps, "train_sequences": len(seqs), "train_seconds": train_seconds,
+                  "final_train_top1": history[-1]["top1"] if history else None}
+        if heldout:
+            report["heldout"] = evaluate(model, teacher, heldout, c, self.device)
+        model.save(self.out_dir, extra={"training": {**asdict(c), **report, "target_name": self.target_name}})
+        (self.out_dir / "history.json").write_text(json.dumps(history))
+        if state_dir.exists():
+            import shutil
+            shutil.rmtree(state_dir)
+        return report
+
+    def _save_state(self, state_dir: Path, model, opt, sched, step: int, history: list) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / "state.pt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                    "history": history, "rng": torch.get_rng_state(), "config": asdict(self.config)}, tmp)
+        tmp.replace(state_dir / "state.pt")
+
+
+@torch.no_grad()
+def evaluate(model: EagleDraftModel, teacher: TargetTeacher, sequences: Sequence[Sequence[int]], config: TrainConfig,
+             device: torch.device) -> dict:
+    """Held-out KL and top-1 agreement per draft step (teacher-forced along the sequence, as in training)."""
+    model.eval()
+    seqs = [list(s)[: config.max_tokens] for s in sequences if len(s) >= 3]
+    tot = {"tokens": 0, "kl": [0.0] * config.ttt_steps, "top1": [0.0] * config.ttt_steps}
+    for group in batches(seqs, config.batch_tokens, 0):
+        tokens, valid = pad_batch([seqs[i] for i in group])
+        tokens, valid = tokens.to(device), valid.to(device)
+        feats, logp, _ = teacher(tokens)
+        _, m = ttt_loss(model, feats, tokens, logp, valid, config.ttt_steps, config.step_weight)
+        for j in range(config.ttt_steps):
+            tot["kl"][j] += m.kl[j] * m.tokens
+            tot["top1"][j] += m.top1[j] * m.tokens
+        tot["tokens"] += m.tokens
+    n = max(1, tot["tokens"])
+    return {"tokens": tot["tokens"], "kl": [k / n for k in tot["kl"]], "top1": [a / n for a in tot["top1"]]}

@@ -1,0 +1,93 @@
+"""Drafter training: the unrolled training graph is the serving graph, loss falls, checkpoints are guarded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang_ext.core.drafters.eagle import EagleDrafter
+from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.engine.target import TargetModel
+from sglang_ext.models.tiny import tiny_llama
+from sglang_ext.training.drafter import DrafterTrainer, TargetTeacher, TrainConfig, draft_vocabulary, ttt_forward
+
+
+@pytest.fixture(scope="module")
+def target():
+    return TargetModel(tiny_llama(vocab_size=96, hidden_size=64, num_layers=3, seed=5), feature_layers=(0, 2))
+
+
+def test_training_time_test_matches_serving(target):
+    """Step j of the unrolled training forward equals depth j of the serving drafter (drafted = true tokens)."""
+    trainer = DrafterTrainer(target, "tiny", TrainConfig(feature_layers=[0, 2], draft_vocab_size=None), "/tmp/unused")
+    model = trainer.new_model(torch.arange(96)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(2, 96, (1, 20), generator=g)
+    teacher = TargetTeacher(target, model.draft_vocab)
+    feats, _, _ = teacher(x)
+    with torch.no_grad():
+        outs = ttt_forward(model, feats, x, steps=3)
+    r = 11  # root position
+    drafter = EagleDrafter(model, num_slots=1, max_len=64)
+    drafter.admit(0)
+    drafter.observe(0, feats[0, :r], x[0, 1:r + 1].tolist())
+    with torch.no_grad():
+        a = drafter._absorb_pending(0, 1)
+        torch.testing.assert_close(model.logits(a)[0], outs[0][0, r - 1], rtol=1e-4, atol=1e-4)
+        for depth in (1, 2):  # feed the true next tokens as if they had been drafted
+            tok = x[:, r + depth].view(1, 1)
+            vis = torch.ones(1, 1, depth, dtype=torch.bool)
+            a = drafter._step(0, tok, a.view(1, 1, -1), vis, depth - 1, depth).squeeze(1)
+            torch.testing.assert_close(model.logits(a)[0], outs[depth][0, r - 1 + depth], rtol=1e-4, atol=1e-4)
+
+
+def test_training_lowers_loss_saves_and_resumes(target, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    # a learnable language: arithmetic progressions mod 90
+    seqs = []
+    for _ in range(64):
+        start, stride = int(torch.randint(0, 90, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        seqs.append([2 + (start + stride * i) % 90 for i in range(24)])
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=80, ttt_steps=2, batch_tokens=24 * 8, lr=3e-3,
+                      warmup_steps=2, epochs=6, checkpoint_every=10)
+    report = DrafterTrainer(target, "tiny", cfg, tmp_path / "d").train(seqs, heldout=seqs[:8], progress=False, log=lambda *_: None)
+    hist = __import__("json").loads((tmp_path / "d" / "history.json").read_text())
+    assert hist[-1]["kl"][0] < 0.5 * hist[0]["kl"][0], (hist[0]["kl"], hist[-1]["kl"], report)
+    assert report["heldout"]["top1"][0] > 0.1  # chance is 1/80
+    model = EagleDraftModel.load(tmp_path / "d", expect_target={"name": "tiny"})
+    assert model.config.draft_vocab_size == 80 and model.draft_vocab.numel() == 80
+    with pytest.raises(ValueError, match="trained for target name='tiny'"):
+        EagleDraftModel.load(tmp_path / "d", expect_target={"name": "smollm2-135m"})
+
+
+def test_resume_is_deterministic(target, tmp_path):
+    seqs = [[2 + (i * 7 + j) % 90 for j in range(16)] for i in range(40)]
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=None, ttt_steps=2, batch_tokens=16 * 4, epochs=2,
+                      checkpoint_every=5, warmup_steps=1)
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "full").train(seqs, progress=False)
+    # interrupted run: stop after the first checkpoint by training on a plan that raises
+    t = DrafterTrainer(target, "tiny", cfg, tmp_path / "part")
+    calls = {"n": 0}
+    real = t.target.forward
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    t.target.forward = flaky
+    with pytest.raises(KeyboardInterrupt):
+        t.train(seqs, progress=False)
+    t.target.forward = real
+    assert (tmp_path / "part" / "trainer_state" / "state.pt").is_file()
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "part").train(seqs, progress=False, log=lambda *_: None)
+    a = EagleDraftModel.load(tmp_path / "full").state_dict()
+    b = EagleDraftModel.load(tmp_path / "part").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_draft_vocabulary_keeps_frequent_and_forced_ids():
+    v = draft_vocabulary([[5, 5, 5, 6, 6, 7]], size=3, vocab_size=50, always=[1])
+    assert v.tolist() == [1, 5, 6]
