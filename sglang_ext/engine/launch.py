@@ -1,0 +1,349 @@
+"""Build a reference :class:`Engine` from SGLang-named command-line flags.
+
+The flags keep SGLang 0.5.23's names and meanings (``--model-path``, ``--speculative-algorithm``,
+``--speculative-num-steps`` ...), so a launch line written for ``python -m sglang.launch_server`` works here
+with the same speculative settings. Defaults differ where SGLang's are GPU-sized; the help texts say so.
+
+Errors name the flag that caused them (:class:`LaunchError`), and every check that needs no model runs
+before the model loads, so a typo costs milliseconds, not a model load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the engine imports torch: keep `sglang-ext --help` fast
+    from .engine import Engine
+
+ALGORITHMS = ("NONE", "NGRAM", "EAGLE", "EAGLE3")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: CPU defaults (SGLang auto-picks (3, 1, 4) for EAGLE on a GPU; a CPU verify forward grows with every node).
+DEFAULT_EAGLE_STEPS = 2
+DEFAULT_NGRAM_STEPS = 4
+DEFAULT_MAX_RUNNING = 8
+DEFAULT_CONTEXT_CAP = 4096  # the engine's default: the model's max positions, capped here
+
+
+class LaunchError(ValueError):
+    """A flag (or flag combination) the engine cannot start with; the message names the flag."""
+
+
+# ---- flags --------------------------------------------------------------------------------------------
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def normalize_algorithm(name: str | None) -> str:
+    """Upper-case like SGLang; ``None``/empty mean NONE. EAGLE and EAGLE3 both select our EAGLE-style drafter."""
+    if not name:
+        return "NONE"
+    upper = name.strip().upper()
+    if upper not in ALGORITHMS:
+        raise LaunchError(f"--speculative-algorithm {name!r}: this engine supports {', '.join(ALGORITHMS)} "
+                          f"(case-insensitive)")
+    return upper
+
+
+def _algorithm_arg(text: str) -> str:
+    try:
+        return normalize_algorithm(text)
+    except LaunchError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add the engine flags (SGLang 0.5.23 names) to ``parser``."""
+    g = parser.add_argument_group("engine (SGLang flag names)")
+    g.add_argument("--model-path", default="smollm2-135m", metavar="NAME|DIR",
+                   help="a registered model name (`sglang-ext models list`; fetched on first use) or a local Hugging Face "
+                        "directory with config.json (default: smollm2-135m)")
+    g.add_argument("--speculative-algorithm", type=_algorithm_arg, default="NONE", metavar="{NONE,NGRAM,EAGLE,EAGLE3}",
+                   help="NGRAM: prompt-lookup drafter; EAGLE / EAGLE3: the EAGLE-style feature drafter from "
+                        "--speculative-draft-model-path (both names select it; the checkpoint's feature layers decide "
+                        "EAGLE-1 vs EAGLE-3 style). Case-insensitive. Default NONE (plain decoding)")
+    g.add_argument("--speculative-draft-model-path", "--speculative-draft-model", dest="speculative_draft_model_path", metavar="DIR",
+                   help="directory of an sglang-ext EAGLE drafter checkpoint (config.json + model.safetensors) trained "
+                        "for this target; required for EAGLE/EAGLE3")
+    g.add_argument("--speculative-num-steps", type=_int_at_least(1), metavar="N",
+                   help=f"draft depth per step. Default: {DEFAULT_EAGLE_STEPS} for EAGLE (SGLang picks 3 on a GPU; "
+                        f"on CPU each extra node costs verify time), {DEFAULT_NGRAM_STEPS} for NGRAM (drafting is free); "
+                        "with only --speculative-num-draft-tokens given and topk 1, num_draft_tokens - 1")
+    g.add_argument("--speculative-eagle-topk", type=_int_at_least(1), metavar="K",
+                   help="branching per draft level: 1 = chain (default, SGLang's default too), > 1 = EAGLE-2 dynamic "
+                        "tree (EAGLE only; the n-gram drafter proposes chains)")
+    g.add_argument("--speculative-num-draft-tokens", type=_int_at_least(2), metavar="N",
+                   help="tree node budget including the root. With topk 1 it is forced to num_steps + 1 as in SGLang; "
+                        "with topk > 1 the default is the full tree, topk * num_steps + 1")
+    g.add_argument("--speculative-ngram-min-match-window-size", type=_int_at_least(1), default=1, metavar="N",
+                   help="NGRAM: shortest suffix n-gram to look up (name from earlier SGLang releases; 0.5.23's trie "
+                        "drafter has no equivalent). Default 1")
+    g.add_argument("--speculative-ngram-max-match-window-size", type=_int_at_least(1), default=3, metavar="N",
+                   help="NGRAM: longest suffix n-gram to look up, tried first (default 3)")
+    g.add_argument("--max-running-requests", type=_int_at_least(1), default=DEFAULT_MAX_RUNNING, metavar="N",
+                   help=f"maximum batch size; further requests wait (default {DEFAULT_MAX_RUNNING}; SGLang uses 48 "
+                        "with EAGLE on a GPU)")
+    g.add_argument("--context-length", type=_int_at_least(2), metavar="N",
+                   help=f"prompt + new tokens per request (default: the model's max positions, capped at "
+                        f"{DEFAULT_CONTEXT_CAP}); the KV cache is sized for max-running-requests of these")
+    g.add_argument("--chunked-prefill-size", type=int, default=512, metavar="N",
+                   help="prefill prompts in chunks of this many tokens (default 512; <= 0: whole prompt at once)")
+    g.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and KV cache dtype (default float32; 'auto' means float32 here: CPU half precision "
+                        "is slow and changes greedy outputs)")
+    g.add_argument("--random-seed", type=int, metavar="SEED",
+                   help="seed for requests that bring none (each request then gets seed + its arrival index), "
+                        "so sampled outputs repeat across runs; default: fresh randomness")
+
+
+# ---- speculative settings -------------------------------------------------------------------------------
+@dataclass
+class SpecSettings:
+    algorithm: str
+    num_steps: int
+    topk: int
+    num_draft_tokens: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_speculative(algorithm: str | None, num_steps: int | None = None, topk: int | None = None,
+                        num_draft_tokens: int | None = None) -> SpecSettings:
+    """SGLang's rules for (steps, topk, draft tokens), with our CPU defaults; errors name the flag."""
+    algo = normalize_algorithm(algorithm)
+    notes: list[str] = []
+    for flag, value, low in (("--speculative-num-steps", num_steps, 1), ("--speculative-eagle-topk", topk, 1),
+                             ("--speculative-num-draft-tokens", num_draft_tokens, 2)):
+        if value is not None and value < low:
+            raise LaunchError(f"{flag} {value}: must be >= {low}")
+    if algo == "NONE":
+        if any(v is not None for v in (num_steps, topk, num_draft_tokens)):
+            notes.append("speculative flags ignored: --speculative-algorithm is NONE")
+        return SpecSettings("NONE", 0, 1, None, notes)
+    if algo == "NGRAM" and topk not in (None, 1):
+        raise LaunchError(f"--speculative-eagle-topk {topk}: the NGRAM drafter proposes chains; use 1 or EAGLE")
+    k = topk or 1
+    default_steps = DEFAULT_NGRAM_STEPS if algo == "NGRAM" else DEFAULT_EAGLE_STEPS
+    if num_steps is None:
+        steps = num_draft_tokens - 1 if (num_draft_tokens is not None and k == 1) else default_steps
+    else:
+        steps = num_steps
+    if k == 1:
+        if num_draft_tokens is not None and num_draft_tokens != steps + 1:
+            notes.append(f"--speculative-num-draft-tokens {num_draft_tokens} set to num_steps + 1 = {steps + 1} "
+                         "(a chain has no other size; SGLang does the same)")
+        budget: int | None = steps + 1
+    else:
+        full = k * steps + 1
+        if num_draft_tokens is not None and num_draft_tokens > full:
+            raise LaunchError(f"--speculative-num-draft-tokens {num_draft_tokens}: a tree of topk {k} and "
+                              f"{steps} steps has at most {full} nodes")
+        budget = num_draft_tokens or full
+    return SpecSettings(algo, steps, k, budget, notes)
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+def _torch_dtype(name: str):
+    import torch
+
+    return torch.float32 if name in ("auto", "float32") else getattr(torch, name)
+
+
+def load_target(model_path: str, dtype: str = "float32"):
+    """``(model, tokenizer, name, seconds)`` for a registered name or a local HF directory."""
+    from sglang_ext.models import MODELS, load_model
+    from sglang_ext.models.provision import ModelFetchError, model_dir
+
+    dt = "float32" if dtype == "auto" else dtype
+    if model_path in MODELS:
+        try:
+            model, tokenizer, seconds = load_model(model_path, dtype=dt)
+        except ModelFetchError as e:
+            raise LaunchError(f"--model-path {model_path}: {e}") from e
+        return model, tokenizer, model_path, seconds
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise LaunchError(f"--model-path {model_path!r}: neither a registered model ({', '.join(sorted(MODELS))}) "
+                          "nor a directory")
+    if not (path / "config.json").is_file():
+        raise LaunchError(f"--model-path {model_path}: no config.json in that directory (not a Hugging Face model)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch_dtype(dt)).eval()
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise LaunchError(f"--model-path {model_path}: cannot load ({type(e).__name__}: {e})") from e
+    # a checkpoint's target identity uses the registered name: map the cache directory of one back to it
+    resolved = path.resolve()
+    name = next((n for n in MODELS if model_dir(n).resolve() == resolved), resolved.name)
+    return model, tokenizer, name, time.perf_counter() - t0
+
+
+def check_draft_path(path: str | None) -> Path:
+    """The cheap checks on a drafter directory (run before the target loads)."""
+    flag = "--speculative-draft-model-path"
+    if not path:
+        raise LaunchError(f"{flag} is required with --speculative-algorithm EAGLE/EAGLE3 (a drafter checkpoint "
+                          "directory trained for this target)")
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise LaunchError(f"{flag} {path}: no such directory")
+    for name in ("config.json", "model.safetensors"):
+        if not (d / name).is_file():
+            raise LaunchError(f"{flag} {path}: no {name} (not an sglang-ext drafter checkpoint)")
+    return d
+
+
+def load_draft_model(path: str | None, target_name: str, target_config):
+    """Load an EAGLE checkpoint for this target; every failure names ``--speculative-draft-model-path``."""
+    from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
+
+    flag = "--speculative-draft-model-path"
+    d = check_draft_path(path)
+    try:
+        return EagleDraftModel.load(d, expect_target=target_identity(target_name, target_config))
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:  # bad JSON, wrong target, bad tensors
+        raise LaunchError(f"{flag} {path}: {e}") from e
+
+
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """EOS ids from the generation config, the model config and the tokenizer (chat models often differ)."""
+    ids: list[int] = []
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    tok = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if isinstance(tok, int) and tok not in ids:
+        ids.append(tok)
+    return tuple(ids)
+
+
+# ---- assembling -----------------------------------------------------------------------------------------
+def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *, num_steps: int | None = None,
+                            topk: int | None = None, num_draft_tokens: int | None = None, draft_model=None,
+                            max_running_requests: int = DEFAULT_MAX_RUNNING, context_length: int | None = None,
+                            prefill_chunk: int = 512, ngram_min: int = 1, ngram_max: int = 3,
+                            eos_token_ids: tuple[int, ...] | None = None, model_name: str = "model",
+                            ) -> tuple[Engine, dict[str, Any]]:
+    """An engine around an in-memory HF Llama (tests, notebooks); ``draft_model`` is an unbound EagleDraftModel.
+
+    Returns ``(engine, info)`` where ``info`` holds the resolved settings under SGLang's server-args names.
+    """
+    from sglang_ext.core.drafters.eagle import EagleDrafter
+    from sglang_ext.core.drafters.ngram import NgramDrafter
+
+    from .engine import Engine, EngineConfig
+    from .target import TargetModel
+
+    spec = resolve_speculative(algorithm, num_steps, topk, num_draft_tokens)
+    if max_running_requests < 1:
+        raise LaunchError(f"--max-running-requests {max_running_requests}: must be >= 1")
+    max_pos = int(model.config.max_position_embeddings)
+    if context_length is None:
+        context = min(max_pos, DEFAULT_CONTEXT_CAP)
+    elif context_length > max_pos:
+        raise LaunchError(f"--context-length {context_length}: the model has {max_pos} positions")
+    else:
+        context = context_length
+    drafter = None
+    feature_layers: tuple[int, ...] = ()
+    if spec.algorithm == "NGRAM":
+        if ngram_min > ngram_max:
+            raise LaunchError(f"--speculative-ngram-min-match-window-size {ngram_min} exceeds "
+                              f"--speculative-ngram-max-match-window-size {ngram_max}")
+        drafter = NgramDrafter(max_ngram=ngram_max, min_ngram=ngram_min)
+    elif spec.algorithm in ("EAGLE", "EAGLE3"):
+        if draft_model is None:
+            raise LaunchError("--speculative-draft-model-path is required with --speculative-algorithm "
+                              f"{spec.algorithm}")
+        feature_layers = tuple(draft_model.config.feature_layers)
+    try:
+        target = TargetModel(model, feature_layers=feature_layers, name=model_name)
+    except ValueError as e:
+        flag = "--speculative-draft-model-path" if feature_layers else "--model-path"
+        raise LaunchError(f"{flag}: {e}") from e
+    if draft_model is not None and spec.algorithm in ("EAGLE", "EAGLE3"):
+        try:
+            draft_model = draft_model.to(target.dtype)
+            draft_model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
+        except ValueError as e:
+            raise LaunchError(f"--speculative-draft-model-path: {e}") from e
+        # the drafter's cache holds committed pairs plus this step's scratch nodes
+        drafter = EagleDrafter(draft_model, num_slots=max_running_requests, max_len=context + spec.topk * spec.num_steps + 2,
+                               topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None)
+    config = EngineConfig(max_batch_size=max_running_requests, context_length=context, num_steps=spec.num_steps,
+                          topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
+                          prefill_chunk=prefill_chunk if prefill_chunk > 0 else context,
+                          eos_token_ids=tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(model, tokenizer))
+    engine = Engine(target, drafter, config, tokenizer=tokenizer)
+    info: dict[str, Any] = {
+        "model_path": model_name, "served_model_name": model_name,
+        "speculative_algorithm": None if spec.algorithm == "NONE" else spec.algorithm,
+        "speculative_num_steps": spec.num_steps or None, "speculative_eagle_topk": spec.topk if spec.num_steps else None,
+        "speculative_num_draft_tokens": spec.num_draft_tokens,
+        "speculative_ngram_min_match_window_size": ngram_min if spec.algorithm == "NGRAM" else None,
+        "speculative_ngram_max_match_window_size": ngram_max if spec.algorithm == "NGRAM" else None,
+        "feature_layers": list(target.feature_layers) or None,
+        "max_running_requests": max_running_requests, "context_length": context,
+        "chunked_prefill_size": config.prefill_chunk, "dtype": str(target.dtype).removeprefix("torch."),
+        "eos_token_ids": list(config.eos_token_ids), "notes": spec.notes,
+    }
+    return engine, info
+
+
+def build_engine(args: argparse.Namespace):
+    """``(engine, tokenizer, info)`` from :func:`add_engine_args` flags: checks flags, loads model and drafter."""
+    spec = resolve_speculative(args.speculative_algorithm, args.speculative_num_steps, args.speculative_eagle_topk,
+                               args.speculative_num_draft_tokens)  # flag errors before any loading
+    if spec.algorithm in ("EAGLE", "EAGLE3"):
+        if not args.speculative_draft_model_path:
+            raise LaunchError(f"--speculative-draft-model-path is required with --speculative-algorithm "
+                              f"{spec.algorithm} (a drafter checkpoint directory trained for this target)")
+        check_draft_path(args.speculative_draft_model_path)
+    if args.speculative_draft_model_path and spec.algorithm not in ("EAGLE", "EAGLE3"):
+        spec.notes.append("--speculative-draft-model-path ignored: only EAGLE/EAGLE3 use a draft model")
+    if spec.algorithm == "NGRAM" and (args.speculative_ngram_min_match_window_size
+                                      > args.speculative_ngram_max_match_window_size):
+        raise LaunchError(f"--speculative-ngram-min-match-window-size {args.speculative_ngram_min_match_window_size} "
+                          f"exceeds --speculative-ngram-max-match-window-size {args.speculative_ngram_max_match_window_size}")
+    if args.random_seed is not None:
+        import torch
+
+        torch.manual_seed(args.random_seed)
+    model, tokenizer, name, seconds = load_target(args.model_path, args.dtype)
+    draft_model = None
+    t0 = time.perf_counter()
+    if spec.algorithm in ("EAGLE", "EAGLE3"):
+        draft_model = load_draft_model(args.speculative_draft_model_path, name, model.config)
+    engine, info = build_engine_from_parts(
+        model, tokenizer, spec.algorithm, num_steps=args.speculative_num_steps, topk=args.speculative_eagle_topk,
+        num_draft_tokens=args.speculative_num_draft_tokens, draft_model=draft_model,
+        max_running_requests=args.max_running_requests, context_length=args.context_length,
+        prefill_chunk=args.chunked_prefill_size, ngram_min=args.speculative_ngram_min_match_window_size,
+        ngram_max=args.speculative_ngram_max_match_window_size, model_name=name,
+    )
+    info["notes"] = spec.notes + [n for n in info["notes"] if n not in spec.notes]
+    info.update(model_path=args.model_path, served_model_name=name, random_seed=args.random_seed,
+                speculative_draft_model_path=args.speculative_draft_model_path, load_seconds=round(seconds, 3),
+                draft_load_seconds=round(time.perf_counter() - t0, 3) if draft_model is not None else None)
+    return engine, tokenizer, info
+
+
+__all__ = ["ALGORITHMS", "LaunchError", "SpecSettings", "add_engine_args", "build_engine", "build_engine_from_parts",
+           "check_draft_path", "eos_ids", "load_draft_model", "load_target", "normalize_algorithm", "resolve_speculative"]
