@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sglang_ext.training.cli import register as register_training
 
     register_training(sub)
+
+    from sglang_ext.bench import register as register_bench
+
+    register_bench(sub)
     from sglang_ext.server.cli import register as register_server
     register_server(sub)
     return parser

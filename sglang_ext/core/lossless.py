@@ -314,19 +314,27 @@ def check_lossless_exact(verify_fn: VerifyFn, case: LosslessCase, tol: float = 1
 def check_lossless_monte_carlo(verify_fn: VerifyFn, case: LosslessCase, samples: int = 20_000, seed: int = 0,
                                significance: float = 1e-3) -> LosslessReport:
     """Chi-square goodness of fit of ``samples`` seeded runs; raise ``AssertionError`` if ``p < significance``."""
-    from scipy.stats import chi2
-
     rng = TorchRandomSource(seed)
     counts: dict = defaultdict(int)
     for _ in range(samples):
         counts[run_pipeline(case, verify_fn, rng)] += 1
-    expected = target_distribution(case)
+    return chi_square_check(counts, target_distribution(case), samples, significance)
+
+
+def chi_square_check(counts: dict, expected: dict, samples: int, significance: float = 1e-3) -> LosslessReport:
+    """Pearson chi-square of observed outcome ``counts`` against ``expected`` probabilities.
+
+    Bins with an expected count below 5 are pooled into one (Cochran's rule). Raises ``AssertionError`` if an
+    outcome the target gives probability 0 occurs, or if ``p < significance``. Shared by the toy-model checker
+    and the real-model test (first tokens after a fixed prefix, many seeds).
+    """
+    from scipy.stats import chi2
+
     unexpected = [k for k in counts if expected.get(k, 0.0) == 0.0]
     observed_freq = {k: c / samples for k, c in counts.items()}
     max_err, tv = _distance(observed_freq, expected)
     if unexpected:
         raise AssertionError(f"verifier emitted sequences the target gives probability 0: {unexpected[:3]}")
-    # Pool bins with expected count < 5 (Cochran's rule) into one.
     obs_bins, exp_bins, pool_o, pool_e = [], [], 0.0, 0.0
     for k, pk in expected.items():
         e = pk * samples

