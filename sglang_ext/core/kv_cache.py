@@ -23,8 +23,11 @@ class SlotKVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # one buffer for every layer's keys and values, so commit/move gather all layers in one op;
+        # ``keys[l]`` / ``values[l]`` are views of it (the per-layer layout above is unchanged)
+        self.storage = torch.zeros((2, num_layers, *shape), dtype=dtype, device=device)
+        self.keys = list(self.storage[0].unbind(0))
+        self.values = list(self.storage[1].unbind(0))
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
         self.num_slots = num_slots
         self.max_len = max_len
@@ -45,8 +48,8 @@ class SlotKVCache:
         if written_index != list(range(n)):
             src = torch.tensor(written_index, device=self.device) + base
             dst = torch.arange(n, device=self.device) + base
-            for buf in (*self.keys, *self.values):
-                buf[slot, :, dst] = buf[slot, :, src]
+            st = self.storage  # [2, layers, S, H, L, D]: every layer's keys and values in one gather
+            st[:, :, slot, :, dst] = st[:, :, slot, :, src]
         self.lengths[slot] = base + n
 
     def truncate(self, slot: int, length: int) -> None:
@@ -58,8 +61,7 @@ class SlotKVCache:
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s committed entries into slot ``dst`` (keeps live requests in a slot prefix)."""
         n = int(self.lengths[src])
-        for buf in (*self.keys, *self.values):
-            buf[dst, :, :n] = buf[src, :, :n]
+        self.storage[:, :, dst, :, :n] = self.storage[:, :, src, :, :n]
         self.lengths[dst] = n
         self.lengths[src] = 0
 
@@ -67,7 +69,7 @@ class SlotKVCache:
         self.lengths[slot] = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return self.storage.numel() * self.storage.element_size()
 
 
 def step_attention_mask(lengths: torch.Tensor, visible: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -108,6 +110,10 @@ class StepLayout:
     ``first_slot``: the batch is slots ``first_slot .. first_slot + B - 1``. ``write_offset``: the nodes are
     written at ``lengths + write_offset + arange(T)`` (0 for the target; the depth-so-far when drafting a
     tree). ``visible [B, T, S]`` with ``S = write_offset + T`` as in :func:`step_attention_mask`.
+
+    Everything per-forward (write indices, the mask and its additive form) is computed once here, so the
+    per-layer :meth:`attend` is two copies and one SDPA call. When every row writes at the same offset (always
+    at batch 1) the writes are plain slice copies instead of an indexed scatter.
     """
 
     def __init__(self, cache: SlotKVCache, batch: int, visible: torch.Tensor, write_offset: int = 0,
@@ -115,23 +121,63 @@ class StepLayout:
         T = visible.shape[1]
         if visible.shape[2] != write_offset + T:
             raise ValueError(f"visible must be [B, T, write_offset + T], got {tuple(visible.shape)} with offset {write_offset}")
-        self.cache, self.batch, self.first_slot = cache, batch, first_slot
+        self.cache, self.batch, self.first_slot, self.num_new = cache, batch, first_slot, T
         dev = cache.device
         self.lengths = cache.lengths[first_slot:first_slot + batch].to(dev)
-        self.write_pos = self.lengths.view(batch, 1) + write_offset + torch.arange(T, device=dev).view(1, T)
-        self.kv_len = int(self.write_pos.max()) + 1
+        starts = [n + write_offset for n in cache.lengths[first_slot:first_slot + batch].tolist()]
+        self.kv_len = max(starts) + T
         if self.kv_len > cache.max_len:
             raise ValueError(f"a request would need {self.kv_len} cache positions; the cache holds {cache.max_len}")
+        # one start for all rows: slice writes; otherwise a scatter with indices built once per forward
+        self._slice = (starts[0], starts[0] + T) if min(starts) == max(starts) else None
+        self.write_offset = write_offset
+        self._write_pos: torch.Tensor | None = None
+        self._flat: torch.Tensor | None = None
+        if self._slice is None:  # row of every (slot, head, position) in a layer buffer viewed as [S * H * L, D]
+            H = cache.keys[0].shape[1] if cache.keys else 0
+            slots = torch.arange(first_slot, first_slot + batch, device=dev).view(batch, 1, 1)
+            heads = torch.arange(H, device=dev).view(1, H, 1)
+            self._flat = ((slots * H + heads) * cache.max_len + self.write_pos.view(batch, 1, T)).reshape(-1)
         self.mask = step_attention_mask(self.lengths, visible.to(dev), self.kv_len)
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def write_pos(self) -> torch.Tensor:
+        """``[B, T]`` cache position of every new node."""
+        if self._write_pos is None:
+            B, T = self.batch, self.num_new
+            self._write_pos = (self.lengths.view(B, 1) + self.write_offset
+                               + torch.arange(T, device=self.cache.device).view(1, T))
+        return self._write_pos
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask in the additive form SDPA converts a boolean mask to (0 where visible, -inf elsewhere), built once."""
+        bias = self._bias.get(dtype)
+        if bias is None:
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(~self.mask, float("-inf"))
+            self._bias[dtype] = bias
+        return bias
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v [B, H_kv, T, D]`` for ``layer`` at this forward's positions."""
+        c, s0, B = self.cache, self.first_slot, self.batch
+        if self._slice is not None:
+            a, b = self._slice
+            c.keys[layer][s0:s0 + B, :, a:b] = k
+            c.values[layer][s0:s0 + B, :, a:b] = v
+        else:
+            kb, vb = c.keys[layer], c.values[layer]
+            D = kb.shape[-1]
+            kb.view(-1, D).index_copy_(0, self._flat, k.reshape(-1, D))
+            vb.view(-1, D).index_copy_(0, self._flat, v.reshape(-1, D))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write ``k, v [B, H_kv, T, D]``, then SDPA of ``q [B, H, T, D]`` over the visible cache → ``[B, T, H*D]``."""
         c, s0, B = self.cache, self.first_slot, self.batch
-        rows = torch.arange(s0, s0 + B, device=k.device).unsqueeze(1).expand_as(self.write_pos)
-        c.keys[layer][rows, :, self.write_pos] = k.transpose(1, 2)
-        c.values[layer][rows, :, self.write_pos] = v.transpose(1, 2)
+        self.write(layer, k, v)
         keys = c.keys[layer][s0:s0 + B, :, :self.kv_len]
         values = c.values[layer][s0:s0 + B, :, :self.kv_len]
-        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scale,
+        # the additive mask is exactly what SDPA makes of the boolean one (bit-identical output), made once per forward
+        o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=self.attn_bias(q.dtype), scale=scale,
                                                              enable_gqa=q.shape[1] != k.shape[1])
         return o.transpose(1, 2).reshape(B, q.shape[2], -1)

@@ -19,6 +19,7 @@ compare like with like.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -107,6 +108,10 @@ class EngineConfig:
     num_draft_tokens: int | None = None  # tree node budget incl. the root (topk > 1)
     prefill_chunk: int = 512
     eos_token_ids: tuple[int, ...] = ()
+    #: per-step fast path (cached tree shapes, greedy rows verified from one batched argmax); False runs the
+    #: reference path (a DraftTree per request and the core's tree verifiers): identical results, more overhead.
+    #: The target's own fast forward is ``TargetModel.use_fast_forward`` (env ``SGLANG_EXT_FAST_FORWARD=0``: off).
+    fast_paths: bool = True
 
 
 @dataclass
@@ -120,6 +125,58 @@ class StepStats:
     prefill_seconds: float = 0.0
     nodes_per_request: list[int] = field(default_factory=list)
     accepted_per_request: list[int] = field(default_factory=list)
+
+
+def _last_token(state: RequestState) -> int:
+    return state.output_ids[-1] if state.output_ids else state.request.prompt_ids[-1]
+
+
+@dataclass(frozen=True)
+class _TreeShape:
+    """What the step needs about one tree shape (a ``parents`` list), padded to ``width`` nodes.
+
+    Exactly what :class:`DraftTree` derives (``depths``, ``children`` in index order, ancestor-or-self
+    ``attention_mask``), laid out as the step batch wants it: padding nodes see only themselves at depth 0.
+    Shapes repeat step after step (a chain of length k is always the same shape), so they are built once.
+    """
+
+    depths: list[int]  # [width]
+    children: list[list[int]]  # per real node, in index order
+    visible: torch.Tensor  # [width, width] bool
+
+    @staticmethod
+    def build(parents: list[int], width: int) -> "_TreeShape":
+        n = len(parents)
+        if n < 1 or parents[0] != -1:
+            raise ValueError("draft tree: node 0 must be the root (parent -1)")
+        depths = [0] * width
+        children: list[list[int]] = [[] for _ in range(n)]
+        rows = [[i == j for j in range(width)] for i in range(width)]
+        for i in range(1, n):
+            p = parents[i]
+            if not 0 <= p < i:
+                raise ValueError(f"draft tree: node {i} has parent {p}; need 0 <= parent < node (topological order)")
+            depths[i] = depths[p] + 1
+            children[p].append(i)
+            rows[i] = [a or b for a, b in zip(rows[i], rows[p])]
+        return _TreeShape(depths=depths, children=children, visible=torch.tensor(rows, dtype=torch.bool))
+
+
+def _greedy_walk(tokens: list[int], children: list[list[int]], argmax: list[int]) -> tuple[list[int], list[int]]:
+    """:func:`verify_greedy_tree` for one request on lists: follow the first child whose token is the target's
+    argmax at the current node; returns (accepted nodes, emitted tokens = their tokens + the argmax at the last)."""
+    cur = 0
+    path: list[int] = []
+    while True:
+        want = argmax[cur]
+        for c in children[cur]:
+            if tokens[c] == want:
+                break
+        else:
+            break
+        path.append(c)
+        cur = c
+    return path, [tokens[i] for i in path] + [argmax[cur]]
 
 
 class Engine:
@@ -141,6 +198,7 @@ class Engine:
         self._ids = itertools.count()
         self.totals = {"steps": 0, "draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0, "tokens": 0}
         self.last_step = StepStats()
+        self._shapes: dict[tuple, _TreeShape] = {}
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> None:
@@ -238,54 +296,43 @@ class Engine:
         left = state.request.max_new_tokens - len(state.output_ids)
         return max(0, min(self.config.num_steps, left - 1))
 
+    def _draft(self) -> list[Draft]:
+        """One draft per running request (a bare root when speculation is off), trimmed to its step budget."""
+        running = self.running
+        if not self.speculative:
+            return [Draft.chain(_last_token(s), []) for s in running]
+        reqs = [DraftRequest(slot=s.slot, tokens=s.tokens, num_steps=self._num_steps(s),
+                             greedy=s.request.sampling.greedy, generator=s.rng.generator) for s in running]
+        drafts = self.drafter.draft(reqs)
+        for d, s in zip(drafts, running):  # a chain drafter may not trim to a per-request length itself
+            k = self._num_steps(s)
+            if self.config.topk == 1 and d.num_nodes - 1 > k:
+                d.tokens, d.parents = d.tokens[:k + 1], d.parents[:k + 1]
+                if d.draft_probs is not None:
+                    d.draft_probs = d.draft_probs[:k + 1]
+        return drafts
+
     def _decode(self, stats: StepStats) -> list[RequestState]:
         running = self.running
         B = len(running)
         t0 = time.perf_counter()
-        if self.speculative:
-            reqs = [DraftRequest(slot=s.slot, tokens=s.tokens, num_steps=self._num_steps(s),
-                                 greedy=s.request.sampling.greedy, generator=s.rng.generator) for s in running]
-            drafts = self.drafter.draft(reqs)
-            for d, s in zip(drafts, running):  # a chain drafter may not trim to a per-request length itself
-                k = self._num_steps(s)
-                if self.config.topk == 1 and d.num_nodes - 1 > k:
-                    d.tokens, d.parents = d.tokens[:k + 1], d.parents[:k + 1]
-                    if d.draft_probs is not None:
-                        d.draft_probs = d.draft_probs[:k + 1]
-        else:
-            drafts = [Draft.chain(s.tokens[-1], []) for s in running]
+        drafts = self._draft()
         t1 = time.perf_counter()
-        N = max(d.num_nodes for d in drafts)
-        input_ids = torch.zeros(B, N, dtype=torch.long)
-        visible = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
-        depths = torch.zeros(B, N, dtype=torch.long)
-        trees = []
-        for b, d in enumerate(drafts):
-            tree = d.as_tree()
-            tree.request_ids = [running[b].rid]
-            trees.append(tree)
-            n = d.num_nodes
-            input_ids[b, :n] = torch.tensor(d.tokens)
-            visible[b, :n, :n] = tree.attention_mask[0]
-            depths[b, :n] = tree.depths[0]
-        out = self.target.forward(self.cache, input_ids, visible, depths)
-        check_finite(out.logits, [s.rid for s in running])
+        if self.config.fast_paths:
+            results, out = self._forward_verify_fast(drafts)
+        else:
+            results, out = self._forward_verify_general(drafts)
+        want_features = self.drafter is not None and self.drafter.needs_features
         finished: list[RequestState] = []
         now = time.perf_counter()
-        for b, (state, d, tree) in enumerate(zip(running, drafts, trees)):
+        for b, (state, d, (path, emitted)) in enumerate(zip(running, drafts, results)):
             n = d.num_nodes
-            logits = out.logits[b:b + 1, :n]
-            sp = state.request.sampling
-            if sp.greedy:
-                result = verify_greedy_tree(tree, logits.argmax(dim=-1))
-            else:
-                p = process_logits(logits, sp, [state.rid])
-                result = verify_tree(tree, p, state.rng)
-            path = result.accepted_nodes[0]
-            emitted = result.emitted[0]
-            self.cache.commit(state.slot, [0] + path)
-            if self.drafter is not None and self.drafter.needs_features:
-                self.drafter.observe(state.slot, out.features[b, [0] + path], emitted)
+            keep = [0] + path
+            self.cache.commit(state.slot, keep)
+            if want_features:
+                a = len(path)
+                prefix = a == 0 or path[-1] == a  # nodes 1..a in order (always for a chain): a view, no gather
+                self.drafter.observe(state.slot, out.features[b, :a + 1] if prefix else out.features[b, keep], emitted)
             if self.speculative:
                 state.spec_verify_ct += 1
                 state.spec_num_correct_drafts += len(path)
@@ -310,6 +357,85 @@ class Engine:
         if finished:
             self._compact()
         return finished
+
+    def _verify_stochastic(self, b: int, state: RequestState, d: Draft, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Lossless verification of one sampled request with its own generator (the core's tree rule)."""
+        tree = d.as_tree()
+        tree.request_ids = [state.rid]
+        p = process_logits(logits[b:b + 1, :d.num_nodes], state.request.sampling, [state.rid])
+        result = verify_tree(tree, p, state.rng)
+        return result.accepted_nodes[0], result.emitted[0]
+
+    def _forward_verify_general(self, drafts: list[Draft]):
+        """Reference path: a :class:`DraftTree` per request, the core's tree verifiers, tensor masks per node."""
+        running = self.running
+        B = len(running)
+        N = max(d.num_nodes for d in drafts)
+        input_ids = torch.zeros(B, N, dtype=torch.long)
+        visible = torch.eye(N, dtype=torch.bool).repeat(B, 1, 1)
+        depths = torch.zeros(B, N, dtype=torch.long)
+        trees = []
+        for b, d in enumerate(drafts):
+            tree = d.as_tree()
+            tree.request_ids = [running[b].rid]
+            trees.append(tree)
+            n = d.num_nodes
+            input_ids[b, :n] = torch.tensor(d.tokens)
+            visible[b, :n, :n] = tree.attention_mask[0]
+            depths[b, :n] = tree.depths[0]
+        out = self.target.forward(self.cache, input_ids, visible, depths)
+        check_finite(out.logits, [s.rid for s in running])
+        results = []
+        for b, (state, d, tree) in enumerate(zip(running, drafts, trees)):
+            logits = out.logits[b:b + 1, :d.num_nodes]
+            sp = state.request.sampling
+            if sp.greedy:
+                result = verify_greedy_tree(tree, logits.argmax(dim=-1))
+            else:
+                result = verify_tree(tree, process_logits(logits, sp, [state.rid]), state.rng)
+            results.append((result.accepted_nodes[0], result.emitted[0]))
+        return results, out
+
+    def _forward_verify_fast(self, drafts: list[Draft]):
+        """Same inputs and verdicts as :meth:`_forward_verify_general` without per-step tree objects.
+
+        Tree shapes (depths, children, visibility) come from a per-shape cache (a chain of length k is always
+        the same shape), the batch tensors are built from lists in one call each, and greedy rows are verified by
+        walking the argmax of the whole batch, fetched with one sync. Sampled rows use the core's tree verifier
+        unchanged (so each consumes its generator exactly as before).
+        """
+        running = self.running
+        B = len(running)
+        N = max(d.num_nodes for d in drafts)
+        shapes = [self._tree_shape(d.parents, N) for d in drafts]
+        input_ids = torch.tensor([d.tokens + [0] * (N - d.num_nodes) for d in drafts], dtype=torch.long)
+        visible = torch.stack([sh.visible for sh in shapes]) if B > 1 else shapes[0].visible.unsqueeze(0)
+        depths = torch.tensor([sh.depths for sh in shapes], dtype=torch.long)
+        out = self.target.forward(self.cache, input_ids, visible, depths)
+        # a finite sum means every entry is finite (a NaN or ±inf anywhere makes it non-finite), so the full check
+        # (which names the request) runs only when something may be off: one pass instead of five
+        if not math.isfinite(float(out.logits.sum())):
+            check_finite(out.logits, [s.rid for s in running])
+        greedy_argmax = None
+        if any(s.request.sampling.greedy for s in running):
+            greedy_argmax = out.logits.argmax(dim=-1).tolist()  # [B][N], one sync for the batch
+        results = []
+        for b, (state, d, sh) in enumerate(zip(running, drafts, shapes)):
+            if state.request.sampling.greedy:
+                results.append(_greedy_walk(d.tokens, sh.children, greedy_argmax[b]))
+            else:
+                results.append(self._verify_stochastic(b, state, d, out.logits))
+        return results, out
+
+    def _tree_shape(self, parents: list[int], width: int) -> "_TreeShape":
+        """Depths, children and the ``[width, width]`` visibility of one draft's tree shape (cached per shape)."""
+        key = (tuple(parents), width)
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= 4096:
+                self._shapes.clear()
+            shape = self._shapes[key] = _TreeShape.build(parents, width)
+        return shape
 
     # ---- commit / finish ------------------------------------------------------------------------------
     def _append(self, state: RequestState, tokens: list[int]) -> bool:

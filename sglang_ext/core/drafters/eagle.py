@@ -44,6 +44,7 @@ class EagleDrafter:
         self.num_draft_tokens = num_draft_tokens
         self.pending: dict[int, tuple[list[torch.Tensor], list[int]]] = {}
         self.version = 0  # bumped by `swap_model`; a step is verified against the version that proposed it
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     # ---- slot hooks ----------------------------------------------------------------------------------
     def admit(self, slot: int) -> None:
@@ -75,29 +76,54 @@ class EagleDrafter:
     def _attend(self, layout: StepLayout):
         return lambda q, k, v: layout.attend(0, q, k, v, self.model.scale)
 
+    def _causal(self, B: int, P: int, dev) -> torch.Tensor:
+        """``[B, P, P]`` lower-triangular visibility (cached per shape: the same few shapes recur every step)."""
+        key = (B, P, str(dev))
+        vis = self._masks.get(key)
+        if vis is None:
+            if len(self._masks) >= 256:
+                self._masks.clear()
+            vis = self._masks[key] = torch.ones(P, P, dtype=torch.bool, device=dev).tril().expand(B, P, P)
+        return vis
+
+    def _all_visible(self, B: int, S: int, dev) -> torch.Tensor:
+        """``[B, 1, S]`` all-True visibility of a chain node at depth ``S`` (cached per shape)."""
+        key = ("chain", B, S, str(dev))
+        vis = self._masks.get(key)
+        if vis is None:
+            vis = self._masks[key] = torch.ones(B, 1, S, dtype=torch.bool, device=dev)
+        return vis
+
     @torch.inference_mode()
     def _absorb_pending(self, first_slot: int, B: int) -> torch.Tensor:
         """Run every request's pending pairs through the layer, commit them, return the root states ``[B, d]``."""
         m = self.model
-        counts = [len(self.pending.get(first_slot + b, ([], []))[1]) for b in range(B)]
+        pend = [self.pending.get(first_slot + b, ([], [])) for b in range(B)]
+        counts = [len(t) for _, t in pend]
         if min(counts) == 0:
             empty = [first_slot + b for b in range(B) if counts[b] == 0]
             raise RuntimeError(f"slots {empty}: no committed pair to draft from (observe() was not called after the last target forward)")
         P = max(counts)
         dev = m.fc.weight.device
-        tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
-        feats = torch.zeros(B, P, m.config.feature_dim, dtype=m.fc.weight.dtype, device=dev)
-        for b in range(B):
-            f, t = self.pending[first_slot + b]
-            tokens[b, :counts[b]] = torch.tensor(t, device=dev)
-            feats[b, :counts[b]] = torch.cat(f, dim=0)
-        visible = torch.ones(P, P, dtype=torch.bool, device=dev).tril().expand(B, P, P)
-        layout = StepLayout(self.cache, B, visible, first_slot=first_slot)
+        if min(counts) == P:  # no padding: the rows as they are (same values as the padded build below)
+            tokens = torch.tensor([t for _, t in pend], dtype=torch.long, device=dev)
+            rows = [f[0] if len(f) == 1 else torch.cat(f, dim=0) for f, _ in pend]
+            feats = rows[0].unsqueeze(0) if B == 1 else torch.stack(rows)
+        else:
+            tokens = torch.zeros(B, P, dtype=torch.long, device=dev)
+            feats = torch.zeros(B, P, m.config.feature_dim, dtype=m.fc.weight.dtype, device=dev)
+            for b in range(B):
+                f, t = pend[b]
+                tokens[b, :counts[b]] = torch.tensor(t, device=dev)
+                feats[b, :counts[b]] = torch.cat(f, dim=0)
+        layout = StepLayout(self.cache, B, self._causal(B, P, dev), first_slot=first_slot)
         positions = layout.lengths.view(B, 1) + 1 + torch.arange(P, device=dev).view(1, P)
         a = m.layer(tokens, m.project_features(feats), positions, self._attend(layout))
         for b in range(B):
             self.cache.commit(first_slot + b, list(range(counts[b])))
             self.pending[first_slot + b] = ([], [])
+        if min(counts) == P:
+            return a[:, P - 1]
         idx = torch.tensor(counts, device=dev) - 1
         return a[torch.arange(B, device=dev), idx]
 
@@ -141,12 +167,13 @@ class EagleDrafter:
                 full[vocab] = q
                 qs[b].append(full)
             tokens = vocab[choice]
+            chosen = tokens.tolist()  # one sync for the batch
             for b, r in enumerate(requests):
                 if d <= r.num_steps:
-                    drafted[b].append(int(tokens[b]))
+                    drafted[b].append(chosen[b])
             if d == K:
                 break
-            visible = torch.ones(B, 1, d, dtype=torch.bool, device=dev)
+            visible = self._all_visible(B, d, dev)
             a = self._step(requests[0].slot, tokens.view(B, 1), a.view(B, 1, -1), visible, d - 1, d).squeeze(1)
         out = []
         for b, r in enumerate(requests):
@@ -170,24 +197,26 @@ class EagleDrafter:
         logp = torch.log_softmax(m.logits(a_root).float(), dim=-1)
         scores, idx = logp.topk(k, dim=-1)  # [B, k]
         frontier_ids = [[len(nodes[b]) + j for j in range(k)] for b in range(B)]
+        frontier_tokens = vocab[idx]  # [B, k]
+        tok_l, score_l = frontier_tokens.tolist(), scores.tolist()  # one sync each, not one per node
         for b in range(B):
             for j in range(k):
-                nodes[b].append((int(vocab[idx[b, j]]), -1, float(scores[b, j]), 1))
-        frontier_tokens = vocab[idx]  # [B, k]
+                nodes[b].append((tok_l[b][j], -1, score_l[b][j], 1))
         frontier_g = a_root.unsqueeze(1).expand(B, k, -1)
         # scratch bookkeeping: scratch column of each written frontier node, and each node's ancestor columns
         scratch_of: list[dict[int, int]] = [{} for _ in range(B)]
         for d in range(1, depth):
             offset = (d - 1) * k
-            visible = torch.zeros(B, k, offset + k, dtype=torch.bool, device=dev)
+            vis_rows = [[[False] * (offset + k) for _ in range(k)] for _ in range(B)]
             for b in range(B):
                 for j, nid in enumerate(frontier_ids[b]):
                     scratch_of[b][nid] = offset + j
                     anc = nid
                     while anc >= 0:
                         if anc in scratch_of[b]:
-                            visible[b, j, scratch_of[b][anc]] = True
+                            vis_rows[b][j][scratch_of[b][anc]] = True
                         anc = nodes[b][anc][1]
+            visible = torch.tensor(vis_rows, dtype=torch.bool, device=dev)
             a = self._step(requests[0].slot, frontier_tokens, frontier_g, visible, offset, d)  # [B, k, dm]
             logp = torch.log_softmax(m.logits(a).float(), dim=-1)  # [B, k, Vd]
             child_lp, child_idx = logp.topk(k, dim=-1)  # [B, k, k]
@@ -195,14 +224,14 @@ class EagleDrafter:
             cu = (parent_scores.unsqueeze(-1) + child_lp).view(B, k * k)
             best = cu.topk(k, dim=-1).indices  # [B, k] next frontier among the k*k candidates
             new_frontier = []
+            flat_tokens = vocab[child_idx.view(B, k * k)]
+            tok_l, cu_l, best_l = flat_tokens.tolist(), cu.tolist(), best.tolist()
             for b in range(B):
                 base = len(nodes[b])
                 for c in range(k * k):
-                    pj, cj = divmod(c, k)
-                    nodes[b].append((int(vocab[child_idx[b, pj, cj]]), frontier_ids[b][pj], float(cu[b, c]), d + 1))
-                new_frontier.append([base + int(c) for c in best[b]])
+                    nodes[b].append((tok_l[b][c], frontier_ids[b][c // k], cu_l[b][c], d + 1))
+                new_frontier.append([base + c for c in best_l[b]])
             frontier_ids = new_frontier
-            flat_tokens = vocab[child_idx.view(B, k * k)]
             frontier_tokens = flat_tokens.gather(1, best)
             frontier_g = a.gather(1, (best // k).unsqueeze(-1).expand(B, k, a.shape[-1]))
         out = []
