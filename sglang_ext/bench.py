@@ -29,6 +29,8 @@ from typing import Sequence
 
 import torch
 
+from sglang_ext.models.batching import left_pad
+
 METHODS = ("hf", "hf-pld", "off", "ngram", "eagle-chain", "eagle-tree")
 DEFAULT_SETS = ("mt-bench", "humaneval", "gsm8k", "multilexsum")
 
@@ -84,12 +86,8 @@ def _hf_generate(model, prompts: list[list[int]], max_new: int, batch: int, eos:
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch):
         group = list(range(start, min(start + batch, len(prompts))))
-        width = max(len(prompts[i]) for i in group)
-        ids = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for r, i in enumerate(group):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in group], pad)
+        width = ids.shape[1]
         kwargs = {"prompt_lookup_num_tokens": pld} if pld else {}
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,

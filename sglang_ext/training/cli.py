@@ -60,17 +60,15 @@ def self_generate(model, prompts: list[list[int]], gen_tokens: int, pad_id: int,
     import torch
     from rich.progress import track
 
+    from sglang_ext.models.batching import left_pad
+
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, list[int]] = {}
     groups = [order[i:i + batch] for i in range(0, len(order), batch)]
     for group in track(groups, description="self-generate", disable=not progress):
-        width = max(len(prompts[i]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for r, i in enumerate(group):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
+        ids, mask = left_pad([prompts[i] for i in group], pad_id)
+        width = ids.shape[1]
         with torch.inference_mode():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=gen_tokens,
                                  do_sample=False, pad_token_id=pad_id)

@@ -1,0 +1,48 @@
+"""`sglang-ext bench`: report pieces (fast) and the command end to end on the real model (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_ext.bench import BenchRow, markdown_table, write_report
+from sglang_ext.models.batching import left_pad
+
+
+def test_left_pad_right_aligns_prompts():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_report_files(tmp_path):
+    rows = [BenchRow("hf", 1, 2, 20, 2.0, 10.0, None, None, 2, 1.0),
+            BenchRow("eagle-chain", 1, 2, 20, 1.0, 20.0, 1.6, 0.1, 2, 2.0)]
+    table = markdown_table(rows)
+    assert "| 1 | eagle-chain | 20.0 | 2.00× | 1.60 | 10% | 2/2 |" in table
+    path = write_report(rows, tmp_path, {"date": "d", "command": "c", "machine": "m", "torch": "t", "threads": 2,
+                                         "prompts": "p", "max_new_tokens": 8})
+    assert path.read_text().count("|") > 10 and (tmp_path / "speedup.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["accept_length"] == 1.6
+
+
+@pytest.mark.slow
+def test_bench_command_end_to_end(tmp_path, shared_data):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "sglang_ext", "bench", "--methods", "hf,off,ngram,eagle-chain", "--batch-sizes", "1,3",
+           "--prompts", str(shared_data / "prompts" / "spec_bench_subset.jsonl"), "--per-set", "1",
+           "--max-new-tokens", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["method"], r["batch"]) for r in rows} == {(m, b) for m in ("hf", "off", "ngram", "eagle-chain") for b in (1, 3)}
+    assert all(r["identical"] == r["requests"] for r in rows), [(r["method"], r["batch"], r["identical"]) for r in rows]
+
+
+def test_bench_rejects_unknown_method():
+    proc = subprocess.run([sys.executable, "-m", "sglang_ext", "bench", "--methods", "hf,warp"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--methods" in proc.stderr
