@@ -28,6 +28,8 @@ import torch
 
 from sglang_ext.core.drafters.base import Draft, Drafter, DraftRequest
 from sglang_ext.core.greedy import verify_greedy_tree
+from sglang_ext.core.policies.base import BatchView, Decision, Policy
+from sglang_ext.core.signals import RequestStep, StepResult
 from sglang_ext.core.processing import SamplingParams, check_finite, process_logits
 from sglang_ext.core.random_source import TorchRandomSource
 from sglang_ext.core.tree_verify import verify_tree
@@ -112,6 +114,9 @@ class EngineConfig:
     #: reference path (a DraftTree per request and the core's tree verifiers): identical results, more overhead.
     #: The target's own fast forward is ``TargetModel.use_fast_forward`` (env ``SGLANG_EXT_FAST_FORWARD=0``: off).
     fast_paths: bool = True
+    #: speculation-control policy (``sglang_ext.core.policies``): decides each step's per-request draft lengths
+    #: (capped at ``num_steps``, which sizes the buffers) and whether to speculate at all; None: always ``num_steps``
+    policy: Policy | None = None
 
 
 @dataclass
@@ -198,7 +203,10 @@ class Engine:
         self._ids = itertools.count()
         self.totals = {"steps": 0, "draft_s": 0.0, "verify_s": 0.0, "prefill_s": 0.0, "tokens": 0}
         self.last_step = StepStats()
+        self.last_result: StepResult | None = None
         self._shapes: dict[tuple, _TreeShape] = {}
+        self.policy = c.policy if self.speculative else None
+        self._decision: Decision | None = None
 
     # ---- requests --------------------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> None:
@@ -268,6 +276,8 @@ class Engine:
             self.cache.reset(state.slot)
             if self.drafter is not None:
                 self.drafter.admit(state.slot)
+            if self.policy is not None:
+                self.policy.admit(state.rid)
             self._prefill(state, stats)
         stats.prefill_seconds = time.perf_counter() - t0
         self.totals["prefill_s"] += stats.prefill_seconds
@@ -291,18 +301,25 @@ class Engine:
             stats.prefill_tokens += T
 
     def _num_steps(self, state: RequestState) -> int:
+        """This step's draft depth for ``state``: the policy's choice (if any), capped by ``num_steps`` and by the
+        tokens the request may still emit (a step always emits one more than it accepts)."""
         if not self.speculative:
             return 0
+        k = self.config.num_steps
+        if self._decision is not None:
+            k = min(k, self._decision.lengths.get(state.rid, k)) if self._decision.speculate else 0
         left = state.request.max_new_tokens - len(state.output_ids)
-        return max(0, min(self.config.num_steps, left - 1))
+        return max(0, min(k, left - 1))
 
     def _draft(self) -> list[Draft]:
         """One draft per running request (a bare root when speculation is off), trimmed to its step budget."""
         running = self.running
-        if not self.speculative:
+        steps = [self._num_steps(s) for s in running]
+        if not any(steps):  # speculation off (or switched off by the policy this step): bare roots, no drafter call
             return [Draft.chain(_last_token(s), []) for s in running]
-        reqs = [DraftRequest(slot=s.slot, tokens=s.tokens, num_steps=self._num_steps(s),
-                             greedy=s.request.sampling.greedy, generator=s.rng.generator) for s in running]
+        want_q = self.policy is not None and getattr(self.policy, "needs_kl", False)
+        reqs = [DraftRequest(slot=s.slot, tokens=s.tokens, num_steps=k, greedy=s.request.sampling.greedy,
+                             generator=s.rng.generator, want_q=want_q) for s, k in zip(running, steps)]
         drafts = self.drafter.draft(reqs)
         for d, s in zip(drafts, running):  # a chain drafter may not trim to a per-request length itself
             k = self._num_steps(s)
@@ -316,6 +333,10 @@ class Engine:
         running = self.running
         B = len(running)
         t0 = time.perf_counter()
+        if self.policy is not None:
+            self._decision = self.policy.decide(BatchView(
+                rids=[s.rid for s in running], context_lens=[len(s.tokens) for s in running],
+                temperatures=[s.request.sampling.temperature for s in running]))
         drafts = self._draft()
         t1 = time.perf_counter()
         if self.config.fast_paths:
@@ -350,6 +371,9 @@ class Engine:
         t2 = time.perf_counter()
         stats.batch_size = B
         stats.draft_seconds, stats.verify_seconds = t1 - t0, t2 - t1
+        if self.policy is not None:
+            self.last_result = self._step_result(running, drafts, results, out, stats)
+            self.policy.observe(self.last_result)
         self.totals["draft_s"] += stats.draft_seconds
         self.totals["verify_s"] += stats.verify_seconds
         for state in finished:
@@ -357,6 +381,35 @@ class Engine:
         if finished:
             self._compact()
         return finished
+
+    def _step_result(self, running: list[RequestState], drafts: list[Draft], results, out, stats: StepStats) -> StepResult:
+        """The step as the policies see it (:class:`StepResult`), with DSDE's KL(p || q) per proposed position when
+        the drafter recorded q (``Draft.proposal_probs``): row ``i`` of q proposed node ``i + 1``, whose target
+        distribution is the (processed) target distribution at node ``i``."""
+        from sglang_ext.core.signals import entropy, kl_divergence
+
+        steps = []
+        for b, (state, d, (path, _)) in enumerate(zip(running, drafts, results)):
+            depth = max(self._tree_shape(d.parents, d.num_nodes).depths)  # the chain length k for a chain
+            kl: list[float] = []
+            ent_p: list[float] = []
+            ent_q: list[float] = []
+            q = d.proposal_probs
+            if q is not None and len(q):
+                k = q.shape[0]
+                sp = state.request.sampling
+                logits = out.logits[b:b + 1, :k]
+                p = (torch.softmax(logits.float(), dim=-1) if sp.greedy else process_logits(logits, sp, [state.rid]))[0]
+                p, q = p.float(), q.to(p.device).float()
+                kl, ent_p, ent_q = kl_divergence(p, q).tolist(), entropy(p).tolist(), entropy(q).tolist()
+            steps.append(RequestStep(rid=state.rid, proposed=depth, accepted=len(path), kl=kl, target_entropy=ent_p,
+                                     draft_entropy=ent_q, context_len=len(state.tokens),
+                                     temperature=state.request.sampling.temperature))
+        d = self._decision
+        return StepResult(requests=steps, speculated=any(s.proposed for s in steps), draft_seconds=stats.draft_seconds,
+                          verify_seconds=stats.verify_seconds, verify_tokens=sum(x.num_nodes for x in drafts),
+                          drafter=getattr(self.drafter, "name", ""),
+                          config={"tree_budget": d.tree_budget, "drafter": d.drafter, **d.info} if d else {})
 
     def _verify_stochastic(self, b: int, state: RequestState, d: Draft, logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """Lossless verification of one sampled request with its own generator (the core's tree rule)."""
@@ -474,6 +527,8 @@ class Engine:
         state.t_finish = time.perf_counter()
         if state.text is None and self.tokenizer is not None:
             state.text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
+        if self.policy is not None:
+            self.policy.release(state.rid)
         if release and state.slot >= 0:
             self.cache.reset(state.slot)
             if self.drafter is not None:

@@ -11,6 +11,7 @@ before the model loads, so a typo costs milliseconds, not a model load.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and KV cache dtype (default float32; 'auto' means float32 here: CPU half precision "
                         "is slow and changes greedy outputs)")
+    g.add_argument("--speculative-policy", metavar="NAME",
+                   help="speculation-control policy deciding each step's per-request draft length (at most "
+                        "--speculative-num-steps) and whether to speculate at all: static, dsde, tide-control, "
+                        "sglang-adaptive, goodput, bandit (sglang_ext.core.policies). Default: none (always num-steps)")
+    g.add_argument("--speculative-policy-config", metavar="FILE",
+                   help="a policy config JSON (written by `sglang-ext sim tune` or by hand: {\"policy\": NAME, "
+                        "\"params\": {...}}); --speculative-policy-param values override its params")
+    g.add_argument("--speculative-policy-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set one policy parameter (repeatable), e.g. --speculative-policy-param k_max=4")
     g.add_argument("--random-seed", type=int, metavar="SEED",
                    help="seed for requests that bring none (each request then gets seed + its arrival index), "
                         "so sampled outputs repeat across runs; default: fresh randomness")
@@ -240,7 +250,7 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
                             max_running_requests: int = DEFAULT_MAX_RUNNING, context_length: int | None = None,
                             prefill_chunk: int = 512, ngram_min: int = 1, ngram_max: int = 3,
                             eos_token_ids: tuple[int, ...] | None = None, model_name: str = "model",
-                            ) -> tuple[Engine, dict[str, Any]]:
+                            policy=None) -> tuple[Engine, dict[str, Any]]:
     """An engine around an in-memory HF Llama (tests, notebooks); ``draft_model`` is an unbound EagleDraftModel.
 
     Returns ``(engine, info)`` where ``info`` holds the resolved settings under SGLang's server-args names.
@@ -290,7 +300,8 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
     config = EngineConfig(max_batch_size=max_running_requests, context_length=context, num_steps=spec.num_steps,
                           topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
                           prefill_chunk=prefill_chunk if prefill_chunk > 0 else context,
-                          eos_token_ids=tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(model, tokenizer))
+                          eos_token_ids=tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(model, tokenizer),
+                          policy=policy)
     engine = Engine(target, drafter, config, tokenizer=tokenizer)
     info: dict[str, Any] = {
         "model_path": model_name, "served_model_name": model_name,
@@ -303,8 +314,51 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
         "max_running_requests": max_running_requests, "context_length": context,
         "chunked_prefill_size": config.prefill_chunk, "dtype": str(target.dtype).removeprefix("torch."),
         "eos_token_ids": list(config.eos_token_ids), "notes": spec.notes,
+        "speculative_policy": getattr(engine.policy, "name", None),
+        "speculative_policy_params": dict(engine.policy.config) if engine.policy is not None else None,
     }
+    if policy is not None and engine.policy is None:
+        spec.notes.append(f"--speculative-policy {policy.name} ignored: speculation is off")
     return engine, info
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise LaunchError(f"--speculative-policy-param {text!r}: expected NAME=VALUE")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value  # a bare string (a choice such as variant=paper)
+
+
+def policy_from_args(args: argparse.Namespace):
+    """The policy named by ``--speculative-policy`` / ``--speculative-policy-config`` / ``--speculative-policy-param``
+    (None when none is asked for); errors name the flag or the config file."""
+    from sglang_ext.core.policies import LENGTH_POLICIES, make_policy
+    from sglang_ext.core.policies.config import load_policy_config
+
+    name = getattr(args, "speculative_policy", None)
+    path = getattr(args, "speculative_policy_config", None)
+    overrides = dict(_parse_param(t) for t in getattr(args, "speculative_policy_param", []) or [])
+    if not (name or path):
+        if overrides:
+            raise LaunchError("--speculative-policy-param needs --speculative-policy or --speculative-policy-config")
+        return None
+    try:
+        if path:
+            policy = load_policy_config(path)
+            if name and name != policy.name:
+                raise LaunchError(f"--speculative-policy {name} disagrees with {path} (policy {policy.name!r})")
+            if overrides:
+                policy = make_policy(policy.name, **{**policy.config, **overrides})
+            return policy
+        if name not in LENGTH_POLICIES:
+            raise LaunchError(f"--speculative-policy {name!r}: unknown; choose from {', '.join(sorted(LENGTH_POLICIES))}")
+        return make_policy(name, **overrides)
+    except (OSError, ValueError) as e:
+        flag = "--speculative-policy-config" if path else "--speculative-policy-param"
+        raise LaunchError(f"{flag}: {e}") from e
 
 
 def build_engine(args: argparse.Namespace):
@@ -322,6 +376,7 @@ def build_engine(args: argparse.Namespace):
                                       > args.speculative_ngram_max_match_window_size):
         raise LaunchError(f"--speculative-ngram-min-match-window-size {args.speculative_ngram_min_match_window_size} "
                           f"exceeds --speculative-ngram-max-match-window-size {args.speculative_ngram_max_match_window_size}")
+    policy = policy_from_args(args)
     if args.random_seed is not None:
         import torch
 
@@ -336,7 +391,7 @@ def build_engine(args: argparse.Namespace):
         num_draft_tokens=args.speculative_num_draft_tokens, draft_model=draft_model,
         max_running_requests=args.max_running_requests, context_length=args.context_length,
         prefill_chunk=args.chunked_prefill_size, ngram_min=args.speculative_ngram_min_match_window_size,
-        ngram_max=args.speculative_ngram_max_match_window_size, model_name=name,
+        ngram_max=args.speculative_ngram_max_match_window_size, model_name=name, policy=policy,
     )
     info["notes"] = spec.notes + [n for n in info["notes"] if n not in spec.notes]
     info.update(model_path=args.model_path, served_model_name=name, random_seed=args.random_seed,
@@ -346,4 +401,5 @@ def build_engine(args: argparse.Namespace):
 
 
 __all__ = ["ALGORITHMS", "LaunchError", "SpecSettings", "add_engine_args", "build_engine", "build_engine_from_parts",
-           "check_draft_path", "eos_ids", "load_draft_model", "load_target", "normalize_algorithm", "resolve_speculative"]
+           "check_draft_path", "eos_ids", "load_draft_model", "load_target", "normalize_algorithm", "policy_from_args",
+           "resolve_speculative"]

@@ -25,6 +25,7 @@ class DraftRequest:
     num_steps: int  # draft depth (chain length when ``topk == 1``)
     greedy: bool = True  # greedy requests are verified by argmax, so proposals need no q
     generator: torch.Generator | None = None  # for drafters that *sample* proposals (stochastic chains)
+    want_q: bool = False  # record the proposal distribution q even for greedy requests (policy signals: KL, entropy)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Draft:
     parents: list[int]
     scheme: Scheme
     draft_probs: torch.Tensor | None = None  # [N, V] q at each node (schemes that sample)
+    #: [k, V] the drafter's distribution for each proposed chain token (row i proposed node i + 1), recorded when
+    #: ``DraftRequest.want_q``; only for signals (KL(p||q), entropy), never used to verify a greedy request
+    proposal_probs: torch.Tensor | None = None
 
     @property
     def num_nodes(self) -> int:

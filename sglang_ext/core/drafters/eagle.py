@@ -159,7 +159,13 @@ class EagleDrafter:
             logits = m.logits(a).float()  # [B, Vd]
             choice = logits.argmax(dim=-1)
             for b, r in enumerate(requests):
-                if r.greedy or d > r.num_steps:
+                if d > r.num_steps:
+                    continue
+                if r.greedy:
+                    if r.want_q:  # signals only: the argmax proposal's distribution, scattered to the full vocab
+                        full = torch.zeros(V, dtype=torch.float32, device=dev)
+                        full[vocab] = torch.softmax(logits[b], dim=-1)
+                        qs[b].append(full)
                     continue
                 q = torch.softmax(logits[b].double(), dim=-1)
                 choice[b] = torch.multinomial(q.float(), 1, generator=r.generator).squeeze()
@@ -179,10 +185,15 @@ class EagleDrafter:
         for b, r in enumerate(requests):
             root = r.tokens[-1]
             if r.greedy or not drafted[b]:
-                out.append(Draft.chain(root, drafted[b], scheme="topk"))
+                draft = Draft.chain(root, drafted[b], scheme="topk")
+                if qs[b]:
+                    draft.proposal_probs = torch.stack(qs[b]).cpu()
+                out.append(draft)
             else:
                 probs = torch.stack(qs[b] + [torch.zeros(V, dtype=torch.float64, device=dev)]).cpu()
-                out.append(Draft.chain(root, drafted[b], scheme="chain", draft_probs=probs))
+                draft = Draft.chain(root, drafted[b], scheme="chain", draft_probs=probs)
+                draft.proposal_probs = probs[:-1]
+                out.append(draft)
         return out
 
     def _draft_tree(self, requests: Sequence[DraftRequest], a_root: torch.Tensor) -> list[Draft]:

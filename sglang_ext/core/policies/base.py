@@ -1,0 +1,138 @@
+"""The one interface every speculation-control policy implements, whichever host runs it.
+
+A host calls, once per step::
+
+    decision = policy.decide(BatchView(rids=[...], batch_size=B, ...))
+    ...draft decision.lengths[rid] tokens per request (0: none), one target forward, verify...
+    policy.observe(step_result)          # sglang_ext.core.signals.StepResult
+
+plus ``admit(rid)`` / ``release(rid)`` as requests enter and leave. Policies are pure Python (no torch, no
+SimPy, no SGLang), deterministic given their seed, and their tunables are declared once as :class:`Param`
+so the simulator's tuner can search them and write a config file every host loads (:mod:`.config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+from ..signals import StepResult
+
+
+@dataclass(frozen=True)
+class Param:
+    """A named tunable with its default and bounds (``kind``: "int", "float" or "choice" over ``choices``).
+
+    Two additions for policies whose settings are not a number: ``kind="json"`` holds any JSON value (a list of
+    bandit arms, a table of slots) that the policy validates itself and the tuner leaves alone; and a parameter
+    whose ``default`` is None accepts None (meaning "derived", e.g. from a ``variant`` choice).
+    """
+
+    name: str
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    kind: str = "float"
+    choices: tuple = ()
+    doc: str = ""
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Coerce and bounds-check ``value``; raise a ValueError naming the parameter (and ``where``)."""
+        at = f"{where}: " if where else ""
+        if value is None and self.default is None:
+            return None
+        if self.kind == "json":
+            import json
+
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{at}{self.name}={value!r} is not JSON-serialisable") from None
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(f"{at}{self.name}={value!r} is not one of {list(self.choices)}")
+            return value
+        try:
+            value = int(value) if self.kind == "int" else float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{at}{self.name}={value!r} is not a{'n int' if self.kind == 'int' else ' float'}") from None
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise ValueError(f"{at}{self.name}={value} outside [{self.low}, {self.high}]")
+        return value
+
+    @property
+    def tunable(self) -> bool:
+        """Whether a tuner may search it (numbers and choices; not free-form JSON)."""
+        return self.kind in ("int", "float", "choice")
+
+
+@dataclass
+class BatchView:
+    """What a policy may look at before a step: the running requests (in batch order) and their contexts."""
+
+    rids: Sequence[str]
+    context_lens: Sequence[int] = ()
+    temperatures: Sequence[float] = ()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rids)
+
+
+@dataclass
+class Decision:
+    """What to do this step. ``speculate=False`` means a plain decode step (every length 0).
+
+    ``lengths[rid]`` is the draft depth for that request (0: no draft); ``tree_budget`` (nodes per request,
+    None: a chain) and ``drafter`` (None: the host's default) are optional per-batch choices (bandit arms).
+    """
+
+    speculate: bool
+    lengths: dict[str, int]
+    tree_budget: int | None = None
+    drafter: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Policy:
+    """Base class: subclasses set ``name``, ``params`` and implement :meth:`decide` (and usually :meth:`observe`)."""
+
+    name: ClassVar[str] = "base"
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: "length" for the speculation-control policies (decide/observe); "drafter-update" for the update bandit
+    role: ClassVar[str] = "length"
+    #: constructor keywords that are objects, not config (e.g. a cost model): never saved, passed at load time
+    extra_args: ClassVar[tuple[str, ...]] = ()
+    #: True: the policy reads ``RequestStep.kl`` / entropies, so a host should record the drafter's q for every
+    #: proposed position (greedy requests included); False: the host can skip that work
+    needs_kl: ClassVar[bool] = False
+
+    def __init__(self, **overrides: Any) -> None:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"policy {self.name!r} has no parameter(s) {unknown}; known: {sorted(known)}")
+        self.config: dict[str, Any] = {p.name: p.check(overrides.get(p.name, p.default), self.name) for p in self.params}
+
+    # request lifetime -------------------------------------------------------------------------------------------
+    def admit(self, rid: str) -> None:
+        """A request joined the batch."""
+
+    def release(self, rid: str) -> None:
+        """A request finished or was aborted: drop its state (bounded memory)."""
+
+    # the loop ---------------------------------------------------------------------------------------------------
+    def decide(self, batch: BatchView) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, result: StepResult) -> None:
+        """The outcome of the step this policy last decided."""
+
+    # persistence ------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-serialisable learned state (not the config). Subclasses with state override both methods."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,261 @@
+r"""DSDE: per-request speculation length from KL(p‖q) stability, with a batch cap (Yang et al., Samsung SDS).
+
+Re-implemented from the authors' vLLM fork (``vllm/spec_decode/dynamic_scheduler.py``: ``KLScheduler``,
+``_weighted_intensity_ratio``, ``_dsl_step``, ``coordinate_batch_k``); see algorithms.md §4.
+
+Per request ``r``, after every verify step that proposed ``k_prop > 0`` tokens with KL values
+``KL_1..KL_{k_prop}`` (:func:`~sglang_ext.core.signals.kl_divergence` at every proposed position, accepted
+or not):
+
+.. code-block:: text
+
+    hist_r.extend(KL_i)                               # deque, maxlen W ("window"; DSDE worker default 30)
+    WARM-UP (len(hist_r) < W):  collect accepted a and the KLs;
+        k ← min(2k, max_k)   if a ≥ k               # doubling while everything is accepted
+        k ← max(k, min_k)    otherwise
+    END OF WARM-UP (once, the step len(hist_r) reaches W):
+        k_max' = clip(round(max(a_warm) · (1 + f · mean(KL_warm) / max(KL_warm))), min_k, max_k)
+        k_min' = clip(ceil(m · k_max'), min_k, k_max')
+    STEADY:
+        WVIR = wvar(last max(1, n//3) of hist) / wvar(hist)     (20 if wvar(hist) < 1e-6; 0 if n < 2)
+              wvar(x, w) = Σ w (x − μ_w)² / Σ w,  μ_w = Σ w x / Σ w,  w_j = δ^{age_j}  (newest weight 1)
+        SF   = exp(α_sf · KL_last / T) − 1           (KL_last = this step's mean KL; no /T when T = 0)
+        k̂   = max(k_min', ceil((k_max' − k_min')(1 − WVIR·SF) + k_min'))   if WVIR·SF ≤ 1
+        k̂   = k_min'                                                        otherwise
+    next length = clip(k, min_k, max_k)
+    BATCH CAP (cap=True): SL_cap = ceil(mean over the batch's post-warm-up requests of k̂_r);
+        k_r = min(k̂_r, SL_cap)  (requests still in warm-up are neither capped nor counted, as in the code)
+
+The intuition: a KL that is large *and* more volatile recently than over the window (WVIR > 1) predicts
+rejections soon, so draft short; a calm, low KL allows long drafts.
+
+**Variants** (``variant`` param; any constant can also be set on its own, which wins over the variant):
+
+============== ===== ====== ========================================================================
+variant        δ     f      k_min' rule
+============== ===== ====== ========================================================================
+``code``       0.9   0.5    ``clip(ceil(0.1·k_max'), min_k, k_max')`` (m = ``min_frac`` = 0.1), min_k 1
+``paper``      0.85  1.0    fixed SL_min: m = 0, min_k = 2 (speculation never switched off)
+============== ===== ====== ========================================================================
+
+The default is ``code``: it is what produced the paper's measurements and the only version we can read
+([CODE]); the paper's constants come from a secondary summary ([SEC]). ``max_k`` defaults to 10 (the top of
+DSDE's Static-opt grid {2..10}), not the fork's deployment flag (``max_spec_tokens`` 20 for a 70B/1B pair);
+``min_k`` to 1 for ``code`` (the code's ``min_spec_tokens`` default 6 is a deployment floor that would
+forbid short drafts for a small drafter).
+
+**Model-free drafters (no KL):** a request whose steps carry no ``kl`` uses an acceptance-only proxy in its
+place: each *verified* position contributes ``0`` if accepted and ``miss_kl`` if it was the rejected one
+(positions after the first rejection were never verified and contribute nothing). Then ``KL_last`` is
+``miss_kl`` × the rejected fraction of the step's verified positions, SF = exp(α_sf·KL_last) − 1 (no
+temperature division: the proxy is not a temperature-scaled divergence) and WVIR measures how bursty the
+rejections are. All accepted → SF = 0 → k_max'; steady rejections → k_min'. The same warm-up and bounds apply.
+
+Steps where the request proposed nothing (plain decode steps) carry no information about the drafter and are
+skipped. (The fork fed them to the warm-up as "accepted 0, no KL", which changes neither k, max(a_warm) nor
+the KL mean, so skipping is equivalent.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from ..signals import RequestStep, SignalHistory, StepResult
+from .base import BatchView, Decision, Param, Policy
+from .compose import apply_batch_cap
+
+VARIANTS = {
+    "code": {"decay": 0.9, "max_factor": 0.5, "min_frac": 0.1, "min_k": 1},
+    "paper": {"decay": 0.85, "max_factor": 1.0, "min_frac": 0.0, "min_k": 2},
+}
+
+#: WVIR when the long-window variance is ~0 (a flat history), and the threshold for "~0" (DSDE's constants)
+WVIR_FLAT = 20.0
+VAR_EPS = 1e-6
+_EPS_T = 1e-8
+
+
+def weighted_variance(x: Sequence[float], decay: float) -> float:
+    r"""wvar(x) with weights ``decay**age`` (the newest value, last in ``x``, has weight 1)."""
+    n = len(x)
+    w = [decay ** (n - 1 - i) for i in range(n)]
+    sw = sum(w)
+    mu = sum(wi * xi for wi, xi in zip(w, x)) / sw
+    return sum(wi * (xi - mu) ** 2 for wi, xi in zip(w, x)) / sw
+
+
+def wvir(history: Sequence[float], decay: float) -> float:
+    """Weighted variance intensity ratio: short window (last n//3, at least 1) over the whole history."""
+    x = list(history)
+    n = len(x)
+    if n < 2:
+        return 0.0
+    short = max(1, n // 3)
+    long_var = weighted_variance(x, decay)
+    if long_var < VAR_EPS:
+        return WVIR_FLAT
+    return weighted_variance(x[-short:], decay) / long_var
+
+
+def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
+    """SF = exp(α_sf · KL_last / T) − 1 (T ignored when 0 or ``divide_by_t`` is False); overflow-safe."""
+    x = kl_last / (temperature + _EPS_T) if divide_by_t and abs(temperature) >= _EPS_T else kl_last
+    return math.expm1(min(sf_alpha * x, 700.0))
+
+
+def dsl_step(wvir_value: float, sf: float, k_min: int, k_max: int) -> int:
+    """DSDE's length rule ``_dsl_step`` (see the module docstring)."""
+    r = wvir_value * sf
+    if r <= 1:
+        return max(k_min, math.ceil((k_max - k_min) * (1 - r) + k_min))
+    return k_min
+
+
+class _RequestState:
+    """One request's controller: the KL history, the warm-up samples and the one-shot bounds."""
+
+    def __init__(self, k: int, window: int) -> None:
+        self.k = k
+        self.hist = SignalHistory(kl_window=window, step_window=window)
+        self.warm_acc: list[int] = []
+        self.warm_kl: list[float] = []
+        self.bounds: tuple[int, int] | None = None  # (k_min', k_max') once warm-up ended
+        self.pred = k
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "hist": self.hist.state_dict(), "warm_acc": self.warm_acc, "warm_kl": self.warm_kl,
+                "bounds": list(self.bounds) if self.bounds else None, "pred": self.pred}
+
+    @classmethod
+    def from_state(cls, s: dict) -> _RequestState:
+        st = cls(int(s["k"]), 1)
+        st.hist = SignalHistory.from_state(s["hist"])
+        st.warm_acc = [int(a) for a in s["warm_acc"]]
+        st.warm_kl = [float(v) for v in s["warm_kl"]]
+        st.bounds = tuple(s["bounds"]) if s["bounds"] else None
+        st.pred = int(s["pred"])
+        return st
+
+
+class DSDEPolicy(Policy):
+    """DSDE's per-request KL-stability controller plus the batch SL cap (module docstring has the math)."""
+
+    name = "dsde"
+    needs_kl = True
+    params = (
+        Param("variant", "code", kind="choice", choices=("code", "paper"),
+              doc="constants of the authors' code (default) or of the paper; see the module docstring"),
+        Param("min_k", None, 1, 32, "int", doc="floor of every length (None: 1 for code, 2 = SL_min for paper)"),
+        Param("max_k", 10, 1, 32, "int", doc="ceiling of every length and of warm-up doubling"),
+        Param("init_k", 4, 1, 32, "int", doc="first length of a new request (warm-up starts here)"),
+        Param("window", 30, 2, 1024, "int", doc="W: KL history length in tokens; warm-up lasts until it is full"),
+        Param("decay", None, 0.5, 0.999, doc="δ, weight decay per token of age in WVIR (None: variant)"),
+        Param("max_factor", None, 0.0, 4.0, doc="f in the dynamic k_max' (None: variant)"),
+        Param("min_frac", None, 0.0, 1.0, doc="m in k_min' = ceil(m·k_max') (None: variant)"),
+        Param("sf_alpha", 2.0, 0.1, 10.0, doc="α_sf in SF = exp(α_sf·KL/T) − 1 (DSDE: 2.0)"),
+        Param("miss_kl", 0.5, 0.01, 10.0, doc="proxy KL of a rejected position when the drafter gives no q"),
+        Param("cap", True, kind="choice", choices=(True, False), doc="apply the batch SL cap"),
+    )
+
+    def __init__(self, **overrides) -> None:
+        super().__init__(**overrides)
+        c = self.config
+        variant = VARIANTS[c["variant"]]
+        #: resolved constants (explicit params win over the variant)
+        self.k_floor: int = c["min_k"] if c["min_k"] is not None else variant["min_k"]
+        self.decay: float = c["decay"] if c["decay"] is not None else variant["decay"]
+        self.max_factor: float = c["max_factor"] if c["max_factor"] is not None else variant["max_factor"]
+        self.min_frac: float = c["min_frac"] if c["min_frac"] is not None else variant["min_frac"]
+        if self.k_floor > c["max_k"]:
+            raise ValueError(f"{self.name}: min_k={self.k_floor} > max_k={c['max_k']}")
+        self._req: dict[str, _RequestState] = {}
+
+    # request lifetime ---------------------------------------------------------------------------------------------
+    def admit(self, rid: str) -> None:
+        if rid not in self._req:
+            st = _RequestState(self.config["init_k"], self.config["window"])
+            st.pred = self._clip(st.k)
+            self._req[rid] = st
+
+    def release(self, rid: str) -> None:
+        self._req.pop(rid, None)
+
+    def _clip(self, k: int) -> int:
+        return min(max(int(k), self.k_floor), self.config["max_k"])
+
+    # the controller -----------------------------------------------------------------------------------------------
+    def _step_values(self, r: RequestStep) -> tuple[list[float], bool]:
+        """This step's KL values, or the acceptance-only proxy (second item True) when the drafter gave none."""
+        if len(r.kl) > 0:
+            return [float(v) for v in r.kl[: r.proposed]], False
+        miss = [self.config["miss_kl"]] if r.accepted < r.proposed else []
+        return [0.0] * r.accepted + miss, True
+
+    def _end_warmup(self, st: _RequestState) -> tuple[int, int]:
+        lo, hi = self.k_floor, self.config["max_k"]
+        if not st.warm_acc:
+            return lo, hi
+        mean_kl = sum(st.warm_kl) / len(st.warm_kl) if st.warm_kl else 0.0
+        max_kl = max(st.warm_kl) if st.warm_kl else 1.0
+        if max_kl == 0:
+            max_kl = 1.0
+        k_max = min(hi, max(lo, round(max(st.warm_acc) * (1 + self.max_factor * mean_kl / max_kl))))
+        k_min = min(k_max, max(lo, math.ceil(self.min_frac * k_max)))
+        st.warm_acc, st.warm_kl = [], []
+        return k_min, k_max
+
+    def _update(self, st: _RequestState, r: RequestStep) -> None:
+        values, proxy = self._step_values(r)
+        st.hist.record(r, kl=values)
+        W = self.config["window"]
+        if st.bounds is None:
+            if len(st.hist.kl) < W:
+                st.warm_acc.append(r.accepted)
+                st.warm_kl.extend(values)
+                if r.accepted >= st.k:
+                    st.k = min(2 * st.k if st.k > 0 else 1, self.config["max_k"])
+                else:
+                    st.k = max(st.k, self.k_floor)
+            else:
+                st.bounds = self._end_warmup(st)
+        if st.bounds is not None:
+            sf = scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
+            st.k = dsl_step(wvir(st.hist.kl, self.decay), sf, *st.bounds)
+        st.pred = self._clip(st.k)
+
+    def observe(self, result: StepResult) -> None:
+        for r in result.requests:
+            if r.proposed <= 0:
+                continue
+            self.admit(r.rid)
+            self._update(self._req[r.rid], r)
+
+    def warming_up(self, rid: str) -> bool:
+        """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
+        st = self._req.get(rid)
+        return st is None or st.bounds is None
+
+    def predictions(self, rids: Sequence[str]) -> dict[str, int]:
+        """Each request's own next length k̂_r, before the batch cap."""
+        for rid in rids:
+            self.admit(rid)
+        return {rid: self._req[rid].pred for rid in rids}
+
+    def decide(self, batch: BatchView) -> Decision:
+        preds = self.predictions(batch.rids)
+        lengths = dict(preds)
+        cap = None
+        if self.config["cap"]:
+            steady = {rid: k for rid, k in preds.items() if not self.warming_up(rid)}
+            capped, cap = apply_batch_cap(steady)
+            lengths.update(capped)
+        return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths,
+                        info={"sl_cap": cap})
+
+    # persistence --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"requests": {rid: st.state_dict() for rid, st in self._req.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._req = {rid: _RequestState.from_state(s) for rid, s in state.get("requests", {}).items()}

@@ -1,0 +1,137 @@
+r"""SmartSpec / TurboSpec-style goodput maximisation (arXiv 2406.14066; algorithms.md §6.7).
+
+Goodput is the expected number of committed tokens per second of batch time. With per-request acceptance
+α_r (estimated online), a depth ``k`` for the whole batch of ``b`` requests, and a linear cost model:
+
+.. math::
+
+    G(k) = \frac{\sum_r E_r[\ell](k)}{D(b, k) + V(b, k + 1)}, \qquad
+    E_r[\ell](k) = \sum_{i=0}^{k} \alpha_r^i = \frac{1 - \alpha_r^{k+1}}{1 - \alpha_r}, \qquad D(b, 0) = 0
+
+    k^\* = \arg\max_{k \in [\text{min\_k}, \text{max\_k}]} G(k)   \quad(\text{ties: the smaller } k)
+
+``k = 0`` is a plain decode step (one token per request, ``V(b, 1)``), so the policy turns speculation off by
+itself when no depth pays for its verification.
+
+**Costs**: a duck-typed ``cost_model`` (``verify_seconds(b, tokens_per_request, context_len)``,
+``draft_seconds(b, depth)``), two callables as for tide-control, or — with neither — an online linear fit
+:math:`V = v_0 + v_1 \cdot b t`, :math:`D = d\,(d_0 + d_1 b)` by discounted least squares
+(:class:`~._estimators.OnlineLinearCost`). Until that fit is identifiable (two distinct batched-token counts
+and one draft measured) the policy cycles through the probe depths ``max_k, 0, max_k // 2``.
+
+**α_r**: the chain MLE per request (discounted ratio of sums); a request with no speculative step yet uses the
+batch-wide estimate, or ``alpha_prior`` before any. Exploration: with probability ``explore`` a uniformly random
+depth (seeded), so that α and the costs of depths the argmax avoids stay measured.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from ..signals import StepResult, chain_trials, expected_tokens
+from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs, rng_state, set_rng_state
+from .base import BatchView, Decision, Param, Policy
+
+
+class GoodputPolicy(Policy):
+    """Per step, the depth maximising expected tokens per second under a linear cost model."""
+
+    name = "goodput"
+    extra_args = ("cost_model", "verify_cost", "draft_cost")
+    params = (
+        Param("min_k", 0, 0, 32, "int", doc="smallest depth considered (0 allows plain steps)"),
+        Param("max_k", 8, 1, 32, "int", doc="largest depth considered"),
+        Param("alpha_decay", 0.9, 0.5, 0.9999, doc="discount per step of each request's α ratio-of-sums"),
+        Param("alpha_prior", 0.5, 0.0, 1.0, doc="α assumed before any acceptance was observed"),
+        Param("forget", 0.99, 0.5, 1.0, doc="forgetting factor of the online linear cost fit"),
+        Param("explore", 0.02, 0.0, 0.5, doc="probability of a uniformly random depth"),
+        Param("seed", 0, 0, 2**31 - 1, "int", doc="seed of the exploration RNG"),
+    )
+
+    def __init__(self, cost_model: Any = None, verify_cost: Callable[[int, int], float] | None = None,
+                 draft_cost: Callable[[int], float] | None = None, **overrides) -> None:
+        super().__init__(**overrides)
+        if self.config["min_k"] > self.config["max_k"]:
+            raise ValueError(f"{self.name}: min_k={self.config['min_k']} > max_k={self.config['max_k']}")
+        self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
+        self.learned = OnlineLinearCost(self.config["forget"])
+        self.alpha_req: dict[str, RatioEMA] = {}
+        self.alpha_all = RatioEMA(self.config["alpha_decay"])
+        self.rng = random.Random(self.config["seed"])
+        self._probe = 0
+
+    @property
+    def costs(self):
+        return self.given_costs if self.given_costs is not None else self.learned
+
+    def _costs_known(self) -> bool:
+        return self.given_costs is not None or (self.learned.knows_verify() and self.learned.knows_draft())
+
+    def alpha(self, rid: str) -> float:
+        e = self.alpha_req.get(rid)
+        if e is not None and e.value is not None:
+            return e.value
+        a = self.alpha_all.value
+        return self.config["alpha_prior"] if a is None else a
+
+    def goodput(self, alphas: list[float], k: int, context_len: int = 0) -> float | None:
+        """G(k) for a batch with these per-request α (None while a cost is unknown)."""
+        b = len(alphas)
+        v = self.costs.verify_seconds(b, k + 1, context_len)
+        d = self.costs.draft_seconds(b, k) if k > 0 else 0.0
+        if v is None or d is None or v + d <= 0:
+            return None
+        return sum(expected_tokens(a, k) for a in alphas) / (v + d)
+
+    def release(self, rid: str) -> None:
+        self.alpha_req.pop(rid, None)
+
+    def decide(self, batch: BatchView) -> Decision:
+        lo, hi = self.config["min_k"], self.config["max_k"]
+        if batch.batch_size == 0:
+            return Decision(speculate=False, lengths={})
+        ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
+        info: dict = {}
+        if not self._costs_known():
+            probes = [hi, lo, max(lo, hi // 2)]
+            k = probes[self._probe % len(probes)]
+            self._probe += 1
+            info["reason"] = "probe: costs unknown"
+        else:
+            alphas = [self.alpha(rid) for rid in batch.rids]
+            scores = {k: self.goodput(alphas, k, ctx) for k in range(lo, hi + 1)}
+            known = {k: g for k, g in scores.items() if g is not None}
+            k = max(known, key=lambda j: (known[j], -j)) if known else hi
+            info.update(reason="argmax", goodput=known.get(k))
+            if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
+                k = self.rng.randint(lo, hi)
+                info["reason"] = "explore: epsilon"
+        return Decision(speculate=k > 0, lengths={rid: k for rid in batch.rids}, info=info)
+
+    def observe(self, result: StepResult) -> None:
+        if result.batch_size == 0:
+            return
+        if self.given_costs is None:
+            self.learned.update(result)
+        for r in result.requests:
+            s, t = chain_trials(r.proposed, r.accepted)
+            if t:
+                self.alpha_req.setdefault(r.rid, RatioEMA(self.config["alpha_decay"])).update(s, t)
+                self.alpha_all.update(s, t)
+
+    def state_dict(self) -> dict:
+        return {"alpha_req": {rid: e.state_dict() for rid, e in self.alpha_req.items()},
+                "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(),
+                "probe": self._probe, "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        d = self.config["alpha_decay"]
+        self.alpha_req = {rid: RatioEMA(d).load(v) for rid, v in state.get("alpha_req", {}).items()}
+        if "alpha_all" in state:
+            self.alpha_all = RatioEMA(d).load(state["alpha_all"])
+        if "learned" in state:
+            self.learned.load_state_dict(state["learned"])
+        self._probe = int(state.get("probe", 0))
+        if "rng" in state:
+            set_rng_state(self.rng, state["rng"])

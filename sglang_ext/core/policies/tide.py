@@ -1,0 +1,153 @@
+r"""TIDE's adaptive speculation control: speculate iff the predicted speedup at this batch size exceeds 1.
+
+TIDE (arXiv 2602.05145 v2, Sec. IV-A; algorithms.md §2.2). With γ draft tokens, per-token acceptance α, target
+latency ``T(n)`` for ``n`` batched token positions and draft latency ``D0`` per draft step:
+
+.. math::
+
+    E[\ell] &= \frac{1 - \alpha^{\gamma+1}}{1 - \alpha} = \sum_{i=0}^{\gamma} \alpha^i
+        \qquad\text{(Eq. 2, tokens per step; summed as a series, so α → 1 gives γ + 1, no 0/0)}
+
+    \mathrm{Speedup}(b) &= \frac{E[\ell]}{c(b)\,\gamma + \beta(b)}, \qquad
+        c(b) = \frac{D_0}{T(b)}, \quad \beta(b) = \frac{T(b(\gamma+1))}{T(b)}   \qquad\text{(Eq. 3–5)}
+
+and the rule is ``speculate ⇔ Speedup(b) > threshold`` (TIDE: 1). Equivalently ``E[ℓ] > c(b)γ + β(b)``.
+
+**Costs.** From, in order: a ``cost_model`` object with ``verify_seconds(batch_size, tokens_per_request,
+context_len=0)`` and ``draft_seconds(batch_size, depth)`` (a profile's fitted model; ``c(b)γ`` is read as
+``draft_seconds(b, γ) / T(b)``, which is TIDE's ``D0·γ`` when drafting is linear in depth); or two callables
+``verify_cost(batch_size, tokens_per_request)`` and ``draft_cost(batch_size)`` (= D0); or, with neither, learned
+online from the measured seconds of each :class:`StepResult` (:class:`~._estimators.OnlineCostTable`: EMA per
+(batch size, tokens per request), interpolated over both; a plain step measures ``T(b)``, a speculative one
+``T(b(γ+1))`` and ``D0``).
+
+**α** is the chain MLE (successes / verified positions, :func:`~sglang_ext.core.signals.chain_trials`) as a
+discounted ratio of sums per batch size; a batch size with fewer than ``min_trials`` (discounted) trials uses
+the all-batch-sizes estimate.
+
+**Exploration** (no measurements yet, and staleness later), in this order:
+
+1. α unknown, or speculative costs unknown → speculate (the only way to measure α, ``T(b(γ+1))`` and ``D0``);
+2. plain cost ``T(b)`` unknown → a plain step;
+3. otherwise the rule, flipped with probability ``explore`` (seeded ``random.Random``) so that the mode the rule
+   rejects keeps being measured: α drifts with the traffic, and the costs of the unused mode go stale.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from ..signals import StepResult, expected_tokens
+from ._estimators import OnlineCostTable, RatioEMA, resolve_costs, rng_state, set_rng_state, step_trials
+from .base import BatchView, Decision, Param, Policy
+
+
+class TideControlPolicy(Policy):
+    """Per-batch on/off speculation at a fixed depth γ by TIDE's speedup model (module docstring)."""
+
+    name = "tide-control"
+    extra_args = ("cost_model", "verify_cost", "draft_cost")
+    params = (
+        Param("gamma", 3, 1, 16, "int", doc="draft depth when speculating (TIDE: 3)"),
+        Param("threshold", 1.0, 0.5, 2.0, doc="speculate iff predicted speedup > threshold (TIDE: 1)"),
+        Param("alpha_decay", 0.95, 0.5, 0.9999, doc="discount per step of the α ratio-of-sums"),
+        Param("min_trials", 16, 1, 10000, "int", doc="trials before a batch size's own α is trusted"),
+        Param("cost_weight", 0.2, 0.01, 1.0, doc="EMA weight of a new measured cost (online costs only)"),
+        Param("explore", 0.02, 0.0, 0.5, doc="probability of taking the mode the rule rejects"),
+        Param("seed", 0, 0, 2**31 - 1, "int", doc="seed of the exploration RNG"),
+    )
+
+    def __init__(self, cost_model: Any = None, verify_cost: Callable[[int, int], float] | None = None,
+                 draft_cost: Callable[[int], float] | None = None, **overrides) -> None:
+        super().__init__(**overrides)
+        self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
+        self.learned = OnlineCostTable(self.config["cost_weight"])
+        self.alpha_by_bs: dict[int, RatioEMA] = {}
+        self.alpha_all = RatioEMA(self.config["alpha_decay"])
+        self.rng = random.Random(self.config["seed"])
+
+    # the model ----------------------------------------------------------------------------------------------------
+    @property
+    def costs(self):
+        return self.given_costs if self.given_costs is not None else self.learned
+
+    def alpha(self, batch_size: int) -> float | None:
+        """Running per-token acceptance rate at this batch size (all batch sizes while it has few trials)."""
+        own = self.alpha_by_bs.get(batch_size)
+        if own is not None and own.den >= self.config["min_trials"]:
+            return own.value
+        return self.alpha_all.value
+
+    def _spec_costs_known(self, gamma: int) -> bool:
+        return self.given_costs is not None or (self.learned.knows_verify(gamma + 1) and self.learned.knows_draft())
+
+    def _plain_cost_known(self) -> bool:
+        return self.given_costs is not None or self.learned.knows_verify(1)
+
+    def predicted_speedup(self, batch_size: int, gamma: int | None = None, context_len: int = 0) -> float | None:
+        """TIDE Eq. 4/5 at this batch size, or None while α or a cost is unknown."""
+        gamma = self.config["gamma"] if gamma is None else int(gamma)
+        a = self.alpha(batch_size)
+        if a is None or not (self._spec_costs_known(gamma) and self._plain_cost_known()):
+            return None
+        costs = self.costs
+        t1 = costs.verify_seconds(batch_size, 1, context_len)
+        tg = costs.verify_seconds(batch_size, gamma + 1, context_len)
+        dg = costs.draft_seconds(batch_size, gamma)
+        if t1 is None or tg is None or dg is None or t1 <= 0:
+            return None
+        c_gamma = dg / t1  # c(b)·γ with c(b) = D0 / T(b)
+        beta = tg / t1  # β(b) = T(b(γ+1)) / T(b)
+        return expected_tokens(a, gamma) / (c_gamma + beta)
+
+    def should_speculate(self, batch_size: int, gamma: int | None = None, context_len: int = 0) -> bool:
+        """The decision, exploration included (draws from the policy's RNG)."""
+        return self._choose(batch_size, gamma, context_len)[0]
+
+    def _choose(self, batch_size: int, gamma: int | None, context_len: int) -> tuple[bool, dict]:
+        gamma = self.config["gamma"] if gamma is None else int(gamma)
+        if self.alpha(batch_size) is None or not self._spec_costs_known(gamma):
+            return True, {"reason": "explore: speculative step unmeasured"}
+        if not self._plain_cost_known():
+            return False, {"reason": "explore: plain step unmeasured"}
+        s = self.predicted_speedup(batch_size, gamma, context_len)
+        on = s is not None and s > self.config["threshold"]
+        info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule"}
+        if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
+            on, info["reason"] = not on, "explore: epsilon"
+        return on, info
+
+    # the loop -----------------------------------------------------------------------------------------------------
+    def decide(self, batch: BatchView) -> Decision:
+        if batch.batch_size == 0:
+            return Decision(speculate=False, lengths={})
+        ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
+        on, info = self._choose(batch.batch_size, None, ctx)
+        k = self.config["gamma"] if on else 0
+        return Decision(speculate=on, lengths={rid: k for rid in batch.rids}, info=info)
+
+    def observe(self, result: StepResult) -> None:
+        if result.batch_size == 0:
+            return
+        if self.given_costs is None:
+            self.learned.update(result)
+        if result.speculated:
+            s, t = step_trials(result)
+            self.alpha_by_bs.setdefault(result.batch_size, RatioEMA(self.config["alpha_decay"])).update(s, t)
+            self.alpha_all.update(s, t)
+
+    # persistence --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"alpha_by_bs": {str(b): e.state_dict() for b, e in self.alpha_by_bs.items()},
+                "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(),
+                "rng": rng_state(self.rng)}
+
+    def load_state_dict(self, state: dict) -> None:
+        d = self.config["alpha_decay"]
+        self.alpha_by_bs = {int(b): RatioEMA(d).load(v) for b, v in state.get("alpha_by_bs", {}).items()}
+        if "alpha_all" in state:
+            self.alpha_all = RatioEMA(d).load(state["alpha_all"])
+        self.learned.load_state_dict(state.get("learned", {}))
+        if "rng" in state:
+            set_rng_state(self.rng, state["rng"])

@@ -1,0 +1,207 @@
+"""Step results: what a host's verify step tells the policies and the capture buffer (one dataclass, every host).
+
+The reference engine, the SGLang plugin and the simulator all produce a :class:`StepResult` after each
+speculative step and hand it to ``policy.observe``. Fields a host cannot measure stay empty (the simulator
+has no KL, a model-free drafter has no q); policies that need them must say so and cope with their absence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass
+class RequestStep:
+    """One request's outcome of one verify step.
+
+    ``proposed`` draft tokens were verified (the depth of the accepted-path candidates for a tree, ``k`` for a
+    chain) and ``accepted`` of them were kept (``0 <= accepted <= proposed``); the step always also commits
+    one target token (the bonus / correction), so the request advanced by ``accepted + 1`` tokens.
+    ``kl[i]`` is KL(p_target || q_draft) at proposed position ``i`` over the full vocabulary (DSDE's signal),
+    ``target_entropy[i]`` / ``draft_entropy[i]`` the entropies there; all three may be empty.
+    """
+
+    rid: str
+    proposed: int
+    accepted: int
+    kl: Sequence[float] = ()
+    target_entropy: Sequence[float] = ()
+    draft_entropy: Sequence[float] = ()
+    context_len: int = 0
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accepted <= max(self.proposed, 0):
+            raise ValueError(f"request {self.rid}: accepted={self.accepted} outside 0..proposed={self.proposed}")
+
+
+@dataclass
+class StepResult:
+    """One speculative (or plain) step of a whole batch, with its measured costs in seconds.
+
+    ``speculated`` is False for a plain decode step (every request has ``proposed == 0``).
+    ``verify_tokens`` is the number of token positions the target forward processed (batch × tree nodes).
+    """
+
+    requests: list[RequestStep]
+    speculated: bool = True
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    overhead_seconds: float = 0.0
+    train_seconds: float = 0.0
+    verify_tokens: int = 0
+    drafter: str = ""
+    config: dict = field(default_factory=dict)  # what the policy chose for this step (e.g. bandit arm)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds + self.overhead_seconds + self.train_seconds
+
+    @property
+    def committed_tokens(self) -> int:
+        return sum(r.accepted + 1 for r in self.requests)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.committed_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-position signals (batched torch) and per-request history (bounded memory)
+# ---------------------------------------------------------------------------------------------------------------
+#
+# Only the two tensor functions use torch (imported inside them); everything a policy touches is plain Python.
+
+#: DSDE clamps both distributions at this floor before taking logs (``compute_kl_divergence``, eps=1e-8).
+PROB_FLOOR = 1e-8
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = PROB_FLOOR) -> torch.Tensor:
+    r"""KL(p ‖ q) over the last (vocabulary) axis, DSDE's definition: both clamped at ``eps`` first.
+
+    .. math::  \mathrm{KL}(p \,\|\, q) = \sum_x \tilde p(x)\,(\log \tilde p(x) - \log \tilde q(x)),
+               \qquad \tilde p = \max(p, \epsilon),\ \tilde q = \max(q, \epsilon)
+
+    ``p`` is the target distribution, ``q`` the draft's; shapes ``[..., V]`` broadcast, result ``[...]`` in
+    float32 (float64 stays float64). The clamp makes the value finite when q misses p's support (the sum is then
+    large, not inf) and is what DSDE's thresholds were tuned on; it is not renormalised, exactly as DSDE.
+    """
+    import torch
+
+    dtype = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
+    p = p.to(dtype).clamp_min(eps)
+    q = q.to(dtype).clamp_min(eps)
+    return (p * (p.log() - q.log())).sum(dim=-1)
+
+
+def entropy(p: torch.Tensor, eps: float = PROB_FLOOR) -> torch.Tensor:
+    r"""Shannon entropy :math:`H(p) = -\sum_x p(x)\log \max(p(x), \epsilon)` in nats over the last axis.
+
+    Zero-probability entries contribute 0 (``0·log eps = 0``), so a one-hot row has entropy exactly 0.
+    """
+    import torch
+
+    p = p.to(torch.promote_types(p.dtype, torch.float32))
+    return -(p * p.clamp_min(eps).log()).sum(dim=-1)
+
+
+def chain_trials(proposed: int, accepted: int) -> tuple[int, int]:
+    r"""(successes, trials) of one chain step for the per-token acceptance rate α.
+
+    Under the i.i.d. model each verified position is a Bernoulli(α) trial and verification stops at the first
+    rejection, so a step that proposed ``k`` and accepted ``a`` ran ``a + 1[a < k]`` trials with ``a`` successes.
+    Summing over steps gives the maximum-likelihood estimate :math:`\hat\alpha = \sum a / \sum (a + 1[a<k])`
+    (the naive ``Σa / Σk`` is biased low: positions after a rejection were never tried).
+    """
+    if proposed <= 0:
+        return 0, 0
+    return accepted, accepted + (1 if accepted < proposed else 0)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    r"""Expected tokens committed by a chain step of depth ``k``, bonus token included (TIDE Eq. 2).
+
+    .. math::  E[\ell] = \frac{1 - \alpha^{k+1}}{1 - \alpha} = \sum_{i=0}^{k} \alpha^i
+
+    Summed as the geometric series, so there is no division by zero at α → 1 (where it tends to ``k + 1``).
+    """
+    alpha = min(max(float(alpha), 0.0), 1.0)
+    total, term = 0.0, 1.0
+    for _ in range(max(int(k), 0) + 1):
+        total += term
+        term *= alpha
+    return total
+
+
+class SignalHistory:
+    """One request's recent signals with bounded memory: KL per proposed position, and per step its proposed
+    and accepted lengths (from which acceptance per position and the chain α estimate are derived).
+
+    ``kl_window`` bounds the token-level KL deque (DSDE's W); ``step_window`` the per-step deques.
+    """
+
+    def __init__(self, kl_window: int = 30, step_window: int = 64) -> None:
+        self.kl: deque[float] = deque(maxlen=max(int(kl_window), 1))
+        self.proposed: deque[int] = deque(maxlen=max(int(step_window), 1))
+        self.accepted: deque[int] = deque(maxlen=max(int(step_window), 1))
+        self.last_kl: list[float] = []
+        self.steps = 0  # lifetime count of recorded steps (an int, not a buffer)
+
+    def record(self, step: RequestStep, kl: Iterable[float] | None = None) -> None:
+        """Append one step. ``kl`` overrides ``step.kl`` (e.g. a proxy for a model-free drafter)."""
+        values = [float(x) for x in (step.kl[: step.proposed] if kl is None else kl)]
+        self.kl.extend(values)
+        self.last_kl = values
+        self.proposed.append(int(step.proposed))
+        self.accepted.append(int(step.accepted))
+        self.steps += 1
+
+    @property
+    def mean_last_kl(self) -> float:
+        """Mean KL over the positions of the latest step (0.0 when it had none)."""
+        return sum(self.last_kl) / len(self.last_kl) if self.last_kl else 0.0
+
+    def acceptance_rate(self) -> float | None:
+        """Chain MLE of the per-token α over the step window (None before any proposed token)."""
+        s = t = 0
+        for k, a in zip(self.proposed, self.accepted):
+            ds, dt = chain_trials(k, a)
+            s, t = s + ds, t + dt
+        return s / t if t else None
+
+    def acceptance_by_position(self) -> list[float]:
+        """P(position i accepted | position i was proposed and reached), i = 0.. max proposed − 1."""
+        depth = max(self.proposed, default=0)
+        hits, tries = [0] * depth, [0] * depth
+        for k, a in zip(self.proposed, self.accepted):
+            for i in range(min(k, a + 1)):  # positions 0..a were verified (a < k: the a-th one was rejected)
+                tries[i] += 1
+                hits[i] += i < a
+        return [h / n if n else 0.0 for h, n in zip(hits, tries)]
+
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
+
+    def state_dict(self) -> dict:
+        return {"kl": list(self.kl), "proposed": list(self.proposed), "accepted": list(self.accepted),
+                "last_kl": list(self.last_kl), "steps": self.steps,
+                "kl_window": self.kl.maxlen, "step_window": self.proposed.maxlen}
+
+    @classmethod
+    def from_state(cls, state: dict) -> SignalHistory:
+        h = cls(state.get("kl_window", 30), state.get("step_window", 64))
+        h.kl.extend(state.get("kl", []))
+        h.proposed.extend(state.get("proposed", []))
+        h.accepted.extend(state.get("accepted", []))
+        h.last_kl = list(state.get("last_kl", []))
+        h.steps = int(state.get("steps", 0))
+        return h
