@@ -11,6 +11,11 @@ Methods (each over the same prompts, greedy, same ``max_new_tokens``, EOS honour
 ``eagle-tree``      our engine + the trained EAGLE-style drafter, EAGLE-2 dynamic tree
 =================== ===========================================================================
 
+With ``--policies``, the EAGLE chain also runs under each speculation-control policy (draft lengths up to
+``--policy-max-steps``), beside every static ``k`` in ``1..policy-max-steps``; the best static ``k`` is the
+**oracle-static** row every policy is compared with (found with :func:`oracle_static`, i.e. by measuring each k
+on this very workload, which a deployed policy cannot do).
+
 Batch 1 runs requests one at a time; batch ``B`` submits them all to the engine with ``B`` slots (continuous
 batching) and, for HF, runs left-padded static batches of ``B``. Reported per (method, batch): tokens/s of
 wall time (prefill included), ratio to ``hf`` at the same batch size, acceptance length (committed tokens per
@@ -48,6 +53,7 @@ class BenchRow:
     identical: int
     ratio_vs_hf: float | None = None
     config: dict = field(default_factory=dict)
+    ratio_vs_oracle: float | None = None
 
 
 def load_bench_prompts(tokenizer, sets: Sequence[str], per_set: int, prompts_file: str | None = None,
@@ -118,7 +124,7 @@ def _engine_run(engine, prompts: list[list[int]], max_new: int, batch: int) -> t
 def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: Sequence[str], batch_sizes: Sequence[int],
               max_new_tokens: int, draft_model_path: str | None, num_steps: int = 2, ngram_steps: int = 4,
               tree_topk: int = 2, tree_steps: int = 3, tree_budget: int = 5, model_name: str = "smollm2-135m",
-              log=print) -> list[BenchRow]:
+              policies: Sequence[str] = (), policy_max_steps: int = 4, log=print) -> list[BenchRow]:
     from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
     from sglang_ext.engine.launch import build_engine_from_parts, eos_ids
 
@@ -127,11 +133,26 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
     reference, _ = _hf_generate(model, ids[:1], 4, 1, eos)  # warm-up
     reference, _ = _hf_generate(model, ids, max_new_tokens, 1, eos)
     draft = None
-    if any(m.startswith("eagle") for m in methods):
+    if any(m.startswith("eagle") for m in methods) or policies:
         if not draft_model_path:
             raise ValueError("--speculative-draft-model-path: the eagle methods need a trained drafter checkpoint")
         draft = EagleDraftModel.load(draft_model_path, expect_target=target_identity(model_name, model.config))
     rows: list[BenchRow] = []
+
+    def engine_row(method: str, batch: int, algo: str, kw: dict, policy=None) -> BenchRow:
+        engine, info = build_engine_from_parts(model, tokenizer, algo, max_running_requests=batch, context_length=2048,
+                                               eos_token_ids=tuple(eos), model_name=model_name, policy=policy, **kw)
+        _engine_run(engine, ids[:1], 4, 1)  # warm-up
+        engine.totals.update(draft_s=0.0, verify_s=0.0)
+        states, secs = _engine_run(engine, ids, max_new_tokens, batch)
+        outs = [s.output_ids for s in states]
+        toks = sum(len(o) for o in outs)
+        steps = sum(s.spec_verify_ct for s in states)
+        cfg = {k: v for k, v in info.items() if k.startswith("speculative_") and v is not None}
+        return BenchRow(method, batch, len(ids), toks, secs, toks / secs, toks / steps if steps else None,
+                        engine.totals["draft_s"] / secs if algo != "NONE" else 0.0,
+                        sum(o == r for o, r in zip(outs, reference)), config=cfg)
+
     for batch in batch_sizes:
         for method in methods:
             cfg: dict = {}
@@ -157,35 +178,62 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
                     kw = {"num_steps": num_steps, "topk": 1, "draft_model": draft}
                 elif method == "eagle-tree":
                     kw = {"num_steps": tree_steps, "topk": tree_topk, "num_draft_tokens": tree_budget, "draft_model": draft}
-                engine, info = build_engine_from_parts(model, tokenizer, algo, max_running_requests=batch,
-                                                       context_length=2048, eos_token_ids=tuple(eos), model_name=model_name, **kw)
-                _engine_run(engine, ids[:1], 4, 1)  # warm-up
-                engine.totals.update(draft_s=0.0, verify_s=0.0)
-                states, secs = _engine_run(engine, ids, max_new_tokens, batch)
-                outs = [s.output_ids for s in states]
-                toks = sum(len(o) for o in outs)
-                steps = sum(s.spec_verify_ct for s in states)
-                cfg = {k: v for k, v in info.items() if k.startswith("speculative_") and v is not None}
-                row = BenchRow(method, batch, len(ids), toks, secs, toks / secs, toks / steps if steps else None,
-                               engine.totals["draft_s"] / secs if method != "off" else 0.0,
-                               sum(o == r for o, r in zip(outs, reference)), config=cfg)
+                row = engine_row(method, batch, algo, kw)
             rows.append(row)
             log(f"batch {batch:2d} {method:12s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
                 f"identical {row.identical}/{row.requests}")
+        if policies:
+            rows += _policy_rows(engine_row, batch, draft, policies, policy_max_steps, log)
     for row in rows:
         base = next((r for r in rows if r.method == "hf" and r.batch == row.batch), None)
         row.ratio_vs_hf = row.tokens_per_s / base.tokens_per_s if base else None
     return rows
 
 
+def _policy_rows(engine_row, batch: int, draft, policies: Sequence[str], max_steps: int, log) -> list[BenchRow]:
+    """Every static k (the oracle-static search) and every policy, EAGLE chain, at one batch size."""
+    from sglang_ext.core.policies import make_policy, oracle_static
+
+    static: dict[int, BenchRow] = {}
+
+    def measure(k: int) -> float:
+        static[k] = engine_row(f"static k={k}", batch, "EAGLE", {"num_steps": k, "topk": 1, "draft_model": draft})
+        log(f"batch {batch:2d} static k={k}   {static[k].tokens_per_s:7.1f} tok/s  accept {static[k].accept_length:.2f}")
+        return static[k].tokens_per_s
+
+    best_k, _ = oracle_static(measure, range(1, max_steps + 1))
+    oracle = static[best_k]
+    out = list(static.values())
+    out.append(BenchRow(f"oracle-static (k={best_k})", batch, oracle.requests, oracle.tokens, oracle.seconds,
+                        oracle.tokens_per_s, oracle.accept_length, oracle.draft_share, oracle.identical,
+                        config={"k": best_k}))
+    for name in policies:
+        overrides = {"dsde": {"max_k": max_steps}, "goodput": {"max_k": max_steps},
+                     "tide-control": {"gamma": max_steps}}.get(name, {})
+        policy = make_policy(name, **overrides)
+        row = engine_row(f"policy {name}", batch, "EAGLE", {"num_steps": max_steps, "topk": 1, "draft_model": draft},
+                         policy=policy)
+        row.config["policy"] = {"name": name, **{k: v for k, v in policy.config.items() if v is not None}}
+        out.append(row)
+        log(f"batch {batch:2d} {name:14s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
+            f"identical {row.identical}/{row.requests}")
+    for row in out:
+        row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
+    return out
+
+
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    lines = ["| batch | method | tok/s | × HF plain | accept length | draft time share | identical to HF greedy |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+    oracle = any(r.ratio_vs_oracle is not None for r in rows)
+    lines = ["| batch | method | tok/s | × HF plain | " + ("× oracle-static | " if oracle else "")
+             + "accept length | draft time share | identical to HF greedy |",
+             "|---:|---|---:|---:|" + ("---:|" if oracle else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
+        vs_oracle = (f"{r.ratio_vs_oracle:.3f}× | " if r.ratio_vs_oracle is not None else "– | ") if oracle else ""
         acc = f"{r.accept_length:.2f}" if r.accept_length else "–"
         share = f"{100 * r.draft_share:.0f}%" if r.draft_share is not None else "–"
-        lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {acc} | {share} | {r.identical}/{r.requests} |")
+        lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {vs_oracle}{acc} | {share} | "
+                     f"{r.identical}/{r.requests} |")
     return "\n".join(lines)
 
 
@@ -196,14 +244,14 @@ def plot(rows: Sequence[BenchRow], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({r.batch for r in rows})
-    methods = [m for m in METHODS if any(r.method == m for r in rows)]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(methods)), 4.5))
     width = 0.8 / max(1, len(batches))
     for i, b in enumerate(batches):
         vals = [next((r.ratio_vs_hf or 0 for r in rows if r.method == m and r.batch == b), 0) for m in methods]
         ax.bar([x + i * width for x in range(len(methods))], vals, width, label=f"batch {b}")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks([x + width * (len(batches) - 1) / 2 for x in range(len(methods))], methods)
+    ax.set_xticks([x + width * (len(batches) - 1) / 2 for x in range(len(methods))], methods, rotation=30, ha="right")
     ax.set_ylabel("tokens/s ÷ HF plain generate")
     ax.set_title("Greedy decoding, same prompts, one run")
     ax.legend()
@@ -246,6 +294,9 @@ def register(sub) -> None:
     p.add_argument("--tree-topk", type=int, default=2)
     p.add_argument("--tree-steps", type=int, default=3)
     p.add_argument("--tree-budget", type=int, default=5, help="--speculative-num-draft-tokens of the tree method")
+    p.add_argument("--policies", default="", help="comma-separated speculation-control policies to run with the EAGLE "
+                   "chain beside every static k (oracle-static): e.g. dsde,tide-control,sglang-adaptive,goodput,bandit")
+    p.add_argument("--policy-max-steps", type=int, default=4, help="longest draft a policy may choose (and largest static k)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: analysis/results/bench-<date>)")
     p.set_defaults(func=cmd_bench)
@@ -281,6 +332,13 @@ def cmd_bench(args) -> int:
     except ValueError:
         err.print(f"[red]error:[/red] --batch-sizes: expected positive integers like 1,8, got {args.batch_sizes!r}")
         return 2
+    from sglang_ext.core.policies import LENGTH_POLICIES
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in LENGTH_POLICIES]
+    if bad:
+        err.print(f"[red]error:[/red] --policies: unknown {bad}; choose from {', '.join(LENGTH_POLICIES)}")
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -289,7 +347,7 @@ def cmd_bench(args) -> int:
         err.print(f"[red]error:[/red] {e}")
         return 2
     draft_path = args.speculative_draft_model_path or default_drafter(name)
-    if any(m.startswith("eagle") for m in methods) and draft_path is None:
+    if (any(m.startswith("eagle") for m in methods) or policies) and draft_path is None:
         err.print("[red]error:[/red] --speculative-draft-model-path: no trained drafter found; train one with "
                   "`sglang-ext train-drafter` or drop the eagle methods from --methods")
         return 2
@@ -303,7 +361,7 @@ def cmd_bench(args) -> int:
         rows = run_bench(model, tokenizer, prompts, methods, batch_sizes, args.max_new_tokens,
                          str(draft_path) if draft_path else None, num_steps=args.num_steps, ngram_steps=args.ngram_steps,
                          tree_topk=args.tree_topk, tree_steps=args.tree_steps, tree_budget=args.tree_budget,
-                         model_name=name, log=console.print)
+                         model_name=name, policies=policies, policy_max_steps=args.policy_max_steps, log=console.print)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
