@@ -1,0 +1,162 @@
+r"""Deploy only if better (TIDE §2.1/Algorithm 1): score drafters on a held-back slice of the round.
+
+Score: the expected greedy acceptance length of a ``k``-step chain, from the unrolled drafter
+(``ttt_forward``) teacher-forced along the captured sequence. For a chain rooted after index ``c`` (step 1 reads
+``(h_c, x_{c+1})``), step ``j`` is the prediction at index ``c + j - 1`` and is right when its top-1 equals the
+target's top-1 at row ``c + j``:
+
+.. math:: E[\text{accepted}] = \frac{1}{|C|}\sum_{c \in C}\ \sum_{j=1}^{k}\ \prod_{i \le j} 1\bigl[\arg\max q^i_{c+i-1} = \arg\max p_{c+i}\bigr]
+
+over the chains ``C`` whose ``k`` target rows all carry a label. Teacher forcing feeds the committed tokens as
+the drafted ones; that is exact for greedy traffic (the committed token *is* the target's argmax, so a
+correct prefix drafted exactly these tokens) and an approximation for sampled traffic. Also reported: top-1
+agreement per step over every labelled position.
+
+Decision (Algorithm 1 compares the new model's ᾱ_eval with the served model's ᾱ_train; here both models are
+scored on the same held-back chains, so the comparison is paired): with per-chain differences
+:math:`d_c = A^{cand}_c - A^{cur}_c`, mean :math:`\bar d` and standard error :math:`s`,
+
+* ``deploy``  if :math:`\bar d > \text{margin}` and :math:`\bar d > z\,s`;
+* ``plateau`` if :math:`\bar d < 0` (the trained model is worse: Algorithm 1 pauses collection);
+* ``neutral`` otherwise (better, but not clearly).
+
+Defaults: ``margin = 0.02`` accepted tokens per step (≈1% of a typical 2-token acceptance length: below that a
+swap is not worth the drafter-cache mismatch it causes) and ``z = 1.0`` (chains within a request are
+correlated, so the standard error is optimistic; 1.0 rather than 1.64 keeps real gains from being refused on a
+small slice while a poisoned round, far below zero, is always refused).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.policies.base import Param
+
+from .capture import CapturedSample, TrainingBatch
+from .control import resolve
+
+PARAMS: tuple[Param, ...] = (
+    Param("gate_margin", 0.02, -10.0, 10.0, doc="deploy only if E[accepted] improves by more than this (tokens/step)"),
+    Param("gate_z", 1.0, 0.0, 10.0, doc="... and by more than z standard errors of the paired difference"),
+    Param("gate_steps", 3, 1, 8, kind="int", doc="chain length k of the acceptance score (TIDE: gamma = 3)"),
+    Param("eval_fraction", 0.2, 0.01, 0.9, doc="share of a round's samples held back for the gate"),
+)
+
+
+@dataclass
+class GateScore:
+    accept_len: float  # E[accepted] per chain, in tokens (0..k)
+    top1: list[float]  # per step
+    chains: int
+    per_chain: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
+
+
+@dataclass
+class GateResult:
+    deploy: bool
+    current_score: float
+    candidate_score: float
+    margin: float
+    outcome: str = "neutral"  # "deploy", "plateau", "neutral"
+    delta_se: float = 0.0
+    chains: int = 0
+    current_top1: list[float] = field(default_factory=list)
+    candidate_top1: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"deploy": self.deploy, "outcome": self.outcome, "current_score": self.current_score,
+                "candidate_score": self.candidate_score, "margin": self.margin, "delta_se": self.delta_se,
+                "chains": self.chains, "current_top1": self.current_top1, "candidate_top1": self.candidate_top1}
+
+
+@torch.no_grad()
+def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: int = 3) -> GateScore:
+    """Expected greedy chain acceptance length and per-step top-1 (see the module docstring)."""
+    from sglang_ext.training.drafter import (
+        ttt_forward,  # TODO(lead): move ttt_forward into the core
+    )
+
+    was_training = model.training
+    model.eval()
+    dev, dt = model.fc.weight.device, model.fc.weight.dtype
+    vocab = model.draft_vocab.to(dev)
+    per_chain: list[torch.Tensor] = []
+    hits_sum = [0.0] * steps
+    hits_n = [0.0] * steps
+    for batch in batches:
+        b = batch.to(dev, dt)
+        B, S = b.tokens.shape
+        L = S - 1
+        if L < 1:
+            continue
+        outs = ttt_forward(model, b.features, b.tokens, steps)
+        tgt = b.target_top1[:, 1:]  # index i's target: row i + 1
+        ok = (tgt >= 0) & b.valid[:, 1:] & b.valid[:, :-1]
+        idx = torch.arange(L, device=dev)
+        hit = []
+        for j, logits in enumerate(outs, start=1):
+            h = (vocab[logits.float().argmax(-1)] == tgt) & ok
+            m = ok & (idx >= j - 1).view(1, L)
+            hits_sum[j - 1] += float((h & m).sum())
+            hits_n[j - 1] += float(m.sum())
+            hit.append(h)
+        # chain rooted after index c: step j at index c + j - 1, c = 0 .. L - steps
+        C = L - steps + 1
+        if C <= 0:
+            continue
+        run = torch.ones(B, C, dtype=torch.bool, device=dev)
+        acc = torch.zeros(B, C, device=dev)
+        full = torch.ones(B, C, dtype=torch.bool, device=dev)
+        for j in range(1, steps + 1):
+            sl = slice(j - 1, j - 1 + C)
+            run = run & hit[j - 1][:, sl]
+            acc += run.float()
+            full &= ok[:, sl]
+        per_chain.append(acc[full].cpu())
+    model.train(was_training)
+    chains = torch.cat(per_chain) if per_chain else torch.zeros(0)
+    return GateScore(accept_len=float(chains.mean()) if chains.numel() else 0.0,
+                     top1=[s / n if n else 0.0 for s, n in zip(hits_sum, hits_n)], chains=int(chains.numel()),
+                     per_chain=chains)
+
+
+def split_eval(samples: Sequence[CapturedSample], fraction: float, seed: int = 0
+               ) -> tuple[list[CapturedSample], list[CapturedSample]]:
+    """Hold back ``fraction`` of the samples (at least one, at most all but one), seeded; returns (train, eval)."""
+    n = len(samples)
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to hold one back, got {n}")
+    k = min(n - 1, max(1, round(fraction * n)))
+    held = set(random.Random(seed).sample(range(n), k))
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+class DeployGate:
+    """``decide(current, candidate, eval_batches)``: paired acceptance-length comparison with a margin."""
+
+    def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
+        c = self.config = resolve(PARAMS, {**(config or {}), **overrides}, "deploy gate")
+        self.margin, self.z, self.steps = c["gate_margin"], c["gate_z"], c["gate_steps"]
+
+    def decide(self, current: EagleDraftModel, candidate: EagleDraftModel,
+               eval_batches: Sequence[TrainingBatch]) -> GateResult:
+        cur = acceptance_score(current, eval_batches, self.steps)
+        cand = acceptance_score(candidate, eval_batches, self.steps)
+        n = cur.chains
+        if n == 0:  # nothing to judge on: keep the current drafter
+            return GateResult(False, 0.0, 0.0, self.margin, "neutral", 0.0, 0, cur.top1, cand.top1)
+        d = cand.per_chain - cur.per_chain
+        mean = float(d.mean())
+        se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
+        deploy = mean > self.margin and mean > self.z * se
+        outcome = "deploy" if deploy else ("plateau" if mean < 0 else "neutral")
+        return GateResult(deploy, cur.accept_len, cand.accept_len, self.margin, outcome, se, n, cur.top1, cand.top1)
+
+
+__all__ = ["PARAMS", "DeployGate", "GateResult", "GateScore", "acceptance_score", "split_eval"]
