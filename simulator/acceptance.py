@@ -1,0 +1,479 @@
+r"""Acceptance models: how many of the ``k`` drafted tokens the target accepts, per request and step.
+
+The simulator has no models, so acceptance is a *model* of the drafter/target pair, of two kinds:
+
+**Parametric** (:class:`ParametricAcceptance`). Each request ``r`` draws its own acceptance rate
+
+.. math::  \alpha_r \sim \mathrm{Beta}(\mu_c \kappa_c,\ (1-\mu_c)\kappa_c)
+
+from its category ``c`` (mean ``μ_c``, concentration ``κ_c``; per-request rather than per-category because the
+per-request spread is large in public data, simulators-and-traces.md §3.1). Positions decay geometrically:
+
+.. math::  P(\text{accept position } i \mid \text{positions } 1..i{-}1 \text{ accepted}) = \alpha_r^{\rm eff}\,\delta^{\,i-1}
+
+so a step with draft depth ``k`` accepts ``a`` tokens with probability
+:math:`\prod_{i=1}^{a} \alpha\delta^{i-1} \cdot (1 - \alpha\delta^{a})^{[a<k]}`. The effective rate at time ``t``
+is :math:`\alpha^{\rm eff} = m(t)\,\alpha_r + f\,(\alpha^{\rm ceil} - m(t)\,\alpha_r)^+`, where ``m(t)`` is a
+piecewise-linear *drift* schedule (a workload shift that makes the drafter worse) and ``f ∈ [0, 1)`` is the
+fraction of the gap to ``α_ceil`` closed by online training (:meth:`improve`, called by the simulated trainer).
+
+**Synthetic KL** (a model, not a measurement): KL-driven policies (DSDE) need KL(p‖q) per proposed position. For
+position ``i`` the model emits :math:`\mathrm{KL}_i = -\log(\alpha^{\rm eff}\delta^{i-1})\cdot e^{\sigma z - \sigma^2/2}`,
+``z ~ N(0, 1)``: the KL grows as the position's acceptance probability falls (``−log α ≥ 1 − α``, the rejection
+rate), with mean-preserving log-normal noise ``σ`` (``kl_noise``) drawn independently of the accept/reject
+outcome, so the signal correlates only loosely with a single step's acceptance, as DSDE measured (algorithms.md §4.4).
+
+**Replay** (:class:`ReplayAcceptance`). A trace's ``acceptance`` field records the accepted count of each verify
+step of a real run. It is replayed *by output position*: recorded step ``j`` started at token position
+``p_j = Σ_{i<j} (a_i + 1)`` and accepted ``a_j``, so a simulated step starting at position ``p ∈ [p_j, p_j + a_j]``
+can accept ``a_j − (p − p_j)`` (the drafter continues the same accepted run; exact for a deterministic drafter).
+Positions count output tokens from 0. The reference engine's first decode step emits position 0 (its prefill emits
+nothing), while the simulated prefill emits position 0 itself (as SGLang and vLLM do), so the first simulated step
+starts at position 1, inside the first recorded run: indexing by position is what keeps the two aligned.
+When the simulated policy drafts a different depth ``k`` than the recording, the count is clipped:
+``accepted = min(recorded, k)`` — the recording cannot say what a *longer* draft would have accepted, so a larger
+``k`` is optimistic-never, pessimistic-sometimes. Positions past the record, and requests without one, fall back
+to a parametric model. Replay ignores training (a recording is a fixed measurement).
+
+All randomness comes from one seeded ``numpy.random.Generator`` drawn in blocks, so the same seed and the same
+order of calls give the same numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.trace import Request
+
+_BLOCK = 1 << 15
+_ALPHA_MAX = 0.9999
+
+
+@dataclass(frozen=True)
+class CategoryAcceptance:
+    """Beta distribution of per-request α for one category: mean ``alpha`` and concentration ``concentration``
+    (``a = alpha·κ``, ``b = (1 − alpha)·κ``; ``κ = inf`` gives every request exactly ``alpha``)."""
+
+    alpha: float = 0.7
+    concentration: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
+        if not self.concentration > 0:
+            raise ValueError(f"concentration={self.concentration} must be > 0")
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Piecewise-linear multiplier ``m(t)`` on α: ``points`` are ``(time_s, multiplier)``, held flat outside."""
+
+    points: tuple[tuple[float, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        ts = [p[0] for p in self.points]
+        if any(b < a for a, b in itertools.pairwise(ts)):
+            raise ValueError(f"drift times must be non-decreasing: {ts}")
+        if any(not 0 <= m for _, m in self.points):
+            raise ValueError("drift multipliers must be >= 0")
+
+    def __call__(self, t: float) -> float:
+        if not self.points:
+            return 1.0
+        return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
+
+
+class _Uniforms:
+    """Blocks of uniforms and log-normal KL multipliers as Python lists (fast scalar reads, one seeded stream)."""
+
+    def __init__(self, u_rng: np.random.Generator, z_rng: np.random.Generator, kl_noise: float) -> None:
+        self.rng = u_rng
+        self.z_rng = z_rng
+        self.kl_noise = kl_noise
+        self.u: list[float] = []
+        self.i = 0
+        self.z: list[float] = []
+        self.j = 0
+
+    def refill_u(self) -> None:
+        self.u = self.rng.random(_BLOCK).tolist()
+        self.i = 0
+
+    def noise(self, n: int) -> list[float]:
+        if self.j + n > len(self.z):
+            s = self.kl_noise
+            self.z = np.exp(s * self.z_rng.standard_normal(_BLOCK) - 0.5 * s * s).tolist()
+            self.j = 0
+        out = self.z[self.j:self.j + n]
+        self.j += n
+        return out
+
+
+class RequestAcceptance:
+    """Per-request state of an acceptance model (its α, and for replay its per-position record)."""
+
+    __slots__ = ("alpha", "record")
+
+    def __init__(self, alpha: float, record: list[int] | None = None) -> None:
+        self.alpha = alpha
+        self.record = record
+
+
+class ParametricAcceptance:
+    """Per-request Beta α per category, geometric per-position decay, drift over time, trainer gains (module doc)."""
+
+    kind = "parametric"
+
+    def __init__(self, categories: dict[str, CategoryAcceptance] | None = None,
+                 default: CategoryAcceptance = CategoryAcceptance(), decay: float = 1.0,
+                 drift: Drift = Drift(), kl_noise: float = 0.3, ceiling: float = 0.95) -> None:
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay={decay} must be in (0, 1]")
+        if kl_noise < 0:
+            raise ValueError(f"kl_noise={kl_noise} must be >= 0")
+        if not 0 <= ceiling <= 1:
+            raise ValueError(f"ceiling={ceiling} must be in [0, 1]")
+        self.categories = dict(categories or {})
+        self.default = default
+        self.decay = float(decay)
+        self.drift = drift
+        self.kl_noise = float(kl_noise)
+        self.ceiling = float(ceiling)
+        self.trained = 0.0
+        self._mult = 1.0
+        self._buf: _Uniforms | None = None
+        self._log_decay = -math.log(self.decay)
+
+    # lifecycle -------------------------------------------------------------------------------------------------
+    def reset(self, seed: int) -> None:
+        """Start a run: seed the streams, forget training, time 0.
+
+        Three independent streams (per-request α, accept/reject uniforms, KL noise), so every policy replayed
+        with the same seed sees the same per-request α (common random numbers).
+        """
+        a_ss, u_ss, z_ss = np.random.SeedSequence(seed).spawn(3)
+        self._rng = np.random.default_rng(a_ss)
+        self._buf = _Uniforms(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
+        self.trained = 0.0
+        self.set_time(0.0)
+
+    def start(self, request: Request) -> RequestAcceptance:
+        """A request arrived: draw its α from its category's Beta (in arrival order: deterministic)."""
+        c = self.categories.get(request.category or "", self.default)
+        if math.isinf(c.concentration) or c.alpha in (0.0, 1.0):
+            return RequestAcceptance(c.alpha)
+        a = c.alpha * c.concentration
+        b = (1.0 - c.alpha) * c.concentration
+        return RequestAcceptance(float(self._rng.beta(a, b)))
+
+    def set_time(self, t: float) -> None:
+        """Evaluate the drift once per iteration (not per request)."""
+        self._mult = self.drift(t)
+
+    def improve(self, gain: float) -> None:
+        """A training round finished: close a further ``gain`` fraction of the gap to ``ceiling``."""
+        self.trained += float(gain) * (1.0 - self.trained)
+
+    def effective_alpha(self, alpha: float) -> float:
+        a = alpha * self._mult
+        if self.trained > 0.0 and self.ceiling > a:
+            a += self.trained * (self.ceiling - a)
+        return min(a, _ALPHA_MAX) if a < 1.0 else 1.0
+
+    # the draw --------------------------------------------------------------------------------------------------
+    def sample(self, st: RequestAcceptance, position: int, k: int, want_kl: bool) -> tuple[int, list[float]]:
+        """``(accepted, kl per proposed position)`` for a depth-``k`` draft starting at output ``position``."""
+        if k <= 0:
+            return 0, []
+        if self.trained == 0.0 and self._mult == 1.0:  # fast path: no drift, no training (the common case)
+            a = st.alpha
+            return self._draw(a if a < _ALPHA_MAX or a >= 1.0 else _ALPHA_MAX, k, want_kl)
+        return self._draw(self.effective_alpha(st.alpha), k, want_kl)
+
+    def _draw(self, alpha: float, k: int, want_kl: bool) -> tuple[int, list[float]]:
+        buf = self._buf
+        if buf is None:
+            raise RuntimeError("acceptance model not reset: call reset(seed) first")
+        u, i = buf.u, buf.i
+        a, p, d = 0, alpha, self.decay
+        while a < k:
+            if i >= len(u):
+                buf.refill_u()
+                u, i = buf.u, 0
+            hit = u[i] < p
+            i += 1
+            if not hit:
+                break
+            a += 1
+            p *= d
+        buf.i = i
+        if not want_kl:
+            return a, []
+        base = -math.log(alpha) if alpha > 0 else 50.0
+        ld = self._log_decay
+        z = buf.noise(k)
+        return a, [(base + j * ld) * z[j] for j in range(k)]
+
+    # (de)serialisation -----------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "default": asdict(self.default),
+                "categories": {c: asdict(v) for c, v in self.categories.items()}, "decay": self.decay,
+                "drift": [list(p) for p in self.drift.points], "kl_noise": self.kl_noise, "ceiling": self.ceiling}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ParametricAcceptance:
+        return cls(categories={c: CategoryAcceptance(**v) for c, v in obj.get("categories", {}).items()},
+                   default=CategoryAcceptance(**obj.get("default", {})), decay=obj.get("decay", 1.0),
+                   drift=Drift(tuple((float(t), float(m)) for t, m in obj.get("drift", []))),
+                   kl_noise=obj.get("kl_noise", 0.3), ceiling=obj.get("ceiling", 0.95))
+
+
+def positions_from_steps(accepted: Sequence[int], length: int | None = None) -> list[int]:
+    """Recorded accepted counts per step → accepted run available at each output position (see module doc)."""
+    out: list[int] = []
+    for a in accepted:
+        out.extend(range(a, -1, -1))  # positions p_j .. p_j + a_j accept a_j, a_j − 1, ..., 0
+        if length is not None and len(out) >= length:
+            break
+    return out if length is None else out[:length]
+
+
+class ReplayAcceptance:
+    """Replays each request's recorded acceptance by output position; ``fallback`` elsewhere (module doc)."""
+
+    kind = "replay"
+
+    def __init__(self, fallback: ParametricAcceptance | None = None) -> None:
+        self.fallback = fallback or ParametricAcceptance()
+
+    def reset(self, seed: int) -> None:
+        self.fallback.reset(seed)
+
+    def start(self, request: Request) -> RequestAcceptance:
+        st = self.fallback.start(request)
+        if request.acceptance is not None:
+            st.record = positions_from_steps(request.acceptance, request.output_tokens)
+        return st
+
+    def set_time(self, t: float) -> None:
+        self.fallback.set_time(t)
+
+    def improve(self, gain: float) -> None:
+        self.fallback.improve(gain)
+
+    def sample(self, st: RequestAcceptance, position: int, k: int, want_kl: bool) -> tuple[int, list[float]]:
+        if k <= 0:
+            return 0, []
+        rec = st.record
+        if rec is None or position >= len(rec):
+            return self.fallback.sample(st, position, k, want_kl)
+        a = min(rec[position], k)
+        if not want_kl:
+            return a, []
+        # KL from the fallback's model at the request's α: the recording has no KL
+        kl = self.fallback._draw(self.fallback.effective_alpha(st.alpha), k, True)[1]
+        return a, kl
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "fallback": self.fallback.to_json()}
+
+
+AcceptanceModel = ParametricAcceptance | ReplayAcceptance
+
+
+# ---- fitting ---------------------------------------------------------------------------------------------------
+def step_loglik(alpha: float, decay: float, ks: np.ndarray, accs: np.ndarray) -> float:
+    r"""Log-likelihood of steps ``(k, a)`` under the decay model:
+    :math:`a\log\alpha + \tfrac{a(a-1)}{2}\log\delta + [a<k]\log(1 - \alpha\delta^{a})`."""
+    la, ld = math.log(alpha), math.log(decay)
+    ll = accs * la + 0.5 * accs * (accs - 1) * ld
+    miss = accs < ks
+    p_next = np.clip(alpha * np.exp(accs[miss] * ld), 0.0, 1.0 - 1e-12)
+    return float(ll.sum() + np.log1p(-p_next).sum())
+
+
+@dataclass
+class AcceptanceFit:
+    """Result of :func:`fit_acceptance`: pooled α and δ (MLE), per-request spread κ (moments), step count."""
+
+    alpha: float
+    decay: float
+    concentration: float
+    steps: int
+    loglik: float
+    per_request_alpha: list[float] = field(default_factory=list, repr=False)
+
+    def model(self, **kw: Any) -> ParametricAcceptance:
+        return ParametricAcceptance(default=CategoryAcceptance(self.alpha, self.concentration), decay=self.decay, **kw)
+
+
+def fit_acceptance(recording: Sequence[Sequence[int]], k: int | Sequence[Sequence[int]],
+                   fit_decay: bool = True) -> AcceptanceFit:
+    """Maximum-likelihood α and δ from per-step accepted counts (one list per request) drafted at depth ``k``
+    (an int for a static-k recording, or per-step depths shaped like ``recording``).
+
+    Steps with ``k = 0`` carry no information and are dropped. κ is the method-of-moments concentration of the
+    per-request α estimates after subtracting their sampling variance (inf when the spread is all noise).
+    """
+    from scipy.optimize import minimize
+
+    ks_list: list[int] = []
+    acc_list: list[int] = []
+    req_slices: list[tuple[int, int]] = []
+    for r, steps in enumerate(recording):
+        kr = [k] * len(steps) if isinstance(k, int) else list(k[r])
+        if len(kr) != len(steps):
+            raise ValueError(f"request {r}: {len(steps)} accepted counts but {len(kr)} depths")
+        start = len(ks_list)
+        for kk, a in zip(kr, steps):
+            if kk <= 0:
+                continue
+            if not 0 <= a <= kk:
+                raise ValueError(f"request {r}: accepted={a} outside 0..k={kk}")
+            ks_list.append(kk)
+            acc_list.append(a)
+        req_slices.append((start, len(ks_list)))
+    if not ks_list:
+        raise ValueError("no speculative steps to fit")
+    ks = np.asarray(ks_list, dtype=float)
+    accs = np.asarray(acc_list, dtype=float)
+    eps = 1e-6
+
+    if fit_decay:
+        def nll(x: np.ndarray) -> float:
+            return -step_loglik(x[0], x[1], ks, accs)
+
+        trials = (accs + (accs < ks)).sum()
+        a0 = float(np.clip(accs.sum() / max(trials, 1), 0.05, 0.95))
+        res = minimize(nll, np.array([a0, 0.9]), method="L-BFGS-B", bounds=[(eps, 1 - eps), (eps, 1.0)])
+        alpha, decay, ll = float(res.x[0]), float(res.x[1]), -float(res.fun)
+    else:
+        trials = (accs + (accs < ks)).sum()
+        alpha, decay = float(accs.sum() / trials) if trials else 0.0, 1.0
+        alpha = min(max(alpha, eps), 1 - eps)
+        ll = step_loglik(alpha, decay, ks, accs)
+
+    # per-request α at the pooled δ (closed form is not available with δ < 1: a 1-D bounded fit each)
+    per_req: list[float] = []
+    noise: list[float] = []
+    for s, e in req_slices:
+        if e - s < 3:
+            continue
+        kr, ar = ks[s:e], accs[s:e]
+        t = float((ar + (ar < kr)).sum())
+        a_hat = _alpha_given_decay(kr, ar, decay)
+        per_req.append(a_hat)
+        noise.append(a_hat * (1 - a_hat) / max(t, 1.0))
+    conc = math.inf
+    if len(per_req) >= 3:
+        m, v = float(np.mean(per_req)), float(np.var(per_req, ddof=1)) - float(np.mean(noise))
+        if v > 1e-9:
+            conc = max(m * (1 - m) / v - 1.0, 1e-3)
+    return AcceptanceFit(alpha, decay, conc, len(ks_list), ll, per_req)
+
+
+def _alpha_given_decay(ks: np.ndarray, accs: np.ndarray, decay: float) -> float:
+    from scipy.optimize import minimize_scalar
+
+    res = minimize_scalar(lambda a: -step_loglik(a, decay, ks, accs), bounds=(1e-6, 1 - 1e-6), method="bounded")
+    return float(res.x)
+
+
+def synthetic_recording(alpha: float, decay: float, k: int, requests: int, steps: int, seed: int = 0,
+                        concentration: float = math.inf) -> list[list[int]]:
+    """Per-step accepted counts drawn from the model (for tests and for checking a fit)."""
+    m = ParametricAcceptance(default=CategoryAcceptance(alpha, concentration), decay=decay)
+    m.reset(seed)
+    out = []
+    for _ in range(requests):
+        st = m.start(Request(0.0, 1, 1))
+        out.append([m.sample(st, 0, k, False)[0] for _ in range(steps)])
+    return out
+
+
+# ---- specs (CLI) -----------------------------------------------------------------------------------------------
+def parse_acceptance(spec: str | None) -> AcceptanceModel:
+    """An acceptance model from the CLI.
+
+    - ``None`` / ``""``: replay recorded acceptance where the trace has it, parametric defaults elsewhere;
+    - a JSON file: ``{"kind": "parametric", ...}`` (:meth:`ParametricAcceptance.to_json`), ``{"kind": "replay",
+      "fallback": {...}}``, or a recording ``{"recording": [[...], ...], "k": 4}`` fitted by :func:`fit_acceptance`;
+    - a spec ``alpha=0.7,conc=20,decay=0.95,kl_noise=0.3,ceiling=0.95,drift=0:1;600:0.6`` with per-category
+      overrides ``code.alpha=0.8,code.conc=30``; prefix ``replay:`` to replay recordings first.
+    """
+    if not spec:
+        return ReplayAcceptance()
+    replay = spec.startswith("replay:")
+    body = spec[len("replay:"):] if replay else spec
+    path = Path(body)
+    if body.endswith(".json") or path.is_file():
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read acceptance model ({e})") from None
+        model = acceptance_from_json(obj, str(path))
+    else:
+        model = _parse_spec(body)
+    if replay and isinstance(model, ParametricAcceptance):
+        return ReplayAcceptance(model)
+    return model
+
+
+def acceptance_from_json(obj: Any, where: str = "<acceptance>") -> AcceptanceModel:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    try:
+        if "recording" in obj:
+            return fit_acceptance(obj["recording"], obj.get("k", 4)).model()
+        if obj.get("kind") == "replay":
+            return ReplayAcceptance(ParametricAcceptance.from_json(obj.get("fallback", {})))
+        return ParametricAcceptance.from_json(obj)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{where}: bad acceptance model: {e}") from None
+
+
+def _parse_spec(spec: str) -> ParametricAcceptance:
+    glob: dict[str, str] = {}
+    cats: dict[str, dict[str, str]] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise ValueError(f"acceptance spec item {item!r} is not key=value")
+        key, val = (s.strip() for s in item.split("=", 1))
+        if "." in key:
+            cat, name = key.split(".", 1)
+            cats.setdefault(cat, {})[name] = val
+        else:
+            glob[key] = val
+    known = {"alpha", "conc", "decay", "kl_noise", "ceiling", "drift"}
+    bad = sorted(set(glob) - known) + sorted({n for c in cats.values() for n in c} - {"alpha", "conc"})
+    if bad:
+        raise ValueError(f"acceptance spec: unknown key(s) {bad}; known: {sorted(known)} (and CATEGORY.alpha/conc)")
+    try:
+        default = CategoryAcceptance(float(glob.get("alpha", 0.7)), float(glob.get("conc", 20.0)))
+        categories = {c: CategoryAcceptance(float(v.get("alpha", default.alpha)),
+                                            float(v.get("conc", default.concentration))) for c, v in cats.items()}
+        drift = Drift(tuple((float(t), float(m)) for t, m in (p.split(":") for p in glob["drift"].split(";"))))\
+            if "drift" in glob else Drift()
+        return ParametricAcceptance(categories, default, decay=float(glob.get("decay", 1.0)), drift=drift,
+                                    kl_noise=float(glob.get("kl_noise", 0.3)),
+                                    ceiling=float(glob.get("ceiling", 0.95)))
+    except ValueError as e:
+        raise ValueError(f"acceptance spec {spec!r}: {e}") from None
+
+
+def describe(model: AcceptanceModel) -> dict[str, Any]:
+    """JSON description for result files."""
+    return model.to_json()
+
+
+def iter_records(requests: Iterable[Request]) -> list[list[int]]:
+    """The recorded acceptance lists of a trace (requests without one are skipped)."""
+    return [list(r.acceptance) for r in requests if r.acceptance is not None]

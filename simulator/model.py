@@ -1,0 +1,582 @@
+r"""The discrete-event model of a speculative serving engine under continuous batching (SimPy).
+
+Process structure (DistServe's ``simdistserve``): one arrival process walks the trace and routes each request
+(:mod:`simulator.cluster`); one SimPy process per engine replica yields **one** ``env.timeout`` per iteration,
+never one per token. An idle replica sleeps on an event that the next arrival succeeds.
+
+**One iteration of a replica** (state: FIFO ``waiting``, ``prefilling``, ``running``):
+
+1. *Prefill* (token budget ``max_prefill_tokens``, i.e. the chunk size): continue the requests being prefilled,
+   then admit waiting requests in FIFO order while the batch has fewer than ``max_batch_size`` requests, budget
+   is left and their whole prompt fits in the KV cache (``kv_capacity`` tokens; FCFS head-of-line: the first
+   that does not fit stops admission). A request whose prefill completes emits its first token at the end of
+   the iteration (TTFT) and decodes from the next one.
+2. *Decode* of the running requests — with ``schedule="prefill_first"`` (SGLang's default; its speculative
+   path does not mix) only in iterations without prefill work; with ``"mixed"`` (vLLM v1 / Sarathi) in every
+   iteration, before the prefill chunk. The host protocol, exactly as :mod:`sglang_ext.engine.engine`:
+   ``decision = policy.decide(BatchView(rids, context_lens, temperatures))``; per request
+   ``k_r = min(decision.lengths[rid], left_r − 1)`` (0 when ``decision.speculate`` is False; a step always
+   commits one token more than it accepts); accepted counts ``a_r`` from the acceptance model
+   (:mod:`simulator.acceptance`, with its synthetic KL per proposed position); then
+   ``policy.observe(StepResult(...))`` at the end of the iteration, before ``policy.release`` of the requests
+   that finished. ``policy.admit`` is called when a request is first admitted; a preempted request keeps its
+   policy state (it is the same request) and is released once, when it finishes.
+3. *KV pressure*: a decode step writes ``k_r + 1`` positions per request. If they do not fit, the newest admitted
+   request (prefilling before running) is preempted and recomputed later, as vLLM does: its KV is freed, it goes
+   back to the front of the queue, and its prefill becomes prompt + tokens generated so far (that recompute
+   prefill emits its next token, as a vLLM recompute does). A lone request that still does not fit drafts less.
+
+**Cost of an iteration** (a duck-typed cost model: ``verify_seconds(batch_size, tokens_per_request,
+context_len=0)``, ``draft_seconds(batch_size, depth)``, optionally ``prefill_seconds(tokens, context_len)`` and
+``train_seconds(tokens)``; ``B`` running requests, ``K = max_r k_r``, ``C̄`` their mean context)::
+
+    decode  = draft_seconds(B, K) + verify_seconds(B, K + 1, C̄)      if K > 0   (ragged drafts pad to the max)
+            = verify_seconds(B, 1, C̄)                                if K = 0   (a plain decode step)
+    prefill = prefill_seconds(T, P̄)  or, without it, verify_seconds(1, T, P̄)   (T chunk tokens, P̄ mean prefix)
+    step    = decode + prefill + overhead_s + train slice (``trainer="shared"``)
+
+The parts are added (no overlap between a mixed batch's prefill and decode: an upper bound).
+
+**Trainer** (``trainer``; TIDE's homogeneous vs heterogeneous mapping). Served tokens (prefill and committed
+decode tokens, whose hidden states the engine exports) are collected; every ``train_round_tokens`` starts a
+training round of ``W = train_seconds(train_round_tokens)`` device seconds. ``"separate"``: the round runs on
+its own device, in parallel, taking ``W`` seconds of simulated time. ``"shared"``: it runs on the serving device
+as time slices — each iteration of ``s`` seconds is followed by ``s·share/(1 − share)`` seconds of training
+until ``W`` is done. When a round ends, the acceptance model's drafter improves (``acceptance.improve(gain)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import simpy
+
+from sglang_ext.core.policies.base import BatchView
+from sglang_ext.core.signals import RequestStep, StepResult
+from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance
+from simulator.cluster import arrivals, make_router
+from simulator.metrics import REQUEST_COLUMNS, SimResult, summarize
+from simulator.trace import Request, Trace, TraceError
+
+Schedule = Literal["prefill_first", "mixed"]
+TrainerMode = Literal["none", "separate", "shared"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Engine and run configuration (every field is a knob of the model in the module docstring)."""
+
+    max_batch_size: int = 64
+    max_prefill_tokens: int = 4096
+    kv_capacity: int | None = None
+    schedule: Schedule = "prefill_first"
+    overhead_s: float = 0.0
+    replicas: int = 1
+    router: str = "round-robin"
+    trainer: TrainerMode = "none"
+    train_share: float = 0.25
+    train_round_tokens: int = 200_000
+    train_gain: float = 0.3
+    temperature: float = 0.0
+    synthetic_kl: bool = True
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.1
+    record_steps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} must be >= 1")
+        if self.kv_capacity is not None and self.kv_capacity < 2:
+            raise ValueError(f"kv_capacity={self.kv_capacity} must be >= 2 tokens (or None: unlimited)")
+        if self.schedule not in ("prefill_first", "mixed"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'prefill_first' or 'mixed'")
+        if self.replicas < 1:
+            raise ValueError(f"replicas={self.replicas} must be >= 1")
+        if self.trainer not in ("none", "separate", "shared"):
+            raise ValueError(f"trainer={self.trainer!r} must be 'none', 'separate' or 'shared'")
+        if not 0 < self.train_share < 1:
+            raise ValueError(f"train_share={self.train_share} must be in (0, 1)")
+        if self.train_round_tokens < 1 or not 0 <= self.train_gain <= 1:
+            raise ValueError("train_round_tokens must be >= 1 and train_gain in [0, 1]")
+        make_router(self.router)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SimulationError(RuntimeError):
+    """A run stopped early (e.g. a bad trace line in a streaming read); ``result`` holds what was simulated."""
+
+    def __init__(self, message: str, result: SimResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class _Req:
+    """A request inside a replica (plain slots: one per request, never one per token)."""
+
+    __slots__ = ("acc", "accepted", "admitted", "arrival", "done", "first", "gen", "index", "kv",
+                 "need", "out", "preempt", "prompt", "replica", "rid", "spec_steps")
+
+    def __init__(self, index: int, request: Request, acc: RequestAcceptance, replica: int) -> None:
+        self.index = index
+        self.rid = request.id if request.id is not None else f"r{index}"
+        self.arrival = request.arrival
+        self.prompt = request.prompt_tokens
+        self.out = request.output_tokens
+        self.gen = 0  # output tokens emitted
+        self.need = request.prompt_tokens  # tokens the current prefill must process (prompt, or recompute)
+        self.done = 0  # of ``need``, processed so far
+        self.kv = 0  # KV tokens held
+        self.first = math.nan
+        self.preempt = 0
+        self.spec_steps = 0
+        self.accepted = 0
+        self.acc = acc
+        self.admitted = False
+        self.replica = replica
+
+
+class _Trainer:
+    """Collects served tokens and runs training rounds on a separate device or in slices of the serving one."""
+
+    def __init__(self, sim: Simulation) -> None:
+        c = sim.config
+        self.sim = sim
+        self.mode = c.trainer
+        self.round_tokens = c.train_round_tokens
+        self.gain = c.train_gain
+        self.ratio = c.train_share / (1.0 - c.train_share)
+        self.collected = 0
+        self.in_round = False
+        self.remaining = 0.0
+        self.rounds = 0
+        if self.mode != "none" and not callable(getattr(sim.cost, "train_seconds", None)):
+            raise ValueError(f"trainer={self.mode!r} needs a cost model with train_seconds(tokens)")
+
+    def collect(self, tokens: int) -> None:
+        self.collected += tokens
+        if self.in_round or self.collected < self.round_tokens:
+            return
+        self.collected -= self.round_tokens
+        self.in_round = True
+        work = float(self.sim.cost.train_seconds(self.round_tokens))
+        if self.mode == "separate":
+            self.sim.env.process(self._separate(work))
+        else:
+            self.remaining = work
+
+    def _separate(self, work: float):
+        yield self.sim.env.timeout(work)
+        self._done()
+
+    def _done(self) -> None:
+        self.sim.acceptance.improve(self.gain)
+        self.rounds += 1
+        self.in_round = False
+        self.collect(0)
+
+    def slice(self, step_seconds: float) -> float:
+        """Seconds of training to add after a serving iteration of ``step_seconds`` (shared device)."""
+        if self.remaining <= 0.0:
+            return 0.0
+        s = min(self.remaining, self.ratio * step_seconds) if step_seconds > 0 else self.remaining
+        self.remaining -= s
+        if self.remaining <= 1e-12:
+            self.remaining = 0.0
+            self._done()
+        return s
+
+
+class Replica:
+    """One engine: a SimPy process running one iteration (one timeout) after another (module docstring)."""
+
+    def __init__(self, sim: Simulation, idx: int, policy: Any) -> None:
+        self.sim = sim
+        self.idx = idx
+        self.policy = policy
+        self.env = sim.env
+        c = sim.config
+        self.max_bs = c.max_batch_size
+        self.max_prefill = c.max_prefill_tokens
+        self.kv_cap = c.kv_capacity
+        self.mixed = c.schedule == "mixed"
+        self.overhead = c.overhead_s
+        self.temperature = c.temperature
+        self.want_kl = c.synthetic_kl
+        self.waiting: deque[_Req] = deque()
+        self.prefilling: list[_Req] = []
+        self.running: list[_Req] = []
+        self.kv_used = 0
+        self.wake: simpy.Event | None = None
+        self.iterations = 0
+        self.busy = {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "train": 0.0, "overhead": 0.0}
+        cost = sim.cost
+        self.verify = cost.verify_seconds
+        self.draft = cost.draft_seconds
+        pre = getattr(cost, "prefill_seconds", None)
+        self.prefill_cost: Callable[[int, int], float] = pre if callable(pre) else (lambda t, c: self.verify(1, t, c))
+        # what the current iteration will commit when its timeout fires
+        self._chunks: list[tuple[_Req, int]] = []
+        self._decode: list[tuple[_Req, int, int]] = []
+        self._result: StepResult | None = None
+        self._reserve = 0
+
+    # router interface ------------------------------------------------------------------------------------------
+    def outstanding_requests(self) -> int:
+        return len(self.waiting) + len(self.prefilling) + len(self.running)
+
+    def outstanding_tokens(self) -> int:
+        reqs = [*self.waiting, *self.prefilling, *self.running]
+        return sum(r.need - r.done for r in reqs) + sum(r.out - r.gen for r in reqs)
+
+    def add(self, index: int, request: Request) -> None:
+        if self.kv_cap is not None and request.prompt_tokens + request.output_tokens > self.kv_cap:
+            raise ValueError(f"request {index} ({request.id or 'no id'}) needs {request.prompt_tokens} + "
+                             f"{request.output_tokens} KV tokens > kv_capacity={self.kv_cap}")
+        self.waiting.append(_Req(index, request, self.sim.acceptance.start(request), self.idx))
+        if self.wake is not None:
+            self.wake.succeed()
+            self.wake = None
+
+    # the process -----------------------------------------------------------------------------------------------
+    def process(self):
+        env = self.env
+        while True:
+            if not (self.waiting or self.prefilling or self.running):
+                self.wake = env.event()
+                yield self.wake
+            dt = self._plan(env.now)
+            yield env.timeout(dt)
+            self._commit(env.now)
+
+    # planning an iteration (at its start) ----------------------------------------------------------------------
+    def _plan(self, now: float) -> float:
+        self.sim.acceptance.set_time(now)
+        self._chunks = []
+        self._decode = []
+        self._result = None
+        self._reserve = 0
+        decode_s = draft_s = prefill_s = 0.0
+        if self.mixed:
+            if self.running:
+                draft_s, decode_s = self._plan_decode()
+            prefill_s = self._plan_prefill()
+        else:
+            prefill_s = self._plan_prefill()
+            if not self._chunks and self.running:
+                draft_s, decode_s = self._plan_decode()
+        if not self._chunks and not self._decode:
+            raise RuntimeError(f"replica {self.idx}: no schedulable work at t={now} "
+                               f"(waiting={len(self.waiting)}, kv_used={self.kv_used}/{self.kv_cap})")
+        step = draft_s + decode_s + prefill_s + self.overhead
+        train_s = self.sim.trainer.slice(step) if self.sim.trainer.mode == "shared" else 0.0
+        if self._result is not None:
+            self._result.train_seconds = train_s
+            self._result.overhead_seconds = self.overhead
+        b = self.busy
+        b["prefill"] += prefill_s
+        b["draft"] += draft_s
+        b["verify"] += decode_s
+        b["train"] += train_s
+        b["overhead"] += self.overhead
+        self.iterations += 1
+        dt = step + train_s
+        if self.sim.steps is not None:
+            k = max((x[1] for x in self._decode), default=0)
+            self.sim.steps.append((now, self.idx, len(self._decode), k, sum(c for _, c in self._chunks), dt))
+        return dt
+
+    def _plan_prefill(self) -> float:
+        budget = self.max_prefill
+        chunks = self._chunks
+        for r in self.prefilling:
+            if budget <= 0:
+                break
+            c = min(r.need - r.done, budget)
+            chunks.append((r, c))
+            budget -= c
+        waiting = self.waiting
+        while budget > 0 and waiting and len(self.prefilling) + len(self.running) < self.max_bs:
+            r = waiting[0]
+            if self.kv_cap is not None and self.kv_used + self._reserve + r.need > self.kv_cap:
+                break
+            waiting.popleft()
+            r.kv = r.need
+            self.kv_used += r.need
+            self.prefilling.append(r)
+            if not r.admitted:
+                r.admitted = True
+                self.policy.admit(r.rid)
+            c = min(r.need, budget)
+            chunks.append((r, c))
+            budget -= c
+        if not chunks:
+            return 0.0
+        total = sum(c for _, c in chunks)
+        prefix = round(sum(r.done for r, _ in chunks) / len(chunks))
+        return float(self.prefill_cost(total, prefix))
+
+    def _plan_decode(self) -> tuple[float, float]:
+        run = self.running
+        view = BatchView(rids=[r.rid for r in run], context_lens=[r.prompt + r.gen for r in run],
+                         temperatures=[self.temperature] * len(run))
+        decision = self.policy.decide(view)
+        lengths = decision.lengths if decision.speculate else None
+        ks = []
+        growth = 0
+        for r in run:
+            k = lengths.get(r.rid, 0) if lengths is not None else 0
+            left = r.out - r.gen - 1
+            if k > left:  # noqa: PLR1730 - plain comparisons, not min/max: this runs per request per step
+                k = left
+            if k < 0:  # noqa: PLR1730
+                k = 0
+            ks.append(k)
+            growth += k + 1
+        if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
+            growth = self._make_room(ks, growth)
+        self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
+        acc = self.sim.acceptance
+        want_kl = self.want_kl
+        temp = self.temperature
+        steps = []
+        plan = self._decode
+        K = 0
+        ctx_sum = 0
+        for r, k in zip(self.running, ks):
+            ctx = r.prompt + r.gen
+            ctx_sum += ctx
+            if k > 0:
+                a, kl = acc.sample(r.acc, r.gen, k, want_kl)
+                if k > K:  # noqa: PLR1730
+                    K = k
+            else:
+                a, kl = 0, ()
+            plan.append((r, k, a))
+            steps.append(RequestStep(r.rid, k, a, kl, (), (), ctx, temp))
+        B = len(plan)
+        self.sim.request_steps += B
+        ctx_mean = round(ctx_sum / B)
+        if K > 0:
+            draft_s = float(self.draft(B, K))
+            verify_s = float(self.verify(B, K + 1, ctx_mean))
+        else:
+            draft_s, verify_s = 0.0, float(self.verify(B, 1, ctx_mean))
+        self._result = StepResult(requests=steps, speculated=K > 0, draft_seconds=draft_s, verify_seconds=verify_s,
+                                  verify_tokens=B * (K + 1), drafter="simulated",
+                                  config={"tree_budget": decision.tree_budget, "drafter": decision.drafter,
+                                          **decision.info})
+        return draft_s, verify_s
+
+    def _make_room(self, ks: list[int], growth: int) -> int:
+        """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""
+        cap = self.kv_cap
+        while self.kv_used + growth > cap and self.prefilling:
+            self._preempt(self.prefilling.pop())
+        while self.kv_used + growth > cap and len(self.running) > 1:
+            victim = self.running.pop()
+            growth -= ks.pop() + 1
+            self._preempt(victim)
+        if self.kv_used + growth > cap:  # one request left: draft only what fits
+            ks[0] = max(0, min(ks[0], cap - self.kv_used - 1))
+            growth = ks[0] + 1
+        return growth
+
+    def _preempt(self, r: _Req) -> None:
+        self.kv_used -= r.kv
+        r.kv = 0
+        r.need = r.prompt + r.gen
+        r.done = 0
+        r.preempt += 1
+        self.waiting.appendleft(r)
+
+    # committing an iteration (at its end) ----------------------------------------------------------------------
+    def _commit(self, now: float) -> None:
+        sim = self.sim
+        collected = 0
+        finished: list[_Req] = []
+        for r, k, a in self._decode:
+            n = a + 1
+            r.gen += n
+            r.kv += n
+            self.kv_used += n
+            collected += n
+            if k > 0:
+                r.spec_steps += 1
+                r.accepted += a
+            if r.gen >= r.out:
+                finished.append(r)
+        if self._chunks:
+            completed = False
+            for r, c in self._chunks:
+                r.done += c
+                collected += c
+                if r.done >= r.need:
+                    completed = True
+                    r.gen += 1
+                    r.kv += 1
+                    self.kv_used += 1
+                    if r.first != r.first:  # NaN: first token of this request
+                        r.first = now
+                    if r.gen >= r.out:
+                        finished.append(r)
+                    else:
+                        self.running.append(r)
+            if completed:
+                self.prefilling = [r for r in self.prefilling if r.done < r.need]
+        if self._result is not None:
+            self.policy.observe(self._result)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+            for r in finished:
+                self.kv_used -= r.kv
+                r.kv = 0
+                self.policy.release(r.rid)
+                sim.record(r, now)
+        if sim.trainer.mode != "none":
+            sim.trainer.collect(collected)
+
+
+def _policies(policy: Any, n: int) -> list[Any]:
+    """One policy object per replica: a factory is called per replica; an object is used by replica 0 and
+    deep-copied (fresh state, same config) for the others."""
+    if hasattr(policy, "decide"):
+        return [policy] + [copy.deepcopy(policy) for _ in range(n - 1)]
+    if callable(policy):
+        return [policy(i) for i in range(n)]
+    raise TypeError(f"policy must be a Policy (decide/observe) or a factory(replica) -> Policy, got {policy!r}")
+
+
+def check_cost_model(cost: Any) -> None:
+    missing = [m for m in ("verify_seconds", "draft_seconds") if not callable(getattr(cost, m, None))]
+    if missing:
+        raise TypeError(f"cost model {type(cost).__name__} lacks {', '.join(missing)} (see simulator.model)")
+
+
+class Simulation:
+    """A replay in progress: build, :meth:`run`, and read :meth:`result` (also after an interruption)."""
+
+    def __init__(self, requests: Trace | Iterable[Request], cost_model: Any, policy: Any,
+                 config: SimConfig = SimConfig(), seed: int = 0, acceptance: AcceptanceModel | None = None) -> None:
+        check_cost_model(cost_model)
+        self.config = config
+        self.seed = int(seed)
+        self.cost = cost_model
+        self.env = simpy.Environment()
+        self.acceptance = acceptance if acceptance is not None else ReplayAcceptance()
+        self.acceptance.reset(self.seed)
+        self.trainer = _Trainer(self)
+        self.events = 0
+        self.request_steps = 0  # decode steps summed over requests (the per-request work of the model)
+        self.arrived = 0
+        self.trace_error: TraceError | None = None
+        self.error: str | None = None
+        self.steps: list[tuple] | None = [] if config.record_steps else None
+        self._rows: list[tuple] = []
+        self.wall_s = 0.0
+        self.cpu_s = 0.0
+        self.policies = _policies(policy, config.replicas)
+        self.replicas = [Replica(self, i, p) for i, p in enumerate(self.policies)]
+        reqs: Iterator[Request] = iter(requests.requests if isinstance(requests, Trace) else requests)
+        self.env.process(arrivals(self.env, reqs, self.replicas, make_router(config.router), self._on_trace_error,
+                                  self._on_arrival))
+        for rep in self.replicas:
+            self.env.process(rep.process())
+
+    def _on_trace_error(self, e: TraceError) -> None:
+        self.trace_error = e
+        self.error = f"TraceError: {e}"
+
+    def _on_arrival(self, index: int, request: Request) -> None:
+        self.arrived += 1
+
+    def record(self, r: _Req, now: float) -> None:
+        self._rows.append((r.index, r.replica, r.arrival, r.first, now, r.prompt, r.out, r.preempt, r.spec_steps,
+                           r.accepted))
+
+    def run(self, until: float | None = None) -> SimResult:
+        """Step the event loop to the end (or ``until`` simulated seconds). On KeyboardInterrupt the partial
+        result stays readable through :meth:`result` and the interrupt is re-raised."""
+        env = self.env
+        step = env.step
+        peek = env.peek
+        limit = math.inf if until is None else float(until)
+        n = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            while peek() <= limit:
+                step()
+                n += 1
+        except simpy.core.EmptySchedule:
+            pass
+        except KeyboardInterrupt:
+            self.error = "interrupted (KeyboardInterrupt)"
+            raise
+        finally:
+            self.wall_s += time.perf_counter() - t0
+            self.cpu_s += time.process_time() - c0  # CPU time: the cost on one core even when others compete
+            self.events += n
+        if until is not None and peek() < math.inf and self.error is None:
+            self.error = f"stopped at until={until} s"
+        return self.result()
+
+    def result(self) -> SimResult:
+        rows = self._rows
+        cols = {name: np.array([row[i] for row in rows], dtype=float if name in ("arrival", "first_token", "finish")
+                               else np.int64) for i, name in enumerate(REQUEST_COLUMNS)}
+        busy: dict[str, float] = {}
+        for rep in self.replicas:
+            for k, v in rep.busy.items():
+                busy[k] = busy.get(k, 0.0) + v
+        c = self.config
+        summary = summarize(cols, busy, iterations=sum(r.iterations for r in self.replicas), slo_ttft_s=c.slo_ttft_s,
+                            slo_tpot_s=c.slo_tpot_s, unfinished=self.arrived - len(rows),
+                            train_rounds=self.trainer.rounds)
+        sim_s = float(self.env.now)
+        perf = {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "sim_s": sim_s,
+                "request_steps": self.request_steps,
+                "events_per_s": self.events / self.wall_s if self.wall_s > 0 else 0.0,
+                "realtime_factor": sim_s / self.wall_s if self.wall_s > 0 else 0.0,
+                "realtime_factor_cpu": sim_s / self.cpu_s if self.cpu_s > 0 else 0.0}
+        config = {"engine": c.to_json(), "seed": self.seed, "policy": _policy_json(self.policies[0]),
+                  "acceptance": self.acceptance.to_json(), "cost_model": type(self.cost).__name__}
+        steps = None
+        if self.steps is not None:
+            names = ("time", "replica", "batch_size", "depth", "prefill_tokens", "seconds")
+            steps = {n: [s[i] for s in self.steps] for i, n in enumerate(names)}
+        return SimResult(summary, cols, perf, config, complete=self.error is None, error=self.error, steps=steps)
+
+
+def _policy_json(policy: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": getattr(policy, "name", type(policy).__name__),
+                           "class": f"{type(policy).__module__}.{type(policy).__qualname__}"}
+    cfg = getattr(policy, "config", None)
+    if isinstance(cfg, dict):
+        out["params"] = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return out
+
+
+def simulate(trace: Trace | Iterable[Request], cost_model: Any, policy: Any, config: SimConfig = SimConfig(),
+             seed: int = 0, acceptance: AcceptanceModel | None = None) -> SimResult:
+    """Replay ``trace`` through the model; the same arguments and seed give the identical result.
+
+    ``policy`` is a core policy object (or a factory ``replica -> policy`` for several replicas); ``acceptance``
+    defaults to replaying recorded acceptance, parametric elsewhere. Raises :class:`SimulationError` (with the
+    partial ``result``) if a lazily read trace turned out malformed part-way.
+    """
+    sim = Simulation(trace, cost_model, policy, config, seed, acceptance)
+    result = sim.run()
+    if sim.trace_error is not None:
+        raise SimulationError(str(sim.trace_error), result)
+    return result

@@ -1,0 +1,328 @@
+"""`sglang-ext sim ...`: replay a trace through the simulated engine, sweep a grid, tune a policy's parameters.
+
+``replay`` reads a JSONL trace lazily, one line per arrival, so a malformed line part-way stops the arrivals,
+lets the requests already in the system finish, and writes ``partial.json`` (the error names ``file:line``);
+Ctrl-C writes ``partial.json`` too. Other formats are imported whole first (:mod:`simulator.importers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from simulator.trace import HEADER_KEY, Request, Trace, TraceError, parse_request
+
+FORMATS = ("jsonl", "azure", "vidur", "mooncake", "burstgpt")
+
+
+def register(sub) -> None:
+    """Add the ``sim`` subcommand group to an argparse subparsers object."""
+    p = sub.add_parser("sim", help="discrete-event simulator: replay a trace, sweep a grid, tune a policy")
+    ssub = p.add_subparsers(dest="sim_cmd", required=True)
+
+    rep = ssub.add_parser("replay", help="replay a trace through the simulated engine with a policy")
+    _common(rep)
+    rep.add_argument("--out", type=Path, required=True, help="directory for result.json, requests.csv")
+    rep.add_argument("--record-steps", action="store_true", help="also write every iteration (time, B, k, ...)")
+    rep.set_defaults(func=_guard(cmd_replay))
+
+    sw = ssub.add_parser("sweep", help="simulate a grid of policy params / engine settings / loads in parallel")
+    _common(sw)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a grid axis: a policy parameter, an engine setting (max_batch_size, kv_capacity, ...), "
+                         "time_scale (load) or seed; repeat for more axes")
+    sw.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    sw.add_argument("--out", type=Path, required=True, help="directory for sweep.csv and sweep.json")
+    sw.set_defaults(func=_guard(cmd_sweep))
+
+    tu = ssub.add_parser("tune", help="optimise a policy's tunables for an objective; write a policy config")
+    _common(tu)
+    tu.add_argument("--objective", default="goodput",
+                    choices=["goodput", "throughput", "throughput-p90-tpot", "latency"])
+    tu.add_argument("--params", default=None, help="comma-separated parameters to search (default: all tunables)")
+    tu.add_argument("--maxiter", type=int, default=10, help="differential-evolution generations")
+    tu.add_argument("--popsize", type=int, default=8, help="population per searched parameter")
+    tu.add_argument("--jobs", type=int, default=1, help="worker processes")
+    tu.add_argument("--out", type=Path, required=True, help="policy config JSON to write (+ .tune.json report)")
+    tu.set_defaults(func=_guard(cmd_tune))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", type=Path, required=True)
+    p.add_argument("--format", choices=FORMATS, default="jsonl")
+    cost = p.add_mutually_exclusive_group(required=True)
+    cost.add_argument("--profile", type=Path, help="a measured profile (sglang-ext profile), fitted on load")
+    cost.add_argument("--cost-model", type=Path, help="a fitted cost model JSON (CostModel.save)")
+    p.add_argument("--policy", default="static", help="registry name (static, dsde, tide-control, ...)")
+    p.add_argument("--policy-config", type=Path, default=None, help="a policy config file (sim tune writes one)")
+    p.add_argument("--policy-param", action="append", default=[], metavar="K=V", help="override a policy param")
+    p.add_argument("--policy-costs", choices=["given", "learned"], default="given",
+                   help="give cost-aware policies the cost model (given) or let them learn costs online")
+    p.add_argument("--acceptance", default=None,
+                   help="acceptance model: JSON file, or spec alpha=0.7,conc=20,decay=0.95,drift=0:1;600:0.6 "
+                        "(CATEGORY.alpha=...; prefix replay: to replay recorded acceptance first). "
+                        "Default: replay recorded acceptance, parametric defaults elsewhere")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrivals (0.5 = twice the rate)")
+    p.add_argument("--head", type=int, default=None, help="only the first N requests")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--router", default="round-robin", choices=["round-robin", "least-loaded", "least-tokens"])
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prefill tokens per iteration (chunk)")
+    p.add_argument("--kv-capacity", type=int, default=None, help="KV cache size in tokens (default: unlimited)")
+    p.add_argument("--schedule", choices=["prefill_first", "mixed"], default="prefill_first")
+    p.add_argument("--overhead", type=float, default=0.0, help="fixed seconds per iteration (scheduler, CPU)")
+    p.add_argument("--trainer", choices=["none", "separate", "shared"], default="none")
+    p.add_argument("--train-share", type=float, default=0.25)
+    p.add_argument("--train-round-tokens", type=int, default=200_000)
+    p.add_argument("--train-gain", type=float, default=0.3)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in s (goodput)")
+    p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in s (goodput)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _guard(func):
+    """Expected input errors → one line naming the file (and line) and exit code 1, not a traceback."""
+
+    def run(args) -> int:
+        from sglang_ext.core.costs import ProfileError
+
+        try:
+            return func(args)
+        except (TraceError, ProfileError, ValueError, OSError) as e:
+            Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False)
+            return 1
+
+    return run
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------------
+def stream_jsonl(path: Path, time_scale: float = 1.0, head: int | None = None) -> Iterator[Request]:
+    """The requests of a JSONL trace one line at a time (strict, as :func:`simulator.trace.read_trace`: a bad line
+    raises :class:`TraceError` naming ``file:line`` when it is reached, after the earlier requests were yielded)."""
+    import gzip
+
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise ValueError(f"--time-scale={time_scale} must be a finite number > 0")
+    opener = gzip.open if path.suffix == ".gz" else open
+    prev = -math.inf
+    n = 0
+    seen = False
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        for lineno, text in enumerate(f, start=1):
+            if head is not None and n >= head:
+                return
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TraceError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(obj, dict) and HEADER_KEY in obj:
+                if seen:
+                    raise TraceError(path, lineno, "a trace header is allowed only on the first line", HEADER_KEY)
+                seen = True
+                continue
+            seen = True
+            req = parse_request(obj, path, lineno)
+            if req.arrival < prev:
+                raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
+                                 "(arrivals must be non-decreasing)", "arrival")
+            prev = req.arrival
+            n += 1
+            yield req if time_scale == 1.0 else replace(req, arrival=req.arrival * time_scale)
+
+
+def load_trace(args) -> Trace:
+    """The whole trace (sweep, tune), scaled and cut as asked."""
+    from simulator.importers import import_trace
+
+    trace = import_trace(args.format, args.trace)
+    if args.head is not None:
+        trace = trace.head(args.head)
+    if args.time_scale != 1.0:
+        trace = trace.scaled(args.time_scale)
+    return trace
+
+
+def load_cost_model(args) -> Any:
+    try:
+        from sglang_ext.core.costs import CostModel
+    except ImportError as e:  # pragma: no cover - the costs module ships with the package
+        raise ValueError(f"--profile/--cost-model need sglang_ext.core.costs ({e}); use the Python API "
+                         "(simulator.model.simulate) with your own cost object") from None
+    if args.profile is not None:
+        return CostModel.fit(args.profile)
+    return CostModel.load(args.cost_model)
+
+
+def sim_config(args, **extra: Any):
+    from simulator.model import SimConfig
+
+    return SimConfig(max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+                     kv_capacity=args.kv_capacity, schedule=args.schedule, overhead_s=args.overhead,
+                     replicas=args.replicas, router=args.router, trainer=args.trainer, train_share=args.train_share,
+                     train_round_tokens=args.train_round_tokens, train_gain=args.train_gain,
+                     temperature=args.temperature, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, **extra)
+
+
+def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{flag} {item!r} is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _policy_name(args) -> str:
+    if args.policy_config is not None:
+        d = json.loads(Path(args.policy_config).read_text())
+        if isinstance(d, dict) and isinstance(d.get("policy"), str):
+            return d["policy"]
+    return args.policy
+
+
+def _policy_params(args) -> dict[str, Any]:
+    from simulator.tune import coerce_params
+
+    raw = _kv_pairs(args.policy_param, "--policy-param")
+    return coerce_params(_policy_name(args), raw) if raw else {}
+
+
+# ---- commands ----------------------------------------------------------------------------------------------------
+def cmd_replay(args) -> int:
+    from simulator.acceptance import parse_acceptance
+    from simulator.metrics import print_result, write_requests_csv
+    from simulator.model import Simulation
+    from simulator.tune import build_policy
+
+    console = Console()
+    cost = load_cost_model(args)
+    policy = build_policy(args.policy, _policy_params(args), cost, args.policy_config,
+                          give_costs=args.policy_costs == "given")
+    acceptance = parse_acceptance(args.acceptance)
+    config = sim_config(args, record_steps=args.record_steps)
+    requests = stream_jsonl(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sim = Simulation(requests, cost, policy, config, args.seed, acceptance)
+    try:
+        result = sim.run()
+    except KeyboardInterrupt:
+        result = sim.result()
+        path = result.save(out / "partial.json")
+        console.print(f"[yellow]interrupted at t={sim.env.now:.1f} s: partial results in {path}[/yellow]")
+        return 130
+    if not result.complete:
+        path = result.save(out / "partial.json")
+        write_requests_csv(result, out / "requests.partial.csv")
+        print_result(result, console, f"replay of {args.trace.name}")
+        Console(stderr=True).print(f"[red]error:[/red] {result.error}\npartial results ({result.summary['requests']} "
+                                   f"requests) written to {path}", highlight=False)
+        return 1
+    result.save(out / "result.json")
+    write_requests_csv(result, out / "requests.csv")
+    print_result(result, console, f"replay of {args.trace.name} with {getattr(policy, 'name', args.policy)}")
+    console.print(f"wrote {out / 'result.json'} and {out / 'requests.csv'}")
+    return 0
+
+
+def _parse_grid(items: list[str], policy: str) -> dict[str, list[Any]]:
+    from simulator.model import SimConfig
+    from simulator.tune import coerce_params
+
+    config_keys = {f for f in SimConfig.__dataclass_fields__}
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--grid {item!r} is not KEY=V1,V2,...")
+        key, vals = (s.strip() for s in item.split("=", 1))
+        texts = [v.strip() for v in vals.split(",") if v.strip()]
+        if not texts:
+            raise ValueError(f"--grid {key}: no values")
+        if key in config_keys or key in ("time_scale", "seed"):
+            grid[key] = [_number(v) for v in texts]
+        else:
+            grid[key] = [coerce_params(policy, {key: v})[key] for v in texts]
+    if not grid:
+        raise ValueError("give at least one --grid KEY=V1,V2,...")
+    return grid
+
+
+def _number(text: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def cmd_sweep(args) -> int:
+    from rich.table import Table
+
+    from simulator.acceptance import parse_acceptance
+    from simulator.tune import default_jobs, sweep, write_sweep
+
+    if args.policy_config is not None:
+        raise ValueError("sim sweep takes --policy and --policy-param (a grid over a config file is not supported)")
+    console = Console()
+    cost = load_cost_model(args)
+    trace = load_trace(args)
+    grid = _parse_grid(args.grid, args.policy)
+    rows = sweep(trace, cost, args.policy, grid, base_params=_policy_params(args), config=sim_config(args),
+                 acceptance=parse_acceptance(args.acceptance), seed=args.seed, jobs=args.jobs or default_jobs(),
+                 give_costs=args.policy_costs == "given", progress=True)
+    csv_path, json_path = write_sweep(rows, args.out)
+    t = Table(title=f"sweep of {args.policy} on {args.trace.name}")
+    for k in grid:
+        t.add_column(k)
+    for k in ("tok/s", "goodput req/s", "SLO %", "TPOT p90", "AL"):
+        t.add_column(k, justify="right")
+    for r in rows:
+        s = r.summary
+        t.add_row(*(str(r.grid[k]) for k in grid), f"{s['throughput_tok_s']:.1f}", f"{s['goodput_req_s']:.3f}",
+                  f"{100 * s['slo_attainment']:.1f}", f"{1000 * s['tpot_s']['p90']:.1f} ms",
+                  f"{s['mean_acceptance_length']:.2f}")
+    console.print(t)
+    console.print(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from simulator.acceptance import parse_acceptance
+    from simulator.metrics import _finite
+    from simulator.tune import save_tuned, tune
+
+    console = Console()
+    if args.policy_config is not None:
+        raise ValueError("sim tune takes --policy (it writes the config); pass fixed values with --policy-param")
+    cost = load_cost_model(args)
+    trace = load_trace(args)
+    names = [n.strip() for n in args.params.split(",") if n.strip()] if args.params else None
+    res = tune(trace, cost, args.policy, objective=args.objective, params=names, fixed=_policy_params(args),
+               config=sim_config(args), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
+               maxiter=args.maxiter, popsize=args.popsize, jobs=args.jobs, give_costs=args.policy_costs == "given",
+               progress=True)
+    path = save_tuned(res, args.out, cost)
+    report = Path(str(args.out) + ".tune.json") if not str(args.out).endswith(".json") else \
+        Path(str(args.out)[:-5] + ".tune.json")
+    report.write_text(json.dumps(_finite({"policy": res.policy, "objective": res.objective, "best": res.best_params,
+                                          "score": res.best_score, "default_score": res.default_score,
+                                          "evaluations": res.evaluations, "history": res.history}), indent=1) + "\n")
+    console.print(f"best {res.policy} {res.best_params}: {res.objective} = {res.best_score:.4g} "
+                  f"(defaults: {res.default_score:.4g}; {res.evaluations} simulations)")
+    console.print(f"wrote {path} (load with --speculative-policy-config / --policy-config) and {report}")
+    return 0
