@@ -28,6 +28,7 @@ import torch
 
 from sglang_ext.core.drafters.base import Draft, Drafter, DraftRequest
 from sglang_ext.core.greedy import verify_greedy_tree
+from sglang_ext.core.learning.capture import draft_correct_for_step
 from sglang_ext.core.policies.base import BatchView, Decision, Policy
 from sglang_ext.core.signals import RequestStep, StepResult
 from sglang_ext.core.processing import SamplingParams, check_finite, process_logits
@@ -69,6 +70,8 @@ class RequestState:
     spec_num_correct_drafts: int = 0
     spec_num_proposed_drafts: int = 0
     spec_correct_drafts_histogram: list[int] = field(default_factory=list)
+    accept_record: list[int] = field(default_factory=list)  # accepted draft tokens per verify step (trace replay)
+    drafter_versions: set[int] = field(default_factory=set)  # drafter weights versions that proposed for this request
     t_arrival: float = 0.0
     t_first_token: float | None = None
     t_finish: float | None = None
@@ -206,6 +209,9 @@ class Engine:
         self.last_result: StepResult | None = None
         self._shapes: dict[tuple, _TreeShape] = {}
         self.policy = c.policy if self.speculative else None
+        #: online adaptation (``sglang_ext.online.OnlineLearning``): captures committed positions, hot-swaps the
+        #: drafter between steps; set with :meth:`attach_online`
+        self.online = None
         self._decision: Decision | None = None
 
     # ---- requests --------------------------------------------------------------------------------------
@@ -249,9 +255,21 @@ class Engine:
                 return True
         return False
 
+    def attach_online(self, online) -> None:
+        """Learn from live traffic: ``online`` (an :class:`sglang_ext.online.OnlineLearning`) gets the target's
+        features of committed positions only (prefill and accepted paths; no extra target forward), and a newly
+        deployed drafter is swapped in at the start of a step, so every step drafts and verifies with one version."""
+        if online is not None and not (self.drafter is not None and self.drafter.needs_features):
+            raise ValueError("online adaptation needs a feature drafter (EAGLE)")
+        self.online = online
+
     # ---- the step ----------------------------------------------------------------------------------------
     def step(self) -> list[RequestState]:
         """One iteration: admit + prefill, then one (speculative) decode step. Returns requests finished now."""
+        if self.online is not None:
+            new_model = self.online.poll()  # between steps only: never mid-verify
+            if new_model is not None:
+                self.drafter.swap_model(new_model)
         stats = StepStats()
         done: list[RequestState] = []
         self._admit(stats)
@@ -298,6 +316,8 @@ class Engine:
             self.cache.commit(state.slot, list(range(T)))
             if want_features:
                 self.drafter.observe(state.slot, out.features[0], ids[start + 1:start + 1 + T])
+            if self.online is not None:
+                self.online.capture(state.rid, torch.tensor(piece), out.features[0])
             stats.prefill_tokens += T
 
     def _num_steps(self, state: RequestState) -> int:
@@ -354,7 +374,12 @@ class Engine:
                 a = len(path)
                 prefix = a == 0 or path[-1] == a  # nodes 1..a in order (always for a chain): a view, no gather
                 self.drafter.observe(state.slot, out.features[b, :a + 1] if prefix else out.features[b, keep], emitted)
+            if self.online is not None:
+                self.online.capture(state.rid, torch.tensor([d.tokens[j] for j in keep]), out.features[b, keep],
+                                    out.logits[b, keep], draft_correct_for_step(len(path), keep[-1] in d.parents[1:]))
             if self.speculative:
+                state.accept_record.append(len(path))
+                state.drafter_versions.add(getattr(self.drafter, "version", 0))
                 state.spec_verify_ct += 1
                 state.spec_num_correct_drafts += len(path)
                 state.spec_num_proposed_drafts += n - 1
@@ -529,6 +554,9 @@ class Engine:
             state.text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
         if self.policy is not None:
             self.policy.release(state.rid)
+        if self.online is not None:
+            proposed = state.spec_num_proposed_drafts
+            self.online.finish_request(state.rid, state.spec_num_correct_drafts / proposed if proposed else None)
         if release and state.slot >= 0:
             self.cache.reset(state.slot)
             if self.drafter is not None:

@@ -56,7 +56,7 @@ class OnlineLearning:
         self.handoff_dir = Path(handoff_dir)
         self.expect_target = expect_target
         self._embed, self._lm_head = target_embed, target_lm_head
-        self._device = model.fc.weight.device
+        self._device, self._dtype = model.fc.weight.device, model.fc.weight.dtype
         self.trainer = OnlineTrainer(handoff_dir, target_embed, target_lm_head, initial_model=model, config=c,
                                      expect_target=expect_target, round_delay_s=round_delay_s)
         self.swaps = 0
@@ -96,7 +96,7 @@ class OnlineLearning:
         self._maybe_submit()
         if version is None:
             return None
-        model = load_version(self.handoff_dir, version, self.expect_target).to(self._device)
+        model = load_version(self.handoff_dir, version, self.expect_target).to(self._device, self._dtype)
         self.swaps += 1
         return model.bind_target(self._embed, self._lm_head).eval()
 

@@ -154,7 +154,7 @@ class DeployGate:
         d = cand.per_chain - cur.per_chain
         mean = float(d.mean())
         se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
-        deploy = mean > self.margin and mean > self.z * se
+        deploy = mean > self.margin and mean >= self.z * se  # the margin decides ties (a negative one: tests)
         outcome = "deploy" if deploy else ("plateau" if mean < 0 else "neutral")
         return GateResult(deploy, cur.accept_len, cand.accept_len, self.margin, outcome, se, n, cur.top1, cand.top1)
 
