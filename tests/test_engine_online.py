@@ -101,3 +101,77 @@ def test_capture_sees_committed_positions_only(tiny, tmp_path):
         assert online.buffer.num_tokens == expected
     finally:
         online.stop()
+
+
+def test_server_reports_the_trainer_in_metrics_and_survives_its_death(tmp_path):
+    """`--online-learning` through the real flags and HTTP server: /metrics shows the trainer, a SIGKILL of it is
+    counted as a restart, and requests keep being served."""
+    import argparse
+    import threading
+
+    httpx = pytest.importorskip("httpx")
+    uvicorn = pytest.importorskip("uvicorn")
+    from sglang_ext.models.provision import is_provisioned, model_dir
+
+    if not is_provisioned("smollm2-135m"):
+        pytest.skip("smollm2-135m tokenizer not provisioned (`sglang-ext models fetch smollm2-135m`)")
+    from transformers import AutoTokenizer
+
+    from sglang_ext.engine.launch import add_engine_args, build_engine_from_parts, online_from_args
+    from sglang_ext.models.tiny import tiny_llama
+    from sglang_ext.engine.target import TargetModel
+    from sglang_ext.server.app import EngineRunner, create_app
+    from test_engine import random_eagle
+
+    tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))
+    model = tiny_llama(vocab_size=49152, hidden_size=64, num_layers=2, seed=0)
+    draft = random_eagle(TargetModel(model, feature_layers=(0, 1)))
+    engine, info = build_engine_from_parts(model, tok, "EAGLE", num_steps=2, draft_model=draft, max_running_requests=2,
+                                           context_length=256, model_name="tiny")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    args = parser.parse_args(["--online-learning", "--online-handoff-dir", str(tmp_path / "h"), "--online-n-init", "1",
+                              "--online-n-threshold", "16", "--online-gate-margin", "-10"])
+    online = online_from_args(args, engine)
+    runner = EngineRunner(engine, tok, model_name="tiny", info=info)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(runner), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline
+        time.sleep(0.05)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            def complete() -> None:
+                r = client.post("/v1/completions", json={"model": "tiny", "prompt": "one two three four", "max_tokens": 8})
+                assert r.status_code == 200, r.text
+
+            def metric(name: str) -> float:
+                text = client.get("/metrics").text
+                line = next(line for line in text.splitlines() if line.startswith(f"sglang_ext:online_{name}{{"))
+                return float(line.rsplit(" ", 1)[1])
+
+            for _ in range(3):
+                complete()
+            assert metric("alive") == 1.0 and metric("version") >= 1.0
+            os.kill(online.trainer.pid, signal.SIGKILL)
+            deadline = time.time() + 60
+            while metric("restarts") < 1 and time.time() < deadline:
+                complete()  # each request's steps poll the supervisor
+            assert metric("restarts") >= 1.0 and metric("alive") == 1.0
+            complete()
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+        runner.stop()
+    assert not online.status()["alive"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

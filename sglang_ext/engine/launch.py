@@ -114,9 +114,50 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "\"params\": {...}}); --speculative-policy-param values override its params")
     g.add_argument("--speculative-policy-param", action="append", default=[], metavar="NAME=VALUE",
                    help="set one policy parameter (repeatable), e.g. --speculative-policy-param k_max=4")
+    add_online_args(parser)
     g.add_argument("--random-seed", type=int, metavar="SEED",
                    help="seed for requests that bring none (each request then gets seed + its arrival index), "
                         "so sampled outputs repeat across runs; default: fresh randomness")
+
+
+def add_online_args(parser: argparse.ArgumentParser) -> None:
+    """``--online-learning`` and one ``--online-<param>`` flag per tunable of :data:`sglang_ext.online.ONLINE_PARAMS`."""
+    from sglang_ext.online import ONLINE_PARAMS
+
+    g = parser.add_argument_group("online drafter adaptation (TIDE / OnlineSpec; EAGLE only)")
+    g.add_argument("--online-learning", action="store_true",
+                   help="train the drafter from live traffic in a trainer process (captured target hidden states of "
+                        "committed tokens) and hot-swap it when the deploy gate says it is better")
+    g.add_argument("--online-handoff-dir", metavar="DIR",
+                   help="where versioned drafter checkpoints are published (default: a temporary directory)")
+    for p in ONLINE_PARAMS:
+        kind = {"int": int, "float": float}.get(p.kind, str)
+        extra = {"choices": list(p.choices)} if p.kind == "choice" else {}
+        g.add_argument("--online-" + p.name.replace("_", "-"), dest="online_" + p.name, type=kind, default=None,
+                       help=f"{p.doc} (default {p.default})", **extra)
+
+
+def online_from_args(args: argparse.Namespace, engine) -> Any:
+    """Start online adaptation for ``engine`` when ``--online-learning`` is given (None otherwise)."""
+    if not getattr(args, "online_learning", False):
+        return None
+    import tempfile
+
+    from sglang_ext.online import ONLINE_PARAMS, OnlineLearning
+
+    if engine.drafter is None or not engine.drafter.needs_features:
+        raise LaunchError("--online-learning needs --speculative-algorithm EAGLE (a feature drafter to train)")
+    config = {p.name: getattr(args, "online_" + p.name) for p in ONLINE_PARAMS
+              if getattr(args, "online_" + p.name, None) is not None}
+    handoff = args.online_handoff_dir or tempfile.mkdtemp(prefix="sglang-ext-online-")
+    model = engine.drafter.model
+    try:
+        online = OnlineLearning(model, engine.target.embed_tokens.weight, engine.target.lm_head.weight, handoff, config,
+                                expect_target=model.config.target)
+    except ValueError as e:
+        raise LaunchError(f"--online-*: {e}") from e
+    engine.attach_online(online.start())
+    return online
 
 
 # ---- speculative settings -------------------------------------------------------------------------------
@@ -393,6 +434,8 @@ def build_engine(args: argparse.Namespace):
         prefill_chunk=args.chunked_prefill_size, ngram_min=args.speculative_ngram_min_match_window_size,
         ngram_max=args.speculative_ngram_max_match_window_size, model_name=name, policy=policy,
     )
+    online = online_from_args(args, engine)
+    info["online_learning"] = online.config if online is not None else None
     info["notes"] = spec.notes + [n for n in info["notes"] if n not in spec.notes]
     info.update(model_path=args.model_path, served_model_name=name, random_seed=args.random_seed,
                 speculative_draft_model_path=args.speculative_draft_model_path, load_seconds=round(seconds, 3),

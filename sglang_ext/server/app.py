@@ -105,6 +105,19 @@ class ServerMetrics:
         self.e2e_latency = hist("sglang:e2e_request_latency_seconds", "Arrival to finish, per request")
         self.ttft = hist("sglang:time_to_first_token_seconds", "Arrival to first token, per request")
         self.window: deque[tuple[int, int, int]] = deque(maxlen=window)  # per step: (verifies, accepted, proposed)
+        # online adaptation (ours; no SGLang equivalent): the trainer's health and what it deployed
+        self.online = {key: gauge(f"sglang_ext:online_{key}", doc) for key, doc in (
+            ("version", "Drafter version being served (1 = the initial drafter)"),
+            ("alive", "1 while the trainer process is running"),
+            ("restarts", "Trainer process restarts after a crash or kill"),
+            ("rounds", "Training rounds finished"),
+            ("deployed", "Rounds the deploy gate accepted"),
+            ("rejected", "Rounds the deploy gate refused"),
+            ("dropped_rounds", "Rounds lost with a dead trainer process"),
+            ("trainer_cpu_seconds", "CPU seconds used by the trainer process"),
+            ("collecting", "1 while TIDE's selective training collects samples"),
+            ("capture_bytes_used", "Bytes held by the capture buffer (never above its budget)"),
+        )}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -146,7 +159,10 @@ class EngineRunner:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests still in flight get a 503."""
+        """Stop the loop (and the online trainer process, if any); requests still in flight get a 503."""
+        online = getattr(self.engine, "online", None)
+        if online is not None:
+            online.stop()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -338,6 +354,13 @@ class EngineRunner:
     def refresh_gauges(self) -> None:
         self.metrics.num_running.set(len(self.engine.running))
         self.metrics.num_queue.set(self.queue_depth())
+        online = getattr(self.engine, "online", None)
+        if online is not None:
+            status = online.status()
+            for key, g in self.metrics.online.items():
+                value = status.get(key)
+                if value is not None:
+                    g.set(float(value))
 
 
 def _deliver(sink: Sink, event: Event) -> None:
