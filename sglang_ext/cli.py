@@ -233,8 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     from sglang_ext.bench import register as register_bench
 
     register_bench(sub)
+    from sglang_ext.engine.profile import register as register_profile
+    register_profile(sub)
     from sglang_ext.server.cli import register as register_server
     register_server(sub)
+    from simulator.trace_cli import register as register_trace
+    register_trace(sub)
+    from simulator.sim_cli import register as register_sim
+    register_sim(sub)
     return parser
 
 

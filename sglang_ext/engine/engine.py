@@ -39,7 +39,12 @@ from .target import TargetModel
 
 
 class RequestError(ValueError):
-    """A request the engine cannot serve (the message names the field)."""
+    """A request the engine cannot serve; the message starts with the offending field (``"prompt: ..."``), which
+    is also ``.field`` so a server can point at it."""
+
+    @property
+    def field(self) -> str:
+        return str(self).split(":", 1)[0]
 
 
 @dataclass
@@ -532,8 +537,8 @@ class Engine:
                 reason = {"type": "length", "length": req.max_new_tokens}
                 break
         self.totals["tokens"] += len(new)
-        if req.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
+        if req.stop and self.tokenizer is not None and self._stop_in_tail(state, len(new)):
+            text = self.tokenizer.decode(state.output_ids, skip_special_tokens=True)  # once, at the hit
             hits = [(text.find(s), s) for s in req.stop if s and s in text]
             if hits:
                 pos, s = min(hits)
@@ -545,6 +550,16 @@ class Engine:
             state.finish_reason = reason
             return True
         return False
+
+    def _stop_in_tail(self, state: RequestState, num_new: int) -> bool:
+        """Could a stop string have appeared with the last ``num_new`` tokens? Decodes only a tail window (so a long
+        generation costs O(new tokens) per step, not a decode of the whole output): every token yields at least
+        one character except partial UTF-8 pieces, so a stop string of ``L`` characters ending in the new tokens lies
+        within the last ``num_new + L + 4`` tokens."""
+        longest = max(len(s) for s in state.request.stop)
+        tail = state.output_ids[-(num_new + longest + 4):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(s and s in text for s in state.request.stop)
 
     def _finish(self, state: RequestState, reason: dict | None, release: bool = True) -> None:
         state.finished = True
