@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sglang_ext.engine.launch import _int_at_least
+
 PROFILE_FORMAT = "sglang-ext-profile/1"
 PARTS = ("target", "prefill", "draft", "train")
 
@@ -495,20 +497,6 @@ def _int_list(flag: str, minimum: int = 1):
 
 def _int_list0(flag: str):
     return _int_list(flag, 0)
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={minimum}"
-    return parse
 
 
 _positive_int = _int_at_least(1)

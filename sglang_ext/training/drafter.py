@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from sglang_ext.core.buckets import length_buckets
 from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel, target_identity
 from sglang_ext.engine.target import TargetModel
 
@@ -67,17 +68,7 @@ def draft_vocabulary(sequences: Sequence[Sequence[int]], size: int | None, vocab
 
 def batches(sequences: Sequence[Sequence[int]], batch_tokens: int, seed: int) -> list[list[int]]:
     """Group sequence indices into batches of similar length (little padding), in a seeded random order."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    groups, cur, cur_max = [], [], 0
-    for i in order:
-        n = len(sequences[i])
-        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
-            groups.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        groups.append(cur)
+    groups = length_buckets([len(s) for s in sequences], batch_tokens)
     random.Random(seed).shuffle(groups)
     return groups
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sglang_ext.core.buckets import length_buckets
 from sglang_ext.core.policies.base import Param
 
 PARAMS: tuple[Param, ...] = (
@@ -452,19 +453,7 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
 def batch_samples(samples: Sequence[CapturedSample], batch_tokens: int, draft_vocab: torch.Tensor,
                   wrong_weight: float = 1.0, feature_dtype: torch.dtype = torch.float32) -> list[TrainingBatch]:
     """Group samples of similar length (little padding) into batches of ``<= batch_tokens`` padded rows."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        n = len(samples[i])
-        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
-            groups.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    if cur:
-        groups.append(cur)
+    groups = length_buckets([len(s) for s in samples], batch_tokens)
     return [to_training_batch([samples[i] for i in g], draft_vocab, wrong_weight, feature_dtype) for g in groups]
 
 
