@@ -24,14 +24,18 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from sglang_ext.core.buckets import length_buckets
-from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel, target_identity
+from sglang_ext.core.drafters.eagle_model import (
+    EagleConfig,
+    EagleDraftModel,
+    target_identity,
+)
 from sglang_ext.engine.target import TargetModel
 
 
