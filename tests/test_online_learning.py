@@ -377,6 +377,27 @@ def test_gate_accepts_a_trained_round_and_rejects_a_poisoned_one(target, data):
     assert len(ev) == 8 and len(tr) == 24 and not set(map(id, tr)) & set(map(id, ev))
 
 
+def test_gate_scores_only_chains_over_generated_rows_and_prefill_rows_weigh_less(target):
+    """Prompt (prefill) rows are never drafted in serving: the gate scores no chain whose target rows are prompt text,
+    and training weighs them by ``prefill_weight``."""
+    vocab = torch.arange(2, 2 + VD)
+    seqs = progressions(2, 5, length=20)
+    buf = CaptureBuffer(1 << 30, topk=8)
+    for i, s in enumerate(seqs):
+        feats, logits = target_rows(target, s)
+        buf.add(f"p{i}", torch.tensor(s[:12]), feats[:12])  # prefill: no distribution
+        buf.add(f"p{i}", torch.tensor(s[12:]), feats[12:], logits[12:])  # decode rows
+        buf.finish(f"p{i}", alpha=0.5)
+    samples = buf.drain()
+    batch = to_training_batch(samples, vocab, prefill_weight=0.25)
+    assert batch.generated[:, :12].sum() == 0 and bool(batch.generated[:, 12:].all())
+    w = batch.label_weight
+    assert torch.all(w[:, :11][w[:, :11] > 0] == 0.25) and torch.all(w[:, 12:-1] == 1.0)
+    score = acceptance_score(new_drafter(target), [batch], steps=3)
+    # target rows 12..19 are generated; chain c has target rows c+1..c+3, so c = 11..16: 6 chains per sequence
+    assert score.chains == 2 * 6
+
+
 # ---- hand-off -----------------------------------------------------------------------------------------------
 def test_handoff_is_atomic_under_a_concurrent_reader(target, tmp_path):
     model = new_drafter(target)

@@ -75,7 +75,8 @@ def train_round(current: EagleDraftModel, samples: Sequence[CapturedSample], lea
     """
     train, held = split_eval(samples, config["eval_fraction"], seed=config["seed"] * 7919 + round_index)
     vocab = current.draft_vocab.cpu()
-    train_batches = batch_samples(train, config["batch_tokens"], vocab, config["wrong_weight"])
+    train_batches = batch_samples(train, config["batch_tokens"], vocab, config["wrong_weight"],
+                                  prefill_weight=config.get("prefill_weight", 1.0))
     eval_batches = batch_samples(held, config["batch_tokens"], vocab)
     candidate, stats = learner.round(current, train_batches)
     result = deploy_gate.decide(current, candidate, eval_batches)

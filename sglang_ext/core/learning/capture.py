@@ -374,6 +374,9 @@ class TrainingBatch:
     label_weight: torch.Tensor  # [B, S] float32
     target_top1: torch.Tensor  # [B, S] long
     num_tokens: int = 0
+    #: [B, S] bool: rows captured while decoding (they carry the target's distribution). Prefill rows are prompt
+    #: text the drafter never drafts in serving, so the deploy gate scores chains over generated rows only.
+    generated: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.tokens, self.features, self.logp, self.valid))
@@ -381,11 +384,12 @@ class TrainingBatch:
     def to(self, device: torch.device | str, feature_dtype: torch.dtype | None = None) -> TrainingBatch:
         f = self.features.to(device, feature_dtype) if feature_dtype else self.features.to(device)
         return TrainingBatch(self.tokens.to(device), f, self.logp.to(device), self.valid.to(device),
-                             self.label_weight.to(device), self.target_top1.to(device), self.num_tokens)
+                             self.label_weight.to(device), self.target_top1.to(device), self.num_tokens,
+                             None if self.generated is None else self.generated.to(device))
 
 
 def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tensor, wrong_weight: float = 1.0,
-                      feature_dtype: torch.dtype = torch.float32) -> TrainingBatch:
+                      feature_dtype: torch.dtype = torch.float32, prefill_weight: float = 1.0) -> TrainingBatch:
     r"""Pad samples into ``ttt_loss`` tensors; the label is the target's top-k mass on the draft vocabulary.
 
     Row ``s`` with a stored distribution: with ``K`` = its kept ids that are in the draft vocabulary,
@@ -398,7 +402,10 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
     stored distribution (prefill) gets the one-hot of the committed next token (the standard LM label). Rows
     with no kept id in ``V_d`` (or the last row of a prefill-only tail) have no label: ``label_weight`` 0.
 
-    ``wrong_weight`` multiplies the weight of rows the draft got wrong (``draft_correct == 0``; OSD §6.1).
+    ``wrong_weight`` multiplies the weight of rows the draft got wrong (``draft_correct == 0``; OSD §6.1);
+    ``prefill_weight`` the weight of prefill (prompt) rows: serving drafts only after generated tokens, and chat
+    prompts repeat (system prompt, template), so full-weight prompt rows teach the drafter to memorise them at the
+    expense of what it drafts (measured: analysis/results/workload-shift-*).
     """
     if not samples:
         raise ValueError("to_training_batch: no samples")
@@ -415,6 +422,7 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
     valid = torch.zeros(B, S, dtype=torch.bool)
     weight = torch.zeros(B, S, dtype=torch.float32)
     top1 = torch.full((B, S), -1, dtype=torch.long)
+    generated = torch.zeros(B, S, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = len(s)
         tok = s.tokens.to(torch.long)
@@ -440,21 +448,26 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
         logp[b, :n] = torch.where(soft_ok.view(n, 1), row_logp, hard)
         ok = soft_ok | hard_ok
         w = torch.where(s.draft_correct == 0, torch.tensor(float(wrong_weight)), torch.tensor(1.0))
+        w = torch.where(has, w, w * float(prefill_weight))
         weight[b, :n] = w * ok
+        generated[b, :n] = has
         t1 = torch.full((n,), -1, dtype=torch.long)
         t1[soft_ok] = s.topk_ids[soft_ok, 0].to(torch.long)
         hard_tok = torch.cat([tok[1:], tok.new_full((1,), -1)])
         t1[~has] = hard_tok[~has]
         t1[~ok] = -1
         top1[b, :n] = t1
-    return TrainingBatch(tokens, feats, logp, valid, weight, top1, num_tokens=sum(len(s) for s in samples))
+    return TrainingBatch(tokens, feats, logp, valid, weight, top1, num_tokens=sum(len(s) for s in samples),
+                         generated=generated)
 
 
 def batch_samples(samples: Sequence[CapturedSample], batch_tokens: int, draft_vocab: torch.Tensor,
-                  wrong_weight: float = 1.0, feature_dtype: torch.dtype = torch.float32) -> list[TrainingBatch]:
+                  wrong_weight: float = 1.0, feature_dtype: torch.dtype = torch.float32,
+                  prefill_weight: float = 1.0) -> list[TrainingBatch]:
     """Group samples of similar length (little padding) into batches of ``<= batch_tokens`` padded rows."""
     groups = length_buckets([len(s) for s in samples], batch_tokens)
-    return [to_training_batch([samples[i] for i in g], draft_vocab, wrong_weight, feature_dtype) for g in groups]
+    return [to_training_batch([samples[i] for i in g], draft_vocab, wrong_weight, feature_dtype, prefill_weight)
+            for g in groups]
 
 
 # ---- packing for inter-process transfer ------------------------------------------------------------------

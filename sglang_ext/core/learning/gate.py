@@ -7,7 +7,9 @@ target's top-1 at row ``c + j``:
 
 .. math:: E[\text{accepted}] = \frac{1}{|C|}\sum_{c \in C}\ \sum_{j=1}^{k}\ \prod_{i \le j} 1\bigl[\arg\max q^i_{c+i-1} = \arg\max p_{c+i}\bigr]
 
-over the chains ``C`` whose ``k`` target rows all carry a label. Teacher forcing feeds the committed tokens as
+over the chains ``C`` whose ``k`` target rows all carry a label and were captured while decoding (prefill rows
+are prompt text: serving never drafts there, and scoring them let drafters that memorise a repeated chat
+template pass the gate while drafting worse on generated text; measured in analysis/results/workload-shift-*). Teacher forcing feeds the committed tokens as
 the drafted ones; that is exact for greedy traffic (the committed token *is* the target's argmax, so a
 correct prefix drafted exactly these tokens) and an approximation for sampled traffic. Also reported: top-1
 agreement per step over every labelled position.
@@ -98,6 +100,8 @@ def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], s
         outs = ttt_forward(model, b.features, b.tokens, steps)
         tgt = b.target_top1[:, 1:]  # index i's target: row i + 1
         ok = (tgt >= 0) & b.valid[:, 1:] & b.valid[:, :-1]
+        # chains are scored where serving drafts: target rows captured while decoding (never prompt text)
+        gen = b.generated[:, 1:] if b.generated is not None else torch.ones_like(ok)
         idx = torch.arange(L, device=dev)
         hit = []
         for j, logits in enumerate(outs, start=1):
@@ -117,7 +121,7 @@ def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], s
             sl = slice(j - 1, j - 1 + C)
             run = run & hit[j - 1][:, sl]
             acc += run.float()
-            full &= ok[:, sl]
+            full &= ok[:, sl] & gen[:, sl]
         per_chain.append(acc[full].cpu())
     model.train(was_training)
     chains = torch.cat(per_chain) if per_chain else torch.zeros(0)

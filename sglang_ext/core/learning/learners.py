@@ -67,6 +67,8 @@ PARAMS: tuple[Param, ...] = (
     Param("step_weight", 0.8, 0.0, 1.0, doc="loss weight decay per draft step"),
     Param("grad_clip", 0.5, 0.0, 1e6, doc="gradient-norm clip (0: off; OnlineSpec B.10: 0.5)"),
     Param("wrong_weight", 1.0, 0.0, 100.0, doc="OSD-style weight of rows the draft got wrong (1: off)"),
+    Param("prefill_weight", 0.1, 0.0, 1.0, doc="weight of prompt (prefill) rows; generated rows weigh 1. Low by default: "
+          "chat prompts repeat and are never drafted in serving (measured in analysis/results/workload-shift-*)"),
     Param("momentum", 0.9, 0.0, 0.999, doc="momentum of the momentum learner (OnlineSpec code: 0.9)"),
     Param("hedge_rule", "last-chunk", kind="choice", choices=HEDGE_RULES, doc="Hedge weights: paper or code rule"),
     Param("hedge_experts", 3, 3, 16, kind="int", doc="Hedge experts on the LR grid"),
