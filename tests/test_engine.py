@@ -102,3 +102,21 @@ def test_eos_stops_and_seeded_sampling_is_reproducible(tiny):
     first = a.output_ids.index(stop_tok)
     assert c.output_ids == a.output_ids[: first + 1]
     assert c.finish_reason == {"type": "stop", "matched": stop_tok}
+
+
+def test_launch_sizes_the_drafter_cache_for_a_long_prompt_beside_a_long_request(tiny):
+    """A batched absorb pads every row to the longest pending run: a request near the end of its context beside a
+    freshly admitted long prompt needs about twice the context in the drafter's cache (regression)."""
+    from sglang_ext.engine.launch import build_engine_from_parts
+
+    target = TargetModel(tiny, feature_layers=(0, 1))
+    engine, _ = build_engine_from_parts(tiny, None, "EAGLE", num_steps=2, draft_model=random_eagle(target),
+                                        max_running_requests=2, context_length=64, eos_token_ids=())
+    long_running = engine.add_request(GenerationRequest([3, 4, 5, 6], max_new_tokens=56))
+    while len(long_running.output_ids) < 50:
+        engine.step()
+    late = engine.add_request(GenerationRequest([(7 * i) % 90 + 2 for i in range(50)], max_new_tokens=4))
+    while engine.has_work():
+        engine.step()
+    assert len(long_running.output_ids) == 56 and len(late.output_ids) == 4
+    assert long_running.output_ids == hf_greedy(tiny, [3, 4, 5, 6], 56)

@@ -335,8 +335,11 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
             draft_model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
         except ValueError as e:
             raise LaunchError(f"--speculative-draft-model-path: {e}") from e
-        # the drafter's cache holds committed pairs plus this step's scratch nodes
-        drafter = EagleDrafter(draft_model, num_slots=max_running_requests, max_len=context + spec.topk * spec.num_steps + 2,
+        # the drafter's cache holds committed pairs plus this step's scratch nodes; a batched absorb of pending pairs
+        # writes every row padded to the longest pending run (a newly admitted prompt) after its own length, so a
+        # long-running request beside a fresh long prompt needs up to twice the context
+        drafter = EagleDrafter(draft_model, num_slots=max_running_requests,
+                               max_len=2 * context + spec.topk * spec.num_steps + 2,
                                topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None)
     config = EngineConfig(max_batch_size=max_running_requests, context_length=context, num_steps=spec.num_steps,
                           topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
