@@ -1,0 +1,141 @@
+"""The workload-shift benchmark's pieces (analysis/workload_shift.py): stream construction, configuration specs,
+windowed metrics, and an interleaved static-vs-online run on a tiny random model (greedy identity included)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `analysis` is importable
+
+from analysis import workload_shift as ws
+
+
+def test_parse_segments_and_configs():
+    segs = ws.parse_segments("chat=mt-bench:20, code=humaneval:40,math=gsm8k:4")
+    assert [(s.name, s.source, s.count) for s in segs] == [("chat", "mt-bench", 20), ("code", "humaneval", 40),
+                                                           ("math", "gsm8k", 4)]
+    for bad in ("chat=mt-bench", "chat=mt-bench:0", "a=x:1,a=y:2", ""):
+        with pytest.raises(ValueError):
+            ws.parse_segments(bad)
+    specs = ws.parse_configs("static,adam,online-momentum[lr=0.02,epochs=3],hedge")
+    assert [s.name for s in specs] == ["static", "online-adam", "online-momentum[lr=0.02,epochs=3]", "online-hedge"]
+    assert specs[0].learner is None and specs[2].overrides == {"lr": 0.02, "epochs": 3}
+    for bad in ("adam,static", "static,adam,adam", "static,rmsprop", "static[lr=1]", "static,adam[lr=1"):
+        with pytest.raises(ValueError):
+            ws.parse_configs(bad)
+
+
+def test_stream_is_seeded_ordered_and_never_repeats_a_prompt():
+    pools = {"a": [(f"a{i}", f"text a{i}") for i in range(10)], "b": [(f"b{i}", f"text b{i}") for i in range(6)]}
+    segs = ws.parse_segments("x=a:3,y=b:4,z=a:5")
+    s1 = ws.select_stream(pools, segs, seed=7)
+    assert s1 == ws.select_stream(pools, segs, seed=7)
+    assert s1 != ws.select_stream(pools, segs, seed=8)
+    assert [t[0] for t in s1] == ["x"] * 3 + ["y"] * 4 + ["z"] * 5
+    ids = [t[2] for t in s1]
+    assert len(set(ids)) == len(ids)  # source "a" feeds two segments without repeating
+    with pytest.raises(ValueError):
+        ws.select_stream(pools, ws.parse_segments("x=b:7"), seed=0)
+
+    class Tok:  # encode_stream only needs a chat template
+        def apply_chat_template(self, msgs, add_generation_prompt, return_dict):
+            return {"input_ids": [1] + [ord(c) % 50 + 2 for c in msgs[0]["content"]] + [0]}
+
+    stream = ws.encode_stream(Tok(), s1, max_prompt_tokens=9)
+    assert [it.index for it in stream] == list(range(12)) and all(len(it.ids) <= 9 for it in stream)
+    assert ws.segment_starts(stream) == {"x": 0, "y": 3, "z": 7}
+
+
+def test_windowed_metrics():
+    assert ws.moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    # a shift at 4: acceptance drops to 1 and climbs back to 3
+    acc = [3, 3, 3, 3, 1, 1, 2, 3, 3, 3, 3, 3]
+    clock = [float(i + 1) for i in range(len(acc))]
+    r = ws.recovery(acc, clock, 4, 12, window=2, frac=0.9)
+    assert r["plateau"] == 3 and r["level"] == pytest.approx(2.7)
+    assert r["index"] == 8 and r["requests"] == 5 and r["finish_clock"] == 9.0  # mov(7,8) = 3 >= 2.7
+    never = ws.recovery([1.0] * 4 + [0.0] * 4, clock, 4, 8, window=2, level=10.0)
+    assert never["requests"] is None
+    steps = [ws.StepRecord(1.0, 1.0, 4, [0, 1]), ws.StepRecord(2.0, 1.0, 6, []), ws.StepRecord(4.0, 2.0, 8, [2]),
+             ws.StepRecord(5.0, 1.0, 2, [3])]
+    w = ws.window_throughput(steps, 2)
+    assert (w["tokens"], w["seconds"], w["clock_start"]) == (10, 3.0, 2.0) and w["tokens_per_s"] == pytest.approx(10 / 3)
+    w = ws.window_throughput(steps, 0, 2)
+    assert (w["tokens"], w["seconds"]) == (10, 2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from sglang_ext.models.tiny import tiny_llama
+
+    return tiny_llama(vocab_size=96, hidden_size=64, num_layers=2, seed=3)
+
+
+def test_interleaved_static_vs_online_on_a_tiny_model(tiny, tmp_path):
+    """Two configurations on one stream, stepped alternately with trainer gating: rounds happen, the drafter is
+    swapped, every output matches static's, and the report (JSON, markdown, plot) is written."""
+    from test_engine import make_engine, prompts  # tests/ is on sys.path under pytest
+    from test_engine_online import FAST_ROUNDS
+
+    ps = prompts(41, 12)
+    stream = [ws.StreamItem(i, "chat" if i < 4 else "code", "toy", str(i), p) for i, p in enumerate(ps)]
+    specs = ws.parse_configs("static,adam")
+    shared = {k: v for k, v in FAST_ROUNDS.items() if k != "learner"}
+    runs = ws.build_runs(specs, lambda: make_engine(tiny, "eagle", num_steps=3, max_batch=3), shared,
+                         tmp_path / "handoff", log=lambda m: None)
+    try:
+        for r in runs:
+            r.submit(stream, 20)
+        assert runs[1].online.trainer.pid is not None
+        gate = ws.run_interleaved(runs, gate_trainers=True, log=lambda m: None)
+        deadline = 60
+        while runs[1].online.trainer.stats["rounds"] < 1 and deadline > 0:  # a round in flight: let it finish
+            runs[1].online.trainer.wait_idle(1.0)
+            runs[1].online.trainer.poll()
+            deadline -= 1
+        summary = ws.summarize(runs, stream, window=3)
+    finally:
+        ws.stop_runs(runs)
+    assert gate.rescues == 0
+    assert summary["greedy_identity"]
+    on = summary["configs"]["online-adam"]
+    assert on["identical_to_static"] == len(stream)
+    assert on["online"]["rounds_submitted"] >= 1 and on["online"]["trainer_cpu_seconds"] >= 0
+    st = summary["configs"]["static"]
+    assert st["tokens"] == sum(st["per_request"]["tokens"]) and st["seconds"] > 0
+    assert set(st["segments"]) == {"chat", "code"} and summary["post_shift_start"] == 4
+    assert st["ratios_vs_static"]["post_shift_tokens_per_s"] == pytest.approx(1.0)
+    assert math.isclose(st["post_shift"]["tokens"] + 0.0, st["post_shift"]["tokens"])
+    assert st["accept_length"] == pytest.approx(sum(st["per_request"]["tokens"]) / sum(st["per_request"]["verify_steps"]))
+    meta = {"command": "x", "max_new_tokens": 20, "batch": 3, "num_steps": 3, "serve_threads": 1, "trainer_threads": 1,
+            "gate_trainers": True, "online_shared": shared, "stream_sources": "toy", "machine": "test"}
+    md = ws.results_markdown(summary, meta)
+    assert "| online-adam |" in md and "Greedy identity" in md
+    png = ws.plot_acceptance(summary, tmp_path / "a.png")
+    assert png.stat().st_size > 1000
+    json.dumps(summary, default=str)
+
+
+@pytest.mark.slow
+def test_real_model_smoke(tmp_path):
+    """The script end to end on SmolLM2-135M: a 2 + 2 stream, short outputs, static vs adam."""
+    from sglang_ext.models.provision import is_provisioned
+
+    if not is_provisioned("smollm2-135m"):
+        pytest.skip("smollm2-135m not provisioned")
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "drafters/smollm2-135m-eagle/model.safetensors").is_file():
+        pytest.skip("shipped drafter missing")
+    out = tmp_path / "out"
+    rc = ws.main(["--segments", "chat=mt-bench:2,code=humaneval:2", "--configs", "static,adam", "--max-new-tokens", "12",
+                  "--batch", "2", "--online-n-threshold", "64", "--online-n-init", "1",
+                  "--draft-model-path", str(root / "drafters/smollm2-135m-eagle"), "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["greedy_identity"] and set(res["configs"]) == {"static", "online-adam"}
+    assert (out / "acceptance.png").is_file() and (out / "results.md").is_file()
