@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_trace(sub)
     from simulator.sim_cli import register as register_sim
     register_sim(sub)
+    from sglang_ext.engine.replay import register as register_replay
+    register_replay(sub)
     return parser
 
 

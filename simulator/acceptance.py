@@ -28,12 +28,19 @@ step of a real run. It is replayed *by output position*: recorded step ``j`` sta
 ``p_j = Σ_{i<j} (a_i + 1)`` and accepted ``a_j``, so a simulated step starting at position ``p ∈ [p_j, p_j + a_j]``
 can accept ``a_j − (p − p_j)`` (the drafter continues the same accepted run; exact for a deterministic drafter).
 Positions count output tokens from 0. The reference engine's first decode step emits position 0 (its prefill emits
-nothing), while the simulated prefill emits position 0 itself (as SGLang and vLLM do), so the first simulated step
-starts at position 1, inside the first recorded run: indexing by position is what keeps the two aligned.
+nothing); so does the simulator's ``schedule="reference"`` (:mod:`simulator.model`), whose steps then start exactly
+where the recorded ones did. Under the SGLang/vLLM schedules the simulated prefill emits position 0 itself, so the
+first simulated step starts at position 1, inside the first recorded run: indexing by position is what keeps the
+two aligned either way.
 When the simulated policy drafts a different depth ``k`` than the recording, the count is clipped:
 ``accepted = min(recorded, k)`` — the recording cannot say what a *longer* draft would have accepted, so a larger
 ``k`` is optimistic-never, pessimistic-sometimes. Positions past the record, and requests without one, fall back
 to a parametric model. Replay ignores training (a recording is a fixed measurement).
+
+A recording may also carry the KL(p‖q) the engine measured at every proposed position (``sglang-ext replay``
+writes it beside the trace, ``signals.jsonl``; the trace format has no field for it). Given ``kl`` (request id →
+KL per output position, :func:`kl_positions_from_steps`), replay hands a KL-driven policy the measured value of
+each position a simulated step proposes, and the synthetic one only where the run never proposed that position.
 
 All randomness comes from one seeded ``numpy.random.Generator`` drawn in blocks, so the same seed and the same
 order of calls give the same numbers.
@@ -120,11 +127,12 @@ class _Uniforms:
 class RequestAcceptance:
     """Per-request state of an acceptance model (its α, and for replay its per-position record)."""
 
-    __slots__ = ("alpha", "record")
+    __slots__ = ("alpha", "kl", "record")
 
     def __init__(self, alpha: float, record: list[int] | None = None) -> None:
         self.alpha = alpha
         self.record = record
+        self.kl: list[float | None] | None = None
 
 
 class ParametricAcceptance:
@@ -246,13 +254,38 @@ def positions_from_steps(accepted: Sequence[int], length: int | None = None) -> 
     return out if length is None else out[:length]
 
 
+def kl_positions_from_steps(steps: Sequence[tuple[int, Sequence[float]]],
+                            length: int | None = None) -> list[float | None]:
+    """Recorded ``(accepted, kl per proposed position)`` per verify step → KL per output position.
+
+    Step ``j`` started at ``p_j = Σ_{i<j} (a_i + 1)`` and its ``i``-th proposal sits at position ``p_j + i``; a
+    position proposed twice keeps its first value; positions never proposed are None.
+    """
+    out: list[float | None] = []
+    p = 0
+    for a, kl in steps:
+        need = p + len(kl)
+        if len(out) < need:
+            out.extend([None] * (need - len(out)))
+        for i, v in enumerate(kl):
+            if out[p + i] is None:
+                out[p + i] = float(v)
+        p += int(a) + 1
+    if length is not None:
+        out = out[:length]
+    return out
+
+
 class ReplayAcceptance:
-    """Replays each request's recorded acceptance by output position; ``fallback`` elsewhere (module doc)."""
+    """Replays each request's recorded acceptance (and KL, where given) by output position; ``fallback``
+    elsewhere (module doc). ``kl``: request id → KL per output position (:func:`kl_positions_from_steps`)."""
 
     kind = "replay"
 
-    def __init__(self, fallback: ParametricAcceptance | None = None) -> None:
+    def __init__(self, fallback: ParametricAcceptance | None = None,
+                 kl: dict[str, list[float | None]] | None = None) -> None:
         self.fallback = fallback or ParametricAcceptance()
+        self.kl = kl
 
     def reset(self, seed: int) -> None:
         self.fallback.reset(seed)
@@ -261,6 +294,8 @@ class ReplayAcceptance:
         st = self.fallback.start(request)
         if request.acceptance is not None:
             st.record = positions_from_steps(request.acceptance, request.output_tokens)
+        if self.kl is not None and request.id is not None:
+            st.kl = self.kl.get(request.id)
         return st
 
     def set_time(self, t: float) -> None:
@@ -278,12 +313,23 @@ class ReplayAcceptance:
         a = min(rec[position], k)
         if not want_kl:
             return a, []
-        # KL from the fallback's model at the request's α: the recording has no KL
+        # KL from the fallback's model at the request's α where the recording has none (always drawn, so the
+        # random streams do not depend on which positions were recorded)
         kl = self.fallback._draw(self.fallback.effective_alpha(st.alpha), k, True)[1]
+        measured = st.kl
+        if measured is not None:
+            n = len(measured)
+            for i in range(k):
+                j = position + i
+                if j < n and measured[j] is not None:
+                    kl[i] = measured[j]
         return a, kl
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "fallback": self.fallback.to_json()}
+        out: dict[str, Any] = {"kind": self.kind, "fallback": self.fallback.to_json()}
+        if self.kl is not None:
+            out["recorded_kl_requests"] = len(self.kl)
+        return out
 
 
 AcceptanceModel = ParametricAcceptance | ReplayAcceptance

@@ -13,10 +13,12 @@ never one per token. An idle replica sleeps on an event that the next arrival su
    the iteration (TTFT) and decodes from the next one.
 2. *Decode* of the running requests — with ``schedule="prefill_first"`` (SGLang's default; its speculative
    path does not mix) only in iterations without prefill work; with ``"mixed"`` (vLLM v1 / Sarathi) in every
-   iteration, before the prefill chunk. The host protocol, exactly as :mod:`sglang_ext.engine.engine`:
+   iteration, before the prefill chunk; ``"reference"`` is the reference engine's own iteration (below). The
+   host protocol, exactly as :mod:`sglang_ext.engine.engine`:
    ``decision = policy.decide(BatchView(rids, context_lens, temperatures))``; per request
-   ``k_r = min(decision.lengths[rid], left_r − 1)`` (0 when ``decision.speculate`` is False; a step always
-   commits one token more than it accepts); accepted counts ``a_r`` from the acceptance model
+   ``k_r = min(decision.lengths[rid], max_draft_tokens, left_r − 1)`` (0 when ``decision.speculate`` is False;
+   ``max_draft_tokens`` is the engine's ``--speculative-num-steps``, None: no cap; a step always commits one token
+   more than it accepts); accepted counts ``a_r`` from the acceptance model
    (:mod:`simulator.acceptance`, with its synthetic KL per proposed position); then
    ``policy.observe(StepResult(...))`` at the end of the iteration, before ``policy.release`` of the requests
    that finished. ``policy.admit`` is called when a request is first admitted; a preempted request keeps its
@@ -26,16 +28,35 @@ never one per token. An idle replica sleeps on an event that the next arrival su
    back to the front of the queue, and its prefill becomes prompt + tokens generated so far (that recompute
    prefill emits its next token, as a vLLM recompute does). A lone request that still does not fit drafts less.
 
+**The reference engine's iteration** (``schedule="reference"``, :meth:`sglang_ext.engine.engine.Engine.step`):
+every waiting request that fits the batch (``max_batch_size``) is admitted and prefilled *whole* in this
+iteration — ``prompt − 1`` tokens (the last prompt token is the first decode step's root), one forward per
+request and chunk of ``max_prefill_tokens`` (the engine's ``--chunked-prefill-size``), each priced
+``prefill_seconds(chunk, tokens before it)`` — and then **one decode step for every running request, the new
+ones included**. The prefill emits nothing: the first output token (position 0, TTFT) comes from that decode
+step, which is also the recorded step 0 of the request's acceptance, so :class:`~simulator.acceptance.
+ReplayAcceptance` reads position ``gen`` = 0 there. The engine has no KV limit (``kv_capacity`` must be None).
+The EAGLE drafter absorbs the target features of committed tokens lazily, at its next call, padded to the
+batch's longest backlog: ``prompt − 1`` pairs after the prefill, ``a + 1`` after a step. The profile's draft
+entries hold one pending pair per request, so a step with drafts adds
+``absorb_per_token_s · B · (max_r pending_r − 1)`` (the drafter's catch-up over a fresh prompt).
+
 **Cost of an iteration** (a duck-typed cost model: ``verify_seconds(batch_size, tokens_per_request,
 context_len=0)``, ``draft_seconds(batch_size, depth)``, optionally ``prefill_seconds(tokens, context_len)`` and
-``train_seconds(tokens)``; ``B`` running requests, ``K = max_r k_r``, ``C̄`` their mean context)::
+``train_seconds(tokens)``; ``B`` running requests, ``K = max_r k_r``, ``C̄`` their mean context — under
+``schedule="reference"`` the longest committed context, ``max_r (prompt_r + gen_r) − 1``, since the reference
+engine's attention reads every row of the padded batch that far)::
 
     decode  = draft_seconds(B, K) + verify_seconds(B, K + 1, C̄)      if K > 0   (ragged drafts pad to the max)
             = verify_seconds(B, 1, C̄)                                if K = 0   (a plain decode step)
     prefill = prefill_seconds(T, P̄)  or, without it, verify_seconds(1, T, P̄)   (T chunk tokens, P̄ mean prefix)
-    step    = decode + prefill + overhead_s + train slice (``trainer="shared"``)
+    step    = decode + prefill + overhead + train slice (``trainer="shared"``)
+    overhead = overhead_s + overhead_per_request_s · B + overhead_per_admit_s · A
+               (B: requests in the decode step, A: requests admitted by the iteration)
 
-The parts are added (no overlap between a mixed batch's prefill and decode: an upper bound).
+``overhead`` is what a host pays per step outside the profiled forwards (scheduling, sampling, verify
+bookkeeping, policy calls, Python); :mod:`simulator.validate` calibrates it against the reference engine on a
+separate run. The parts are added (no overlap between a mixed batch's prefill and decode: an upper bound).
 
 **Trainer** (``trainer``; TIDE's homogeneous vs heterogeneous mapping). Served tokens (prefill and committed
 decode tokens, whose hidden states the engine exports) are collected; every ``train_round_tokens`` starts a
@@ -65,7 +86,7 @@ from simulator.cluster import arrivals, make_router
 from simulator.metrics import REQUEST_COLUMNS, SimResult, summarize
 from simulator.trace import Request, Trace, TraceError
 
-Schedule = Literal["prefill_first", "mixed"]
+Schedule = Literal["prefill_first", "mixed", "reference"]
 TrainerMode = Literal["none", "separate", "shared"]
 
 
@@ -78,6 +99,10 @@ class SimConfig:
     kv_capacity: int | None = None
     schedule: Schedule = "prefill_first"
     overhead_s: float = 0.0
+    overhead_per_request_s: float = 0.0
+    overhead_per_admit_s: float = 0.0
+    absorb_per_token_s: float = 0.0
+    max_draft_tokens: int | None = None
     replicas: int = 1
     router: str = "round-robin"
     trainer: TrainerMode = "none"
@@ -97,8 +122,17 @@ class SimConfig:
             raise ValueError(f"max_prefill_tokens={self.max_prefill_tokens} must be >= 1")
         if self.kv_capacity is not None and self.kv_capacity < 2:
             raise ValueError(f"kv_capacity={self.kv_capacity} must be >= 2 tokens (or None: unlimited)")
-        if self.schedule not in ("prefill_first", "mixed"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'prefill_first' or 'mixed'")
+        if self.schedule not in ("prefill_first", "mixed", "reference"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'prefill_first', 'mixed' or 'reference'")
+        if self.schedule == "reference" and self.kv_capacity is not None:
+            raise ValueError("schedule='reference' models the reference engine, which has no KV limit: "
+                             "kv_capacity must be None")
+        for name in ("overhead_s", "overhead_per_request_s", "overhead_per_admit_s", "absorb_per_token_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v} must be a finite number >= 0 (seconds)")
+        if self.max_draft_tokens is not None and self.max_draft_tokens < 0:
+            raise ValueError(f"max_draft_tokens={self.max_draft_tokens} must be >= 0 (or None: no cap)")
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas} must be >= 1")
         if self.trainer not in ("none", "separate", "shared"):
@@ -125,7 +159,7 @@ class _Req:
     """A request inside a replica (plain slots: one per request, never one per token)."""
 
     __slots__ = ("acc", "accepted", "admitted", "arrival", "done", "first", "gen", "index", "kv",
-                 "need", "out", "preempt", "prompt", "replica", "rid", "spec_steps")
+                 "need", "out", "pending", "preempt", "prompt", "replica", "rid", "spec_steps")
 
     def __init__(self, index: int, request: Request, acc: RequestAcceptance, replica: int) -> None:
         self.index = index
@@ -144,6 +178,7 @@ class _Req:
         self.acc = acc
         self.admitted = False
         self.replica = replica
+        self.pending = 0  # reference schedule: committed pairs the drafter has not absorbed yet
 
 
 class _Trainer:
@@ -210,7 +245,12 @@ class Replica:
         self.max_prefill = c.max_prefill_tokens
         self.kv_cap = c.kv_capacity
         self.mixed = c.schedule == "mixed"
+        self.reference = c.schedule == "reference"
         self.overhead = c.overhead_s
+        self.overhead_per_request = c.overhead_per_request_s
+        self.overhead_per_admit = c.overhead_per_admit_s
+        self.absorb = c.absorb_per_token_s
+        self.max_draft = c.max_draft_tokens
         self.temperature = c.temperature
         self.want_kl = c.synthetic_kl
         self.waiting: deque[_Req] = deque()
@@ -230,6 +270,8 @@ class Replica:
         self._decode: list[tuple[_Req, int, int]] = []
         self._result: StepResult | None = None
         self._reserve = 0
+        self._prefilled = 0  # reference schedule: prompt tokens prefilled by the current iteration
+        self._admitted = 0  # requests admitted (first chunk scheduled) by the current iteration
 
     # router interface ------------------------------------------------------------------------------------------
     def outstanding_requests(self) -> int:
@@ -266,8 +308,14 @@ class Replica:
         self._decode = []
         self._result = None
         self._reserve = 0
+        self._prefilled = 0
+        self._admitted = 0
         decode_s = draft_s = prefill_s = 0.0
-        if self.mixed:
+        if self.reference:
+            prefill_s = self._plan_admit_whole()
+            if self.running:
+                draft_s, decode_s = self._plan_decode()
+        elif self.mixed:
             if self.running:
                 draft_s, decode_s = self._plan_decode()
             prefill_s = self._plan_prefill()
@@ -275,25 +323,28 @@ class Replica:
             prefill_s = self._plan_prefill()
             if not self._chunks and self.running:
                 draft_s, decode_s = self._plan_decode()
-        if not self._chunks and not self._decode:
+        if not self._chunks and not self._decode and not self._prefilled:
             raise RuntimeError(f"replica {self.idx}: no schedulable work at t={now} "
                                f"(waiting={len(self.waiting)}, kv_used={self.kv_used}/{self.kv_cap})")
-        step = draft_s + decode_s + prefill_s + self.overhead
+        overhead = (self.overhead + self.overhead_per_request * len(self._decode)
+                    + self.overhead_per_admit * self._admitted)
+        step = draft_s + decode_s + prefill_s + overhead
         train_s = self.sim.trainer.slice(step) if self.sim.trainer.mode == "shared" else 0.0
         if self._result is not None:
             self._result.train_seconds = train_s
-            self._result.overhead_seconds = self.overhead
+            self._result.overhead_seconds = overhead
         b = self.busy
         b["prefill"] += prefill_s
         b["draft"] += draft_s
         b["verify"] += decode_s
         b["train"] += train_s
-        b["overhead"] += self.overhead
+        b["overhead"] += overhead
         self.iterations += 1
         dt = step + train_s
         if self.sim.steps is not None:
             k = max((x[1] for x in self._decode), default=0)
-            self.sim.steps.append((now, self.idx, len(self._decode), k, sum(c for _, c in self._chunks), dt))
+            self.sim.steps.append((now, self.idx, len(self._decode), k,
+                                   sum(c for _, c in self._chunks) + self._prefilled, dt))
         return dt
 
     def _plan_prefill(self) -> float:
@@ -314,6 +365,7 @@ class Replica:
             r.kv = r.need
             self.kv_used += r.need
             self.prefilling.append(r)
+            self._admitted += 1
             if not r.admitted:
                 r.admitted = True
                 self.policy.admit(r.rid)
@@ -326,16 +378,44 @@ class Replica:
         prefix = round(sum(r.done for r, _ in chunks) / len(chunks))
         return float(self.prefill_cost(total, prefix))
 
+    def _plan_admit_whole(self) -> float:
+        """Reference schedule: admit what fits the batch and prefill each whole prompt (module docstring)."""
+        waiting = self.waiting
+        if not waiting:
+            return 0.0
+        chunk = self.max_prefill
+        cost = self.prefill_cost
+        seconds = 0.0
+        while waiting and len(self.running) < self.max_bs:
+            r = waiting.popleft()
+            r.kv = r.need
+            self.kv_used += r.need
+            if not r.admitted:
+                r.admitted = True
+                self.policy.admit(r.rid)
+            body = r.need - 1  # the last prompt token is the first decode step's root
+            for start in range(0, body, chunk):
+                seconds += float(cost(min(chunk, body - start), start))
+            self._prefilled += body
+            self._admitted += 1
+            r.done = r.need
+            r.pending = body
+            self.running.append(r)
+        return seconds
+
     def _plan_decode(self) -> tuple[float, float]:
         run = self.running
         view = BatchView(rids=[r.rid for r in run], context_lens=[r.prompt + r.gen for r in run],
                          temperatures=[self.temperature] * len(run))
         decision = self.policy.decide(view)
         lengths = decision.lengths if decision.speculate else None
+        cap = self.max_draft
         ks = []
         growth = 0
         for r in run:
             k = lengths.get(r.rid, 0) if lengths is not None else 0
+            if cap is not None and k > cap:
+                k = cap
             left = r.out - r.gen - 1
             if k > left:  # noqa: PLR1730 - plain comparisons, not min/max: this runs per request per step
                 k = left
@@ -353,9 +433,12 @@ class Replica:
         plan = self._decode
         K = 0
         ctx_sum = 0
+        ctx_max = 0
         for r, k in zip(self.running, ks):
             ctx = r.prompt + r.gen
             ctx_sum += ctx
+            if ctx > ctx_max:  # noqa: PLR1730 - plain comparison: per request per step
+                ctx_max = ctx
             if k > 0:
                 a, kl = acc.sample(r.acc, r.gen, k, want_kl)
                 if k > K:  # noqa: PLR1730
@@ -366,10 +449,17 @@ class Replica:
             steps.append(RequestStep(r.rid, k, a, kl, (), (), ctx, temp))
         B = len(plan)
         self.sim.request_steps += B
-        ctx_mean = round(ctx_sum / B)
+        # the reference engine's attention reads every row up to the longest committed context (padded batch)
+        ctx_mean = ctx_max - 1 if self.reference else round(ctx_sum / B)
         if K > 0:
             draft_s = float(self.draft(B, K))
             verify_s = float(self.verify(B, K + 1, ctx_mean))
+            if self.absorb:  # the drafter catches up on the batch's longest backlog (module docstring)
+                backlog = max(r.pending for r in run)
+                if backlog > 1:
+                    draft_s += self.absorb * B * (backlog - 1)
+                for r in run:
+                    r.pending = 0
         else:
             draft_s, verify_s = 0.0, float(self.verify(B, 1, ctx_mean))
         self._result = StepResult(requests=steps, speculated=K > 0, draft_seconds=draft_s, verify_seconds=verify_s,
@@ -405,10 +495,14 @@ class Replica:
         sim = self.sim
         collected = 0
         finished: list[_Req] = []
+        collected += self._prefilled
         for r, k, a in self._decode:
             n = a + 1
+            if r.gen == 0 and r.first != r.first:  # NaN: the reference schedule's first token comes from here
+                r.first = now
             r.gen += n
             r.kv += n
+            r.pending += n
             self.kv_used += n
             collected += n
             if k > 0:

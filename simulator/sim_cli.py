@@ -1,4 +1,5 @@
-"""`sglang-ext sim ...`: replay a trace through the simulated engine, sweep a grid, tune a policy's parameters.
+"""`sglang-ext sim ...`: replay a trace through the simulated engine, sweep a grid, tune a policy's parameters, and
+validate the simulator against the real reference engine (``sim validate``, :mod:`simulator.validate`).
 
 ``replay`` reads a JSONL trace lazily, one line per arrival, so a malformed line part-way stops the arrivals,
 lets the requests already in the system finish, and writes ``partial.json`` (the error names ``file:line``);
@@ -52,6 +53,14 @@ def register(sub) -> None:
     tu.add_argument("--jobs", type=int, default=1, help="worker processes")
     tu.add_argument("--out", type=Path, required=True, help="policy config JSON to write (+ .tune.json report)")
     tu.set_defaults(func=_guard(cmd_tune))
+
+    from simulator import validate
+
+    va = ssub.add_parser("validate", help="replay a trace on the real reference engine and in the simulator; "
+                         "print the errors (throughput ±5%%, p50/p90 E2E ±10%%)",
+                         description=validate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    validate.add_arguments(va)
+    va.set_defaults(func=_guard(validate.cmd_validate))
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -54,12 +54,24 @@ rejections are. All accepted → SF = 0 → k_max'; steady rejections → k_min'
 Steps where the request proposed nothing (plain decode steps) carry no information about the drafter and are
 skipped. (The fork fed them to the warm-up as "accepted 0, no KL", which changes neither k, max(a_warm) nor
 the KL mean, so skipping is equivalent.)
+
+**Speed.** WVIR is the hot spot of a simulated DSDE run (two weighted variances over a ``W``-value history per
+request per step). The decay-weight vectors are cached per ``(length, δ)``; :func:`weighted_variance` runs its two
+passes as C-level ``map`` pipelines, bit-identical to the plain formula (same operations, same order); and
+:meth:`DSDEPolicy.observe` evaluates the steady requests of a step together (:func:`wvir_many`: one numpy
+two-pass over a ``[requests, W]`` matrix when there are :data:`BATCH_WVIR_MIN` or more; the sums round
+differently in the last bits, which changes no decision — ``tests/test_policies.py`` compares both paths with
+the plain formula on random histories).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from itertools import chain, repeat
+from operator import mul, sub
+
+import numpy as np
 
 from ..signals import RequestStep, SignalHistory, StepResult
 from .base import BatchView, Decision, Param, Policy
@@ -76,13 +88,33 @@ VAR_EPS = 1e-6
 _EPS_T = 1e-8
 
 
+#: from this many steady requests in one step on, WVIR is evaluated as one numpy batch (:func:`wvir_many`)
+BATCH_WVIR_MIN = 8
+
+_WEIGHTS: dict[tuple[int, float], tuple[list[float], float]] = {}
+_NP_WEIGHTS: dict[tuple[int, float], tuple[np.ndarray, float, np.ndarray, float]] = {}
+
+
+def _weights(n: int, decay: float) -> tuple[list[float], float]:
+    """``([decay**(n-1), ..., decay, 1], their sum)``, cached (the same floats the plain formula computes)."""
+    got = _WEIGHTS.get((n, decay))
+    if got is None:
+        if len(_WEIGHTS) >= 4096:
+            _WEIGHTS.clear()
+        w = [decay ** (n - 1 - i) for i in range(n)]
+        got = _WEIGHTS[(n, decay)] = (w, sum(w))
+    return got
+
+
 def weighted_variance(x: Sequence[float], decay: float) -> float:
-    r"""wvar(x) with weights ``decay**age`` (the newest value, last in ``x``, has weight 1)."""
-    n = len(x)
-    w = [decay ** (n - 1 - i) for i in range(n)]
-    sw = sum(w)
-    mu = sum(wi * xi for wi, xi in zip(w, x)) / sw
-    return sum(wi * (xi - mu) ** 2 for wi, xi in zip(w, x)) / sw
+    r"""wvar(x) with weights ``decay**age`` (the newest value, last in ``x``, has weight 1).
+
+    Computes ``mu = Σ w x / Σ w`` and ``Σ w (x - mu)**2 / Σ w`` with the same float operations in the same order
+    as the two generator passes it replaces (so the same bits), with cached weights and C-level iteration.
+    """
+    w, sw = _weights(len(x), decay)
+    mu = sum(map(mul, w, x)) / sw
+    return sum(map(mul, w, map(pow, map(sub, x, repeat(mu)), repeat(2)))) / sw
 
 
 def wvir(history: Sequence[float], decay: float) -> float:
@@ -96,6 +128,48 @@ def wvir(history: Sequence[float], decay: float) -> float:
     if long_var < VAR_EPS:
         return WVIR_FLAT
     return weighted_variance(x[-short:], decay) / long_var
+
+
+def _np_weights(n: int, decay: float) -> tuple[np.ndarray, float, np.ndarray, float]:
+    got = _NP_WEIGHTS.get((n, decay))
+    if got is None:
+        if len(_NP_WEIGHTS) >= 4096:
+            _NP_WEIGHTS.clear()
+        w, sw = _weights(n, decay)
+        ws, sws = _weights(max(1, n // 3), decay)
+        got = _NP_WEIGHTS[(n, decay)] = (np.array(w), sw, np.array(ws), sws)
+    return got
+
+
+def wvir_many(histories: Sequence[Sequence[float]], decay: float) -> list[float]:
+    """:func:`wvir` of every history (the same value up to float rounding in the last bits).
+
+    Histories of one length ``n >= 2`` (a steady DSDE request always holds a full window) with at least
+    :data:`BATCH_WVIR_MIN` members go through one numpy two-pass over a ``[m, n]`` matrix; the rest one by one.
+    """
+    out: list[float] = [0.0] * len(histories)
+    groups: dict[int, list[int]] = {}
+    for i, h in enumerate(histories):
+        groups.setdefault(len(h), []).append(i)
+    for n, idx in groups.items():
+        if n < 2 or len(idx) < BATCH_WVIR_MIN:
+            for i in idx:
+                out[i] = wvir(histories[i], decay)
+            continue
+        w, sw, ws, sws = _np_weights(n, decay)
+        short = len(ws)
+        X = np.fromiter(chain.from_iterable(histories[i] for i in idx), dtype=float, count=n * len(idx))
+        X = X.reshape(len(idx), n)
+        D = X - ((X @ w) / sw)[:, None]
+        long_var = ((D * D) @ w) / sw
+        S = X[:, n - short:]
+        Ds = S - ((S @ ws) / sws)[:, None]
+        short_var = ((Ds * Ds) @ ws) / sws
+        flat = long_var < VAR_EPS
+        ratio = np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
+        for i, v in zip(idx, ratio.tolist()):
+            out[i] = v
+    return out
 
 
 def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
@@ -205,7 +279,9 @@ class DSDEPolicy(Policy):
         st.warm_acc, st.warm_kl = [], []
         return k_min, k_max
 
-    def _update(self, st: _RequestState, r: RequestStep) -> None:
+    def _record(self, st: _RequestState, r: RequestStep) -> float | None:
+        """Record one step; warm-up logic. Returns the step's SF when the request is steady (its length then
+        follows from WVIR, :meth:`_update` / :meth:`observe`), None when its length is already set."""
         values, proxy = self._step_values(r)
         st.hist.record(r, kl=values)
         W = self.config["window"]
@@ -219,17 +295,35 @@ class DSDEPolicy(Policy):
                     st.k = max(st.k, self.k_floor)
             else:
                 st.bounds = self._end_warmup(st)
-        if st.bounds is not None:
-            sf = scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
+        if st.bounds is None:
+            st.pred = self._clip(st.k)
+            return None
+        return scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
+
+    def _update(self, st: _RequestState, r: RequestStep) -> None:
+        sf = self._record(st, r)
+        if sf is not None:
             st.k = dsl_step(wvir(st.hist.kl, self.decay), sf, *st.bounds)
-        st.pred = self._clip(st.k)
+            st.pred = self._clip(st.k)
 
     def observe(self, result: StepResult) -> None:
+        # every request's state is its own, so recording all of them first and then computing the steady ones'
+        # WVIR together (in order; a repeated rid's last entry wins, as sequentially) gives the same lengths
+        steady: list[tuple[_RequestState, float]] = []
         for r in result.requests:
             if r.proposed <= 0:
                 continue
             self.admit(r.rid)
-            self._update(self._req[r.rid], r)
+            st = self._req[r.rid]
+            sf = self._record(st, r)
+            if sf is not None:
+                steady.append((st, sf))
+        if not steady:
+            return
+        ratios = wvir_many([st.hist.kl for st, _ in steady], self.decay)
+        for (st, sf), ratio in zip(steady, ratios):
+            st.k = dsl_step(ratio, sf, *st.bounds)
+            st.pred = self._clip(st.k)
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
