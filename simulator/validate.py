@@ -15,8 +15,8 @@ as JSON.
 
 **Configurations**: ``off`` (plain decoding), ``static`` (EAGLE chain, ``--num-steps`` drafts every step) and
 ``dsde`` (EAGLE with the DSDE policy, depth capped by ``--dsde-num-steps``). **Loads**: fractions of the
-capacity the profile predicts for plain decoding (``--loads light=0.35,queue=1.3``: one light, one where requests
-queue for a batch slot); the same time scale serves all three configurations.
+capacity the profile predicts for plain decoding (``--loads light=0.5,queue=1.3``: one light, where requests never
+wait for a batch slot, one where they queue); the same time scale serves all three configurations.
 
 **Threads.** The engine runs with the profile's torch thread count (``meta.hardware.torch_threads``; ``--threads``
 overrides it). On a 2-core machine shared with other jobs, one thread is the robust choice: with two, a neighbour
@@ -444,14 +444,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a profile measured on this machine (default {DEFAULT_PROFILE.name})")
     g = p.add_argument_group("workload")
     g.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help=f"source JSONL trace (default {DEFAULT_TRACE.name})")
-    g.add_argument("--head", type=int, default=30, help="validation requests: the first N of the trace (default 30)")
+    g.add_argument("--head", type=int, default=40, help="validation requests: the first N of the trace (default 40)")
     g.add_argument("--calibration-requests", type=int, default=10,
                    help="requests per calibration run, taken after the validation head (wrapping around; default 10)")
     g.add_argument("--prompt-scale", type=float, default=0.5, help="multiply prompt lengths (default 0.5)")
     g.add_argument("--output-scale", type=float, default=0.25, help="multiply output lengths (default 0.25)")
     g.add_argument("--max-prompt-tokens", type=int, default=512)
     g.add_argument("--max-output-tokens", type=int, default=48)
-    g.add_argument("--loads", default="light=0.35,queue=1.3",
+    g.add_argument("--loads", default="light=0.5,queue=1.3",
                    help="NAME=FRACTION,...: arrival rates as fractions of the profile's capacity for plain decoding")
     g.add_argument("--prompts", type=Path, default=None, help="prompt texts (default: Spec-Bench subset in ../shared/data)")
     g.add_argument("--prompt-seed", type=int, default=0)
@@ -465,9 +465,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-running-requests", type=int, default=8)
     e.add_argument("--chunked-prefill-size", type=int, default=512)
     e.add_argument("--context-length", type=int, default=None,
-                   help="engine context length (default: twice the longest request, at least 1024: the EAGLE drafter "
-                        "pads a new prompt's backlog onto every row of the batch, so its cache needs room for the "
-                        "longest running request plus the longest prompt)")
+                   help="engine context length (default: the longest request plus 16, at least 1024)")
     e.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the profile's meta.hardware.torch_threads, else torch's choice)")
     m = p.add_argument_group("measurement")
@@ -549,11 +547,10 @@ class Validation:
         if args.calibrate != "none" and args.calibration_requests < 2:
             raise ValueError(f"--calibration-requests {args.calibration_requests}: need at least 2 (or --calibrate none)")
         longest = max(r.prompt_tokens + r.output_tokens for r in derive_trace(source, prefix="x", **self.scale))
-        self.context_length = args.context_length or max(1024, 2 * longest + 8)
-        if 2 * longest + 8 > self.context_length:
-            raise ValueError(f"--context-length {args.context_length}: requests reach {longest} tokens, and the EAGLE "
-                             f"drafter's cache must hold a running request plus a new prompt's padded backlog: use at "
-                             f"least {2 * longest + 8}, or lower --max-prompt-tokens / --max-output-tokens")
+        self.context_length = args.context_length or max(1024, longest + 16)
+        if longest > self.context_length:
+            raise ValueError(f"--context-length {args.context_length}: requests reach {longest} tokens; raise it or "
+                             "lower --max-prompt-tokens / --max-output-tokens")
         self.calibrations: dict[str, dict] = {}
         self.catch_up: dict[str, Any] | None = None
         self.rows: list[dict] = []
