@@ -120,3 +120,16 @@ def test_launch_sizes_the_drafter_cache_for_a_long_prompt_beside_a_long_request(
         engine.step()
     assert len(long_running.output_ids) == 56 and len(late.output_ids) == 4
     assert long_running.output_ids == hf_greedy(tiny, [3, 4, 5, 6], 56)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "ngram"])
+def test_one_token_prompt_beside_others(tiny, kind):
+    """A one-token prompt has nothing to prefill, so a feature drafter has no pair to start from on its first step:
+    it drafts nothing that step and speculates from the next one (regression: the EAGLE drafter raised)."""
+    engine = make_engine(tiny, kind, num_steps=2, max_batch=2)
+    ps = [[7], prompts(4, 1)[0]]
+    states = engine.run([GenerationRequest(p, max_new_tokens=10) for p in ps])
+    for p, s in zip(ps, states):
+        assert s.output_ids == hf_greedy(tiny, p, 10)
+    solo = engine.run([GenerationRequest([9], max_new_tokens=6)])[0]
+    assert solo.output_ids == hf_greedy(tiny, [9], 6)

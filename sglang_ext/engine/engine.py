@@ -330,6 +330,8 @@ class Engine:
         tokens the request may still emit (a step always emits one more than it accepts)."""
         if not self.speculative:
             return 0
+        if len(state.tokens) < 2 and self.drafter.needs_features:
+            return 0  # a one-token prompt: the feature drafter has no (hidden state, token) pair to start from yet
         k = self.config.num_steps
         if self._decision is not None:
             k = min(k, self._decision.lengths.get(state.rid, k)) if self._decision.speculate else 0

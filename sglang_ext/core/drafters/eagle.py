@@ -101,8 +101,13 @@ class EagleDrafter:
         pend = [self.pending.get(first_slot + b, ([], [])) for b in range(B)]
         counts = [len(t) for _, t in pend]
         if min(counts) == 0:
-            empty = [first_slot + b for b in range(B) if counts[b] == 0]
-            raise RuntimeError(f"slots {empty}: no committed pair to draft from (observe() was not called after the last target forward)")
+            # a request whose whole prompt is one token has no pair yet (nothing was prefilled): the host drafts 0
+            # tokens for it this step; any other empty slot means observe() was skipped, a host bug
+            lengths = self.cache.lengths[first_slot:first_slot + B].tolist()
+            empty = [first_slot + b for b in range(B) if counts[b] == 0 and lengths[b] > 0]
+            if empty:
+                raise RuntimeError(f"slots {empty}: no committed pair to draft from (observe() was not called after the "
+                                   "last target forward)")
         P = max(counts)
         dev = m.fc.weight.device
         if min(counts) == P:  # no padding: the rows as they are (same values as the padded build below)
@@ -114,6 +119,8 @@ class EagleDrafter:
             feats = torch.zeros(B, P, m.config.feature_dim, dtype=m.fc.weight.dtype, device=dev)
             for b in range(B):
                 f, t = pend[b]
+                if not t:  # a one-token prompt's first step: nothing to absorb (its draft depth is 0)
+                    continue
                 tokens[b, :counts[b]] = torch.tensor(t, device=dev)
                 feats[b, :counts[b]] = torch.cat(f, dim=0)
         layout = StepLayout(self.cache, B, self._causal(B, P, dev), first_slot=first_slot)
