@@ -207,19 +207,37 @@ def _policy_rows(engine_row, batch: int, draft, policies: Sequence[str], max_ste
     out.append(BenchRow(f"oracle-static (k={best_k})", batch, oracle.requests, oracle.tokens, oracle.seconds,
                         oracle.tokens_per_s, oracle.accept_length, oracle.draft_share, oracle.identical,
                         config={"k": best_k}))
-    for name in policies:
+    for spec in policies:
+        name, params = parse_policy_spec(spec)
         overrides = {"dsde": {"max_k": max_steps}, "goodput": {"max_k": max_steps},
                      "tide-control": {"gamma": max_steps}}.get(name, {})
-        policy = make_policy(name, **overrides)
-        row = engine_row(f"policy {name}", batch, "EAGLE", {"num_steps": max_steps, "topk": 1, "draft_model": draft},
+        policy = make_policy(name, **{**overrides, **params})
+        row = engine_row(f"policy {spec}", batch, "EAGLE", {"num_steps": max_steps, "topk": 1, "draft_model": draft},
                          policy=policy)
         row.config["policy"] = {"name": name, **{k: v for k, v in policy.config.items() if v is not None}}
         out.append(row)
-        log(f"batch {batch:2d} {name:14s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
+        log(f"batch {batch:2d} {spec:14s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
             f"identical {row.identical}/{row.requests}")
     for row in out:
         row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
     return out
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """``NAME[:PARAM=VALUE...]`` (e.g. ``dsde:cost_cap=false``) as ``(name, params)``; values are JSON where they
+    parse (numbers, true/false) and strings otherwise. Unknown names and parameters raise ValueError."""
+    from sglang_ext.core.policies import LENGTH_POLICIES, make_policy
+    from sglang_ext.engine.launch import LaunchError, _parse_param
+
+    name, *pairs = [t.strip() for t in spec.split(":")]
+    if name not in LENGTH_POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(LENGTH_POLICIES)}")
+    try:
+        params = dict(_parse_param(t) for t in pairs)
+    except LaunchError as e:
+        raise ValueError(f"{spec!r}: expected NAME:PARAM=VALUE") from e
+    make_policy(name, **params)  # unknown parameters and out-of-bounds values fail here, before any model loads
+    return name, params
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
@@ -295,7 +313,8 @@ def register(sub) -> None:
     p.add_argument("--tree-steps", type=int, default=3)
     p.add_argument("--tree-budget", type=int, default=5, help="--speculative-num-draft-tokens of the tree method")
     p.add_argument("--policies", default="", help="comma-separated speculation-control policies to run with the EAGLE "
-                   "chain beside every static k (oracle-static): e.g. dsde,tide-control,sglang-adaptive,goodput,bandit")
+                   "chain beside every static k (oracle-static): e.g. dsde,tide-control,sglang-adaptive,goodput,bandit; "
+                   "NAME:PARAM=VALUE sets a parameter, e.g. dsde:cost_cap=false (DSDE as published)")
     p.add_argument("--policy-max-steps", type=int, default=4, help="longest draft a policy may choose (and largest static k)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: analysis/results/bench-<date>)")
@@ -332,13 +351,13 @@ def cmd_bench(args) -> int:
     except ValueError:
         err.print(f"[red]error:[/red] --batch-sizes: expected positive integers like 1,8, got {args.batch_sizes!r}")
         return 2
-    from sglang_ext.core.policies import LENGTH_POLICIES
-
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in policies if p not in LENGTH_POLICIES]
-    if bad:
-        err.print(f"[red]error:[/red] --policies: unknown {bad}; choose from {', '.join(LENGTH_POLICIES)}")
-        return 2
+    for spec in policies:
+        try:
+            parse_policy_spec(spec)
+        except ValueError as e:
+            err.print(f"[red]error:[/red] --policies {spec}: {e}")
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

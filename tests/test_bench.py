@@ -52,7 +52,7 @@ def test_bench_rejects_unknown_method():
 def test_bench_policies_beside_oracle_static(tmp_path, shared_data):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "sglang_ext", "bench", "--methods", "hf", "--batch-sizes", "1,2",
-           "--policies", "dsde,tide-control", "--policy-max-steps", "2",
+           "--policies", "dsde,dsde:cost_cap=false,tide-control", "--policy-max-steps", "2",
            "--prompts", str(shared_data / "prompts" / "spec_bench_subset.jsonl"), "--per-set", "1",
            "--max-new-tokens", "8", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -63,7 +63,8 @@ def test_bench_policies_beside_oracle_static(tmp_path, shared_data):
         oracle = next(r for m, r in mine.items() if m.startswith("oracle-static"))
         best = max(mine["static k=1"]["tokens_per_s"], mine["static k=2"]["tokens_per_s"])
         assert oracle["tokens_per_s"] == best and oracle["ratio_vs_oracle"] == 1.0
-        assert {"policy dsde", "policy tide-control"} <= set(mine)
+        assert {"policy dsde", "policy dsde:cost_cap=false", "policy tide-control"} <= set(mine)
+        assert mine["policy dsde:cost_cap=false"]["config"]["policy"]["cost_cap"] is False
     assert all(r["identical"] == r["requests"] for r in rows), [(r["method"], r["batch"], r["identical"]) for r in rows]
     assert "× oracle-static" in (out / "results.md").read_text()
 
@@ -72,3 +73,10 @@ def test_bench_rejects_unknown_policy():
     proc = subprocess.run([sys.executable, "-m", "sglang_ext", "bench", "--policies", "dsde,psychic"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--policies" in proc.stderr and "psychic" in proc.stderr
+
+
+@pytest.mark.parametrize("spec, word", [("dsde:warp=1", "warp"), ("dsde:max_k=99", "max_k"), ("dsde:max_k", "NAME:PARAM")])
+def test_bench_rejects_bad_policy_parameter(spec, word):
+    proc = subprocess.run([sys.executable, "-m", "sglang_ext", "bench", "--policies", spec], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and f"--policies {spec}" in proc.stderr and word in proc.stderr, proc.stderr

@@ -121,7 +121,7 @@ def test_static_and_oracle():
 # DSDE
 # ----------------------------------------------------------------------------------------------------------------
 def test_dsde_warmup_doubles_until_max_then_holds():
-    p = make_policy("dsde", window=30, init_k=2, max_k=10)
+    p = make_policy("dsde", cost_cap=False, window=30, init_k=2, max_k=10)
     seen = [p.decide(BatchView(["r"])).lengths["r"]]
     for accepted_all in (True, True, True, False):
         k = seen[-1]
@@ -132,7 +132,7 @@ def test_dsde_warmup_doubles_until_max_then_holds():
 
 @pytest.mark.parametrize("temperature, expected", [(0.0, 1), (2.0, 3)])
 def test_dsde_bounds_and_rule_by_hand(temperature, expected):
-    p = make_policy("dsde", window=9, init_k=4, max_k=10)  # code variant: decay 0.9, factor 0.5, min_frac 0.1
+    p = make_policy("dsde", cost_cap=False, window=9, init_k=4, max_k=10)  # code variant: decay 0.9, factor 0.5, min_frac 0.1
     warm_kl = [0.05, 0.1, 0.1, 0.15]
     step_kl = [0.2, 0.3, 0.2, 0.3, 0.2, 0.1, 0.9, 0.1]
     p.observe(StepResult([RequestStep("r", 4, 4, kl=warm_kl)]))
@@ -154,7 +154,7 @@ def test_dsde_bounds_and_rule_by_hand(temperature, expected):
 
 
 def test_dsde_paper_variant_constants():
-    p = make_policy("dsde", variant="paper", window=9, init_k=4, max_k=10)
+    p = make_policy("dsde", cost_cap=False, variant="paper", window=9, init_k=4, max_k=10)
     assert (p.decay, p.max_factor, p.min_frac, p.k_floor) == (0.85, 1.0, 0.0, 2)
     p.observe(StepResult([RequestStep("r", 4, 4, kl=[0.05, 0.1, 0.1, 0.15])]))
     p.observe(StepResult([RequestStep("r", 8, 2, kl=[0.1] * 8)]))
@@ -165,7 +165,7 @@ def test_dsde_paper_variant_constants():
 
 
 def test_dsde_without_kl_uses_the_acceptance_proxy():
-    p = make_policy("dsde", window=6, init_k=4, max_k=10, miss_kl=0.5)
+    p = make_policy("dsde", cost_cap=False, window=6, init_k=4, max_k=10, miss_kl=0.5)
     p.observe(StepResult([RequestStep("r", 4, 4)]))  # proxy [0, 0, 0, 0]; warm-up: 4 >= 4 -> k = 8
     p.observe(StepResult([RequestStep("r", 8, 1, temperature=0.7)]))  # proxy [0, 0.5]: history is full
     # bounds: max accepted 4, proxy KLs all 0 (max treated as 1) -> k_max' = 4, k_min' = ceil(0.4) = 1
@@ -214,8 +214,59 @@ def _drive_dsde(policy, steps, data_rng: random.Random):
 @given(seed=st.integers(0, 2**31 - 1), cap=st.booleans(), variant=st.sampled_from(["code", "paper"]),
        window=st.integers(2, 12))
 def test_dsde_cap_property(seed, cap, variant, window):
-    policy = make_policy("dsde", cap=cap, variant=variant, window=window, max_k=8, init_k=3)
+    policy = make_policy("dsde", cost_cap=False, cap=cap, variant=variant, window=window, max_k=8, init_k=3)
     _drive_dsde(policy, 40, random.Random(seed))
+
+
+@pytest.mark.parametrize("accepted, cap", [
+    (3, 3),  # α = 3/4: G(1..4) = 1.75/.014, 2.3125/.017, 2.7344/.020, 3.0508/.023 = 125.0, 136.0, 136.7, 132.6
+    (0, 1),  # α = 0: every extra position is pure cost, so the cap is the floor 1
+])
+def test_dsde_cost_cap_by_hand(accepted, cap):
+    """One request, V(1, t) = 10 ms + 1 ms·t, D = 2 ms per depth: the cap is the goodput-optimal depth."""
+    p = make_policy("dsde", cost_model=LinearCost(), init_k=4, max_k=10, window=30)
+    p.observe(StepResult([RequestStep("r", 4, accepted, kl=[0.1] * 4)]))
+    assert p.predictions(["r"])["r"] == 4  # still in warm-up, a rejection keeps k
+    d = p.decide(BatchView(["r"]))
+    assert d.lengths["r"] == cap and d.info["cost_cap"] == cap
+
+
+def test_dsde_cost_cap_probes_until_costs_are_learned():
+    """Without a cost model the fit needs two depths: every other step is capped at 1 until it has them."""
+    p = make_policy("dsde", init_k=4, max_k=4, window=30)
+    seen = []
+    for _ in range(4):
+        d = p.decide(BatchView(["r"]))
+        k = d.lengths["r"]
+        seen.append(k)
+        p.observe(StepResult([RequestStep("r", k, 0, kl=[1.0] * k)], verify_seconds=0.010 + 0.003 * (k + 1),
+                             draft_seconds=0.002 * k, verify_tokens=k + 1))
+    assert seen[:2] == [4, 1]
+    assert p.learned.knows_verify() and p.learned.knows_draft()
+    assert seen[2:] == [1, 1]  # α = 0 once learned: nothing beyond the floor pays
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), variant=st.sampled_from(["code", "paper"]))
+def test_dsde_cost_cap_only_shortens(seed, variant):
+    """Fed the same steps, the cost-capped policy drafts min(published DSDE's length, its cost cap), never < 1."""
+    rng = random.Random(seed)
+    capped = make_policy("dsde", variant=variant, window=6, max_k=8, init_k=3, cost_model=LinearCost())
+    plain = make_policy("dsde", variant=variant, window=6, max_k=8, init_k=3, cost_cap=False)
+    pool = [f"r{i}" for i in range(6)]
+    for _ in range(30):
+        rids = rng.sample(pool, rng.randint(1, 5))
+        dc, dp = capped.decide(BatchView(rids)), plain.decide(BatchView(rids))
+        c = dc.info["cost_cap"]
+        for r in rids:
+            assert 1 <= dc.lengths[r] <= dp.lengths[r]
+            assert dc.lengths[r] == (dp.lengths[r] if c is None else min(dp.lengths[r], c))
+        steps = []
+        for r in rids:
+            k = dc.lengths[r]
+            steps.append(RequestStep(r, k, rng.randint(0, k), kl=[rng.uniform(0, 3) for _ in range(k)]))
+        capped.observe(StepResult(steps))
+        plain.observe(StepResult(steps))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -542,7 +593,7 @@ def test_composed_cap_and_onoff():
 
 def test_composed_with_dsde_and_tide():
     tide = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1)
-    c = ComposedPolicy(make_policy("dsde", cap=False, init_k=3), cap=True, onoff=tide)
+    c = ComposedPolicy(make_policy("dsde", cost_cap=False, cap=False, init_k=3), cap=True, onoff=tide)
     rids = list("abcd")
     assert c.decide(BatchView(rids)).speculate  # alpha unknown: tide explores by speculating
     c.observe(spec_step([(r, 3, a) for r, a in zip(rids, [2, 1, 2, 1])]))  # alpha 0.6 -> speedup < 1 at gamma 3
@@ -653,7 +704,7 @@ def test_state_dict_round_trip_into_a_fresh_policy():
 
 
 def test_composed_config_round_trip(tmp_path):
-    c = ComposedPolicy(make_policy("dsde", cap=False, max_k=6), cap=True,
+    c = ComposedPolicy(make_policy("dsde", cost_cap=False, cap=False, max_k=6), cap=True,
                        onoff=make_policy("tide-control", gamma=2, explore=0.0))
     c.observe(spec_step([("a", 3, 2)], verify_tokens=4))
     path = tmp_path / "composed.json"

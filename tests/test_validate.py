@@ -401,7 +401,8 @@ class _OldDSDE(DSDEPolicy):
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_dsde_decides_exactly_as_before(seed):
     rng = random.Random(seed)
-    params = {"window": rng.choice([6, 12, 30]), "max_k": 8, "init_k": 3, "variant": rng.choice(["code", "paper"])}
+    params = {"window": rng.choice([6, 12, 30]), "max_k": 8, "init_k": 3, "variant": rng.choice(["code", "paper"]),
+              "cost_cap": False}
     new, old = make_policy("dsde", **params), _OldDSDE(**params)
     pool = [f"r{i}" for i in range(24)]
     for _ in range(150):

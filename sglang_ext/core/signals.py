@@ -45,7 +45,8 @@ class StepResult:
     """One speculative (or plain) step of a whole batch, with its measured costs in seconds.
 
     ``speculated`` is False for a plain decode step (every request has ``proposed == 0``).
-    ``verify_tokens`` is the number of token positions the target forward processed (batch × tree nodes).
+    ``verify_tokens`` is the number of token positions the target forward processed (batch × tree nodes of the
+    widest tree: the batch is padded to it).
     """
 
     requests: list[RequestStep]

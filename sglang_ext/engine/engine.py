@@ -439,7 +439,8 @@ class Engine:
                                      temperature=state.request.sampling.temperature))
         d = self._decision
         return StepResult(requests=steps, speculated=any(s.proposed for s in steps), draft_seconds=stats.draft_seconds,
-                          verify_seconds=stats.verify_seconds, verify_tokens=sum(x.num_nodes for x in drafts),
+                          verify_seconds=stats.verify_seconds,
+                          verify_tokens=len(drafts) * max(x.num_nodes for x in drafts),
                           drafter=getattr(self.drafter, "name", ""),
                           config={"tree_budget": d.tree_budget, "drafter": d.drafter, **d.info} if d else {})
 

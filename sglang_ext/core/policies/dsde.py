@@ -29,6 +29,23 @@ or not):
 The intuition: a KL that is large *and* more volatile recently than over the window (WVIR > 1) predicts
 rejections soon, so draft short; a calm, low KL allows long drafts.
 
+**Cost cap** (``cost_cap``, our addition, on by default; ``cost_cap=false`` is DSDE as published). DSDE's rule
+is cost-blind: it predicts how many tokens *would be accepted*, not whether verifying them pays. Where an extra
+verified position is not nearly free (a CPU, or a large batch on a GPU) its lengths overshoot the best static
+depth. After the SL cap, the batch's lengths are capped once more at the depth that maximises expected tokens per
+second of the step (:func:`~.goodput.best_length_cap`, over ``1..max k̂``; a cap only shortens):
+
+.. code-block:: text
+
+    c* = argmax_c  Σ_r E_{α_r}[ℓ](min(k_r, c)) / (D(b, c') + V(b, c' + 1)),   c' = max_r min(k_r, c)
+    k_r ← min(k_r, c*)
+
+with α_r each request's chain MLE of per-token acceptance (discounted ratio of sums) and the step costs learned
+online from the measured seconds of every step (:class:`~._estimators.OnlineLinearCost`, V affine in batched
+positions) or taken from a profile's cost model (``cost_model=``). No per-workload profiling: until the online fit
+is identifiable, every other step is capped at 1 to measure a second depth. Never below 1: turning speculation off
+is the on/off policy's job (compose with tide-control).
+
 **Variants** (``variant`` param; any constant can also be set on its own, which wins over the variant):
 
 ============== ===== ====== ========================================================================
@@ -73,9 +90,13 @@ from operator import mul, sub
 
 import numpy as np
 
-from ..signals import RequestStep, SignalHistory, StepResult
+from typing import Any, Callable
+
+from ..signals import RequestStep, SignalHistory, StepResult, chain_trials
+from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs
 from .base import BatchView, Decision, Param, Policy
 from .compose import apply_batch_cap
+from .goodput import best_length_cap
 
 VARIANTS = {
     "code": {"decay": 0.9, "max_factor": 0.5, "min_frac": 0.1, "min_k": 1},
@@ -217,6 +238,7 @@ class DSDEPolicy(Policy):
 
     name = "dsde"
     needs_kl = True
+    extra_args = ("cost_model", "verify_cost", "draft_cost")
     params = (
         Param("variant", "code", kind="choice", choices=("code", "paper"),
               doc="constants of the authors' code (default) or of the paper; see the module docstring"),
@@ -230,9 +252,14 @@ class DSDEPolicy(Policy):
         Param("sf_alpha", 2.0, 0.1, 10.0, doc="α_sf in SF = exp(α_sf·KL/T) − 1 (DSDE: 2.0)"),
         Param("miss_kl", 0.5, 0.01, 10.0, doc="proxy KL of a rejected position when the drafter gives no q"),
         Param("cap", True, kind="choice", choices=(True, False), doc="apply the batch SL cap"),
+        Param("cost_cap", True, kind="choice", choices=(True, False),
+              doc="cap lengths at the goodput-optimal depth (module docstring); false = DSDE as published"),
+        Param("alpha_decay", 0.9, 0.5, 0.9999, doc="discount per step of each request's α (cost cap)"),
+        Param("forget", 0.99, 0.5, 1.0, doc="forgetting factor of the online linear cost fit (cost cap)"),
     )
 
-    def __init__(self, **overrides) -> None:
+    def __init__(self, cost_model: Any = None, verify_cost: Callable[[int, int], float] | None = None,
+                 draft_cost: Callable[[int], float] | None = None, **overrides) -> None:
         super().__init__(**overrides)
         c = self.config
         variant = VARIANTS[c["variant"]]
@@ -244,6 +271,11 @@ class DSDEPolicy(Policy):
         if self.k_floor > c["max_k"]:
             raise ValueError(f"{self.name}: min_k={self.k_floor} > max_k={c['max_k']}")
         self._req: dict[str, _RequestState] = {}
+        self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
+        self.learned = OnlineLinearCost(c["forget"])
+        self.alpha_all = RatioEMA(c["alpha_decay"])
+        self._alpha: dict[str, RatioEMA] = {}
+        self._probe = 0
 
     # request lifetime ---------------------------------------------------------------------------------------------
     def admit(self, rid: str) -> None:
@@ -254,6 +286,7 @@ class DSDEPolicy(Policy):
 
     def release(self, rid: str) -> None:
         self._req.pop(rid, None)
+        self._alpha.pop(rid, None)
 
     def _clip(self, k: int) -> int:
         return min(max(int(k), self.k_floor), self.config["max_k"])
@@ -309,6 +342,8 @@ class DSDEPolicy(Policy):
     def observe(self, result: StepResult) -> None:
         # every request's state is its own, so recording all of them first and then computing the steady ones'
         # WVIR together (in order; a repeated rid's last entry wins, as sequentially) gives the same lengths
+        if self.config["cost_cap"]:
+            self._observe_costs(result)
         steady: list[tuple[_RequestState, float]] = []
         for r in result.requests:
             if r.proposed <= 0:
@@ -344,12 +379,61 @@ class DSDEPolicy(Policy):
             steady = {rid: k for rid, k in preds.items() if not self.warming_up(rid)}
             capped, cap = apply_batch_cap(steady)
             lengths.update(capped)
-        return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths,
-                        info={"sl_cap": cap})
+        info: dict = {"sl_cap": cap}
+        if self.config["cost_cap"]:
+            lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
+        return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths, info=info)
+
+    # the cost cap -------------------------------------------------------------------------------------------------
+    @property
+    def costs(self):
+        return self.given_costs if self.given_costs is not None else self.learned
+
+    def _observe_costs(self, result: StepResult) -> None:
+        if self.given_costs is None:
+            self.learned.update(result)
+        for r in result.requests:
+            s, t = chain_trials(r.proposed, r.accepted)
+            if t:
+                self._alpha.setdefault(r.rid, RatioEMA(self.config["alpha_decay"])).update(s, t)
+                self.alpha_all.update(s, t)
+
+    def alpha(self, rid: str) -> float:
+        """The request's running per-token acceptance (batch-wide before its first verify; 0.5 before any)."""
+        e = self._alpha.get(rid)
+        if e is not None and e.value is not None:
+            return e.value
+        a = self.alpha_all.value
+        return 0.5 if a is None else a
+
+    def _apply_cost_cap(self, batch: BatchView, lengths: dict[str, int]) -> tuple[dict[str, int], int | None]:
+        floor = max(1, self.k_floor)
+        if max(lengths.values(), default=0) <= floor:
+            return lengths, None
+        known = self.given_costs is not None or (self.learned.knows_verify() and self.learned.knows_draft())
+        if not known:  # probe: alternate uncapped and floor-capped steps until the linear fit is identifiable
+            self._probe += 1
+            cap = floor if self._probe % 2 == 0 else None
+        else:
+            ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
+            cap, _ = best_length_cap(self.costs, [self.alpha(rid) for rid in batch.rids],
+                                     [lengths[rid] for rid in batch.rids], floor, ctx)
+        if cap is None:
+            return lengths, None
+        return {rid: min(k, cap) for rid, k in lengths.items()}, cap
 
     # persistence --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"requests": {rid: st.state_dict() for rid, st in self._req.items()}}
+        return {"requests": {rid: st.state_dict() for rid, st in self._req.items()},
+                "alpha": {rid: e.state_dict() for rid, e in self._alpha.items()},
+                "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
 
     def load_state_dict(self, state: dict) -> None:
         self._req = {rid: _RequestState.from_state(s) for rid, s in state.get("requests", {}).items()}
+        d = self.config["alpha_decay"]
+        self._alpha = {rid: RatioEMA(d).load(v) for rid, v in state.get("alpha", {}).items()}
+        if "alpha_all" in state:
+            self.alpha_all = RatioEMA(d).load(state["alpha_all"])
+        if "learned" in state:
+            self.learned.load_state_dict(state["learned"])
+        self._probe = int(state.get("probe", 0))

@@ -27,11 +27,55 @@ depth (seeded), so that α and the costs of depths the argmax avoids stay measur
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from ..signals import StepResult, chain_trials, expected_tokens
 from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs, rng_state, set_rng_state
 from .base import BatchView, Decision, Param, Policy
+
+
+def batch_goodput(costs: Any, alphas: Sequence[float], lengths: Sequence[int], context_len: int = 0) -> float | None:
+    r"""Expected committed tokens per second of one step with per-request chain depths ``lengths``.
+
+    .. math::  G = \frac{\sum_r E_{\alpha_r}[\ell](k_r)}{D(b, \max_r k_r) + V(b, \max_r k_r + 1)}
+
+    The batch is padded to its longest chain (the reference engine's one target forward, and SGLang's), and the
+    drafter runs ``max_r k_r`` depth steps for all ``b`` rows, so both costs follow the deepest request. None while
+    a cost is unknown (a learned model before it is identifiable).
+    """
+    b = len(alphas)
+    if b == 0:
+        return None
+    depth = max(lengths)
+    v = costs.verify_seconds(b, depth + 1, context_len)
+    d = costs.draft_seconds(b, depth) if depth > 0 else 0.0
+    if v is None or d is None or v + d <= 0:
+        return None
+    return sum(expected_tokens(a, k) for a, k in zip(alphas, lengths)) / (v + d)
+
+
+def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int], floor: int = 1,
+                    context_len: int = 0) -> tuple[int | None, float | None]:
+    r"""The cap ``c`` maximising :func:`batch_goodput` of ``min(k_r, c)``, searched over ``floor..max(lengths)``.
+
+    .. math::  c^\* = \arg\max_{c} G\bigl(\{\min(k_r, c)\}_r\bigr) \qquad(\text{ties: the smaller } c)
+
+    A cap only ever shortens a request's own length, so whatever chose the lengths (DSDE's KL rule) keeps the
+    last word on *how short*, and the cost model only on *how long is still worth paying for*. ``(None, None)``
+    while the costs cannot answer.
+    """
+    top = max(lengths, default=0)
+    if top <= floor:
+        return None, None
+    best: tuple[float, int] | None = None
+    for c in range(max(floor, 0), top + 1):
+        g = batch_goodput(costs, alphas, [min(k, c) for k in lengths], context_len)
+        if g is None:
+            return None, None
+        if best is None or g > best[0]:
+            best = (g, c)
+    return best[1], best[0]
 
 
 class GoodputPolicy(Policy):
@@ -77,12 +121,7 @@ class GoodputPolicy(Policy):
 
     def goodput(self, alphas: list[float], k: int, context_len: int = 0) -> float | None:
         """G(k) for a batch with these per-request α (None while a cost is unknown)."""
-        b = len(alphas)
-        v = self.costs.verify_seconds(b, k + 1, context_len)
-        d = self.costs.draft_seconds(b, k) if k > 0 else 0.0
-        if v is None or d is None or v + d <= 0:
-            return None
-        return sum(expected_tokens(a, k) for a in alphas) / (v + d)
+        return batch_goodput(self.costs, alphas, [k] * len(alphas), context_len)
 
     def release(self, rid: str) -> None:
         self.alpha_req.pop(rid, None)
