@@ -326,9 +326,12 @@ class ReplayAcceptance:
         return a, kl
 
     def to_json(self) -> dict[str, Any]:
+        """The model as JSON, recorded KL included (so sweep and tune workers, which receive it this way, replay
+        the same KL as the parent process)."""
         out: dict[str, Any] = {"kind": self.kind, "fallback": self.fallback.to_json()}
         if self.kl is not None:
             out["recorded_kl_requests"] = len(self.kl)
+            out["kl"] = {rid: list(v) for rid, v in self.kl.items()}
         return out
 
 
@@ -480,7 +483,12 @@ def acceptance_from_json(obj: Any, where: str = "<acceptance>") -> AcceptanceMod
         if "recording" in obj:
             return fit_acceptance(obj["recording"], obj.get("k", 4)).model()
         if obj.get("kind") == "replay":
-            return ReplayAcceptance(ParametricAcceptance.from_json(obj.get("fallback", {})))
+            kl = obj.get("kl")
+            if kl is not None and not isinstance(kl, dict):
+                raise ValueError("'kl' must map request ids to KL per output position")
+            return ReplayAcceptance(ParametricAcceptance.from_json(obj.get("fallback", {})),
+                                    kl={str(k): [None if x is None else float(x) for x in v] for k, v in kl.items()}
+                                    if kl is not None else None)
         return ParametricAcceptance.from_json(obj)
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: bad acceptance model: {e}") from None

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from simulator.trace import HEADER_KEY, Request, Trace, TraceError, parse_request
+from simulator.trace import Trace, TraceError, stream_trace
 
 FORMATS = ("jsonl", "azure", "vidur", "mooncake", "burstgpt")
 
@@ -113,42 +110,6 @@ def _guard(func):
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
-def stream_jsonl(path: Path, time_scale: float = 1.0, head: int | None = None) -> Iterator[Request]:
-    """The requests of a JSONL trace one line at a time (strict, as :func:`simulator.trace.read_trace`: a bad line
-    raises :class:`TraceError` naming ``file:line`` when it is reached, after the earlier requests were yielded)."""
-    import gzip
-
-    if not (time_scale > 0 and math.isfinite(time_scale)):
-        raise ValueError(f"--time-scale={time_scale} must be a finite number > 0")
-    opener = gzip.open if path.suffix == ".gz" else open
-    prev = -math.inf
-    n = 0
-    seen = False
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
-        for lineno, text in enumerate(f, start=1):
-            if head is not None and n >= head:
-                return
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise TraceError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, dict) and HEADER_KEY in obj:
-                if seen:
-                    raise TraceError(path, lineno, "a trace header is allowed only on the first line", HEADER_KEY)
-                seen = True
-                continue
-            seen = True
-            req = parse_request(obj, path, lineno)
-            if req.arrival < prev:
-                raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
-                                 "(arrivals must be non-decreasing)", "arrival")
-            prev = req.arrival
-            n += 1
-            yield req if time_scale == 1.0 else replace(req, arrival=req.arrival * time_scale)
-
-
 def load_trace(args) -> Trace:
     """The whole trace (sweep, tune), scaled and cut as asked."""
     from simulator.importers import import_trace
@@ -220,7 +181,7 @@ def cmd_replay(args) -> int:
                           give_costs=args.policy_costs == "given")
     acceptance = parse_acceptance(args.acceptance)
     config = sim_config(args, record_steps=args.record_steps)
-    requests = stream_jsonl(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
+    requests = stream_trace(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation(requests, cost, policy, config, args.seed, acceptance)

@@ -280,54 +280,85 @@ def _open_text(path: Path, mode: str) -> IO[str]:
     return open(path, mode, encoding="utf-8")
 
 
-def read_trace(path: str | Path, on_error: OnError = "raise") -> Trace:
-    """Read a JSONL trace (``.gz`` too). ``on_error="skip"`` keeps the good lines; the bad ones are in ``.skipped``.
+class TraceReader:
+    """One pass over a JSONL trace (``.gz`` too), a request at a time: :func:`read_trace` collects it, replays
+    stream it (:func:`stream_trace`). After the pass, ``meta`` holds the header and ``skipped`` the bad lines
+    (``on_error="skip"``); with ``"raise"`` a bad line raises :class:`TraceError` naming ``file:line`` when it is
+    reached, after the earlier requests were yielded.
 
     An arrival earlier than the previous kept one is an error here (the format is in arrival order); importers of
     raw traces sort instead.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error={on_error!r} must be 'raise' or 'skip'")
-    path = Path(path)
-    meta = TraceMeta(name=path.name.split(".")[0])
-    requests: list[Request] = []
-    skipped: list[TraceError] = []
-    seen_content = False
-    prev = -math.inf
-    with _open_text(path, "r") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise TraceError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
-                if isinstance(obj, dict) and HEADER_KEY in obj:
-                    if seen_content:
-                        raise TraceError(path, lineno, "a trace header is allowed only on the first line", HEADER_KEY)
-                    seen_content = True
-                    head = obj[HEADER_KEY]
-                    if not isinstance(head, dict) or len(obj) != 1:
-                        raise TraceError(path, lineno, 'header must be {"trace": {...}} and nothing else', HEADER_KEY)
-                    if head.get("time_unit", "s") != "s":
-                        raise TraceError(path, lineno, f"time_unit={head.get('time_unit')!r} is not supported "
-                                         "(arrivals are seconds: 's')", "time_unit")
-                    meta = TraceMeta.from_json(head)
+
+    def __init__(self, path: str | Path, on_error: OnError = "raise") -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={on_error!r} must be 'raise' or 'skip'")
+        self.path = Path(path)
+        self.on_error = on_error
+        self.meta = TraceMeta(name=self.path.name.split(".")[0])
+        self.skipped: list[TraceError] = []
+
+    def __iter__(self) -> Iterator[Request]:
+        path = self.path
+        seen_content = False
+        prev = -math.inf
+        with _open_text(path, "r") as f:
+            for lineno, text in enumerate(f, start=1):
+                if not text.strip():
                     continue
-                seen_content = True
-                req = parse_request(obj, path, lineno)
-                if req.arrival < prev:
-                    raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
-                                     "(arrivals must be non-decreasing: sort the file, or import it)", "arrival")
-            except TraceError as e:
-                if on_error == "raise":
-                    raise
-                skipped.append(e)
-                continue
-            prev = req.arrival
-            requests.append(req)
-    return Trace(tuple(requests), meta, tuple(skipped))
+                try:
+                    try:
+                        obj = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise TraceError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    if isinstance(obj, dict) and HEADER_KEY in obj:
+                        if seen_content:
+                            raise TraceError(path, lineno, "a trace header is allowed only on the first line",
+                                             HEADER_KEY)
+                        seen_content = True
+                        self.meta = self._header(obj, lineno)
+                        continue
+                    seen_content = True
+                    req = parse_request(obj, path, lineno)
+                    if req.arrival < prev:
+                        raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
+                                         "(arrivals must be non-decreasing: sort the file, or import it)", "arrival")
+                except TraceError as e:
+                    if self.on_error == "raise":
+                        raise
+                    self.skipped.append(e)
+                    continue
+                prev = req.arrival
+                yield req
+
+    def _header(self, obj: dict, lineno: int) -> TraceMeta:
+        head = obj[HEADER_KEY]
+        if not isinstance(head, dict) or len(obj) != 1:
+            raise TraceError(self.path, lineno, 'header must be {"trace": {...}} and nothing else', HEADER_KEY)
+        if head.get("time_unit", "s") != "s":
+            raise TraceError(self.path, lineno, f"time_unit={head.get('time_unit')!r} is not supported "
+                             "(arrivals are seconds: 's')", "time_unit")
+        return TraceMeta.from_json(head)
+
+
+def read_trace(path: str | Path, on_error: OnError = "raise") -> Trace:
+    """Read a JSONL trace (``.gz`` too). ``on_error="skip"`` keeps the good lines; the bad ones are in ``.skipped``."""
+    reader = TraceReader(path, on_error)
+    requests = tuple(reader)
+    return Trace(requests, reader.meta, tuple(reader.skipped))
+
+
+def stream_trace(path: str | Path, time_scale: float = 1.0, head: int | None = None) -> Iterator[Request]:
+    """The requests of a JSONL trace one line at a time (strict: a bad line raises :class:`TraceError` naming
+    ``file:line`` when it is reached, after the earlier requests were yielded), arrivals multiplied by
+    ``time_scale``, the first ``head`` only. What a replay consumes, so a bad line late in a long trace loses
+    nothing already simulated or served."""
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise ValueError(f"--time-scale={time_scale} must be a finite number > 0")
+    for n, req in enumerate(TraceReader(path)):
+        if head is not None and n >= head:
+            return
+        yield req if time_scale == 1.0 else replace(req, arrival=req.arrival * time_scale)
 
 
 def iter_json_lines(trace: Trace, header: bool = True) -> Iterator[str]:

@@ -15,6 +15,7 @@ from simulator.acceptance import (
     Drift,
     ParametricAcceptance,
     ReplayAcceptance,
+    acceptance_from_json,
     fit_acceptance,
     parse_acceptance,
     positions_from_steps,
@@ -259,6 +260,19 @@ def test_replay_by_position_and_clip():
     assert m.sample(st, 20, 3, False)[0] == 3  # past the record: the (perfect) fallback
 
 
+def test_replay_acceptance_json_keeps_recorded_kl():
+    """Sweep and tune workers get the model as JSON: the recorded KL must survive the trip (DSDE reads it)."""
+    kl = {"r0": [0.5, None, 1.25], "r1": [0.0]}
+    m = acceptance_from_json(json.loads(json.dumps(ReplayAcceptance(acc(0.3), kl=kl).to_json())))
+    assert isinstance(m, ReplayAcceptance) and m.kl == kl and m.fallback.default.alpha == pytest.approx(0.3)
+    m.reset(0)
+    st = m.start(Request(0.0, 10, 8, acceptance=(2, 0), id="r0"))
+    assert m.sample(st, 0, 3, True)[1][0] == 0.5 and m.sample(st, 0, 3, True)[1][2] == 1.25
+    assert acceptance_from_json(ReplayAcceptance(acc(0.3)).to_json()).kl is None
+    with pytest.raises(ValueError, match="kl"):
+        acceptance_from_json({"kind": "replay", "kl": [1, 2]})
+
+
 def test_replayed_trace_acceptance_drives_the_simulation():
     trace = Trace((Request(0.0, 20, 13, acceptance=(3, 3, 3)),))
     res = simulate(trace, ConstCost(), make_policy("static", k=3), acceptance=ReplayAcceptance(acc(0.0)))
@@ -313,14 +327,14 @@ def test_replicas_share_load_and_routers_differ():
 
 # ---- robustness ----------------------------------------------------------------------------------------------------------
 def test_streaming_trace_error_keeps_partial_result(tmp_path):
-    from simulator.sim_cli import stream_jsonl
+    from simulator.trace import stream_trace
 
     f = tmp_path / "bad.jsonl"
     lines = [json.dumps({"arrival": i * 0.1, "prompt_tokens": 50, "output_tokens": 20}) for i in range(10)]
     lines.insert(7, '{"arrival": 0.75, "prompt_tokens": -3, "output_tokens": 20}')
     f.write_text("\n".join(lines) + "\n")
     with pytest.raises(SimulationError, match=r"bad\.jsonl:8") as e:
-        simulate(stream_jsonl(f), LinearCost(), make_policy("static", k=2), acceptance=acc())
+        simulate(stream_trace(f), LinearCost(), make_policy("static", k=2), acceptance=acc())
     part = e.value.result
     assert not part.complete and "bad.jsonl:8" in part.error
     assert part.summary["requests"] == 7  # every request read before the bad line ran to completion

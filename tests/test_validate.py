@@ -139,14 +139,14 @@ def test_replay_prompts_from_real_text(tmp_path):
 
 def test_replay_bad_trace_line_keeps_partial_results(tiny, tmp_path):
     from sglang_ext.engine.replay import PromptSource, replay
-    from simulator.sim_cli import stream_jsonl
+    from simulator.trace import stream_trace
 
     f = tmp_path / "bad.jsonl"
     lines = [json.dumps({"arrival": 0.002 * i, "prompt_tokens": 6, "output_tokens": 5}) for i in range(3)]
     lines.append('{"arrival": 0.01, "prompt_tokens": 0, "output_tokens": 5}')
     lines.append(json.dumps({"arrival": 0.02, "prompt_tokens": 6, "output_tokens": 5}))
     f.write_text("\n".join(lines) + "\n")
-    run = replay(tiny_engine(tiny), stream_jsonl(f), PromptSource(vocab_size=96), warmup=0)
+    run = replay(tiny_engine(tiny), stream_trace(f), PromptSource(vocab_size=96), warmup=0)
     assert not run.complete and "bad.jsonl:4" in run.error
     assert sum(r.done for r in run.requests) == 3  # the requests before the bad line ran to the end
     paths = run.save(tmp_path / "out")

@@ -159,6 +159,7 @@ class RequestRecord:
     verify_steps: int = 0  # the engine's spec_verify_ct
     acceptance: list[int] | None = None
     kl: list[list[float]] | None = None  # per verify step: KL at each proposed position
+    output_ids: list[int] | None = None  # what the engine emitted (greedy runs of two configs must agree)
 
     @property
     def done(self) -> bool:
@@ -552,6 +553,7 @@ def _one_step(engine, run: ReplayRun, states: dict, t0: float, clock: Callable[[
             rec.emitted = len(state.output_ids)
             rec.verify_steps = state.spec_verify_ct
             rec.acceptance = list(state.accept_record)
+            rec.output_ids = list(state.output_ids)
             if rec.kl is not None and len(rec.kl) != len(rec.acceptance):
                 rec.kl = None  # steps and KL records out of step: positions would shift, keep none
 
@@ -580,8 +582,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from simulator.metrics import print_result
-    from simulator.sim_cli import stream_jsonl
-    from simulator.trace import TraceError
+    from simulator.trace import TraceError, stream_trace
 
     from .launch import LaunchError, build_engine
 
@@ -589,7 +590,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         texts = load_texts(args.prompts)
         # the first line is read before the model loads: a trace that is bad from the start costs nothing
-        first = list(stream_jsonl(args.trace, args.time_scale, 1))
+        first = list(stream_trace(args.trace, args.time_scale, 1))
         if not first:
             raise ReplayError(f"{args.trace}: no requests")
         if args.threads:
@@ -601,7 +602,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         return 1
     prompts = PromptSource(texts, tokenizer, engine.target.vocab_size, seed=args.prompt_seed)
-    run = replay(engine, stream_jsonl(args.trace, args.time_scale, args.head), prompts, warmup=args.warmup)
+    run = replay(engine, stream_trace(args.trace, args.time_scale, args.head), prompts, warmup=args.warmup)
     run.info.update(engine={k: v for k, v in info.items() if k not in ("notes",)}, trace=str(args.trace),
                     time_scale=args.time_scale, head=args.head, prompt_seed=args.prompt_seed)
     paths = run.save(args.out, name=args.trace.name.split(".")[0])

@@ -87,10 +87,9 @@ import math
 from collections.abc import Sequence
 from itertools import chain, repeat
 from operator import mul, sub
+from typing import Any, Callable
 
 import numpy as np
-
-from typing import Any, Callable
 
 from ..signals import RequestStep, SignalHistory, StepResult, chain_trials
 from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs

@@ -31,7 +31,13 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from ..signals import StepResult, chain_trials, expected_tokens
-from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs, rng_state, set_rng_state
+from ._estimators import (
+    OnlineLinearCost,
+    RatioEMA,
+    resolve_costs,
+    rng_state,
+    set_rng_state,
+)
 from .base import BatchView, Decision, Param, Policy
 
 
