@@ -486,6 +486,8 @@ def test_trainer_process_deploys_survives_a_kill_and_the_server_swaps(target, tm
         st = online.status()
         assert st["deployed"] == 1 and st["version"] == 2 and drafter.version == 1 and st["alive"]
         assert swapped[0].embed_weight is not None and swapped[0].fc.weight.dtype == model.fc.weight.dtype
+        # the trainer lowered its own priority (default trainer_nice 10): serving goes first on shared cores
+        assert os.getpriority(os.PRIO_PROCESS, online.trainer.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         # kill the child mid-round: detected on poll, restarted, the round dropped, v2 still served
         serve_until_round()
         _wait(lambda: online.trainer.stats["last_started"] == 2, 30, poll)

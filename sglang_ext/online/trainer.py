@@ -60,6 +60,8 @@ log = logging.getLogger("sglang_ext.online")
 
 PARAMS: tuple[Param, ...] = (
     Param("trainer_threads", 1, 1, 256, kind="int", doc="torch threads of the trainer process (serving keeps the rest)"),
+    Param("trainer_nice", 10, 0, 19, kind="int",
+          doc="niceness the trainer process gives itself: where it shares cores with serving, serving goes first"),
     Param("keep_versions", 4, 1, 10_000, kind="int", doc="drafter versions kept in the hand-off directory"),
 )
 
@@ -95,6 +97,14 @@ def _cpu_seconds() -> float:
 
 def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: torch.Tensor, expect_target: dict | None,
                 requests, results, round_delay_s: float) -> None:
+    import os
+
+    nice = int(config.get("trainer_nice", 0))
+    if nice > 0:
+        try:
+            os.nice(nice)  # training is off the critical path: it should take idle CPU, not serving's
+        except OSError:
+            pass
     torch.set_num_threads(int(config["trainer_threads"]))
     try:
         torch.set_num_interop_threads(1)
