@@ -294,25 +294,6 @@ def test_tide_speculates_iff_speedup_above_one(accepted, alpha, speculate):
     assert d.lengths == {r: (3 if speculate else 0) for r in rids}
 
 
-def test_tide_hysteresis_switches_only_past_the_margin():
-    """Modes per batch size: off -> on needs speedup > 1.05, on -> off needs < 0.95 (h = 0.05); h = 0 is TIDE."""
-    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1)
-    p.observe(spec_step([("a", 3, 2)]))
-    seen = []
-    for s in (1.03, 1.08, 0.97, 1.02, 0.94, 1.04):
-        p.predicted_speedup = lambda *a, s=s, **k: s
-        seen.append(p.decide(BatchView(["a"])).speculate)
-    assert seen == [False, True, True, True, False, False]
-    assert p.state_dict()["mode"] == {"1": False}
-    bare = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1, hysteresis=0.0)
-    bare.observe(spec_step([("a", 3, 2)]))
-    out = []
-    for s in (1.03, 0.97):
-        bare.predicted_speedup = lambda *a, s=s, **k: s
-        out.append(bare.decide(BatchView(["a"])).speculate)
-    assert out == [True, False]
-
-
 def test_tide_with_callables_and_alpha_one():
     p = make_policy("tide-control", verify_cost=lambda b, t: 0.010 + 0.001 * b * t, draft_cost=lambda b: 0.002,
                     explore=0.0)

@@ -25,19 +25,6 @@ online from the measured seconds of each :class:`StepResult` (:class:`~._estimat
 discounted ratio of sums per batch size; a batch size with fewer than ``min_trials`` (discounted) trials uses
 the all-batch-sizes estimate.
 
-**Hysteresis** (``hysteresis`` h, our addition; 0 gives TIDE's bare rule). Switching modes is not free in a real
-engine: a feature drafter (EAGLE) must absorb the hidden states of every token decoded while speculation was off
-before it can draft again, padded over the batch, and TIDE's model prices none of that. Near a speedup of 1 the
-estimate's noise (α over a few dozen trials) flips the rule step to step and the engine pays that catch-up on every
-flip: measured on 2 CPU cores at batch 8 with γ = 3, the bare rule ran at 0.82× speculation off although neither
-mode alone was more than 2 % slower than the other. So the rule remembers its last mode per batch size and
-switches only when the estimate clears the threshold by the margin::
-
-    off → on   iff  Speedup(b) > threshold + h          on → off   iff  Speedup(b) < threshold − h
-
-A batch size starts in the off mode (speculation has to prove itself once measured). Exploration flips one step
-without changing the remembered mode.
-
 **Exploration** (no measurements yet, and staleness later), in this order:
 
 1. α unknown, or speculative costs unknown → speculate (the only way to measure α, ``T(b(γ+1))`` and ``D0``);
@@ -67,7 +54,6 @@ class TideControlPolicy(Policy):
         Param("alpha_decay", 0.95, 0.5, 0.9999, doc="discount per step of the α ratio-of-sums"),
         Param("min_trials", 16, 1, 10000, "int", doc="trials before a batch size's own α is trusted"),
         Param("cost_weight", 0.2, 0.01, 1.0, doc="EMA weight of a new measured cost (online costs only)"),
-        Param("hysteresis", 0.05, 0.0, 0.5, doc="switch modes only when the speedup clears threshold ± this"),
         Param("explore", 0.02, 0.0, 0.5, doc="probability of taking the mode the rule rejects"),
         Param("seed", 0, 0, 2**31 - 1, "int", doc="seed of the exploration RNG"),
     )
@@ -80,7 +66,6 @@ class TideControlPolicy(Policy):
         self.alpha_by_bs: dict[int, RatioEMA] = {}
         self.alpha_all = RatioEMA(self.config["alpha_decay"])
         self.rng = random.Random(self.config["seed"])
-        self.mode: dict[int, bool] = {}  # the rule's last decision per batch size (hysteresis)
 
     # the model ----------------------------------------------------------------------------------------------------
     @property
@@ -127,10 +112,7 @@ class TideControlPolicy(Policy):
         if not self._plain_cost_known():
             return False, {"reason": "explore: plain step unmeasured"}
         s = self.predicted_speedup(batch_size, gamma, context_len)
-        was_on = self.mode.get(batch_size, False)
-        h = self.config["hysteresis"]
-        on = s is not None and (s > self.config["threshold"] - h if was_on else s > self.config["threshold"] + h)
-        self.mode[batch_size] = on
+        on = s is not None and s > self.config["threshold"]
         info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule"}
         if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
             on, info["reason"] = not on, "explore: epsilon"
@@ -159,7 +141,7 @@ class TideControlPolicy(Policy):
     def state_dict(self) -> dict:
         return {"alpha_by_bs": {str(b): e.state_dict() for b, e in self.alpha_by_bs.items()},
                 "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(),
-                "mode": {str(b): on for b, on in self.mode.items()}, "rng": rng_state(self.rng)}
+                "rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
         d = self.config["alpha_decay"]
@@ -167,6 +149,5 @@ class TideControlPolicy(Policy):
         if "alpha_all" in state:
             self.alpha_all = RatioEMA(d).load(state["alpha_all"])
         self.learned.load_state_dict(state.get("learned", {}))
-        self.mode = {int(b): bool(on) for b, on in state.get("mode", {}).items()}
         if "rng" in state:
             set_rng_state(self.rng, state["rng"])
