@@ -46,6 +46,43 @@ class RatioEMA:
         return self
 
 
+class RequestAlphas:
+    """Per-request per-token acceptance α (the chain MLE as a :class:`RatioEMA`), with the batch-wide estimate for
+    a request not yet verified and ``prior`` before any step. Shared by the cost-aware length policies."""
+
+    def __init__(self, decay: float, prior: float = 0.5) -> None:
+        self.decay = float(decay)
+        self.prior = float(prior)
+        self.per_request: dict[str, RatioEMA] = {}
+        self.batch = RatioEMA(decay)
+
+    def update(self, result: StepResult) -> None:
+        for r in result.requests:
+            s, t = chain_trials(r.proposed, r.accepted)
+            if t:
+                self.per_request.setdefault(r.rid, RatioEMA(self.decay)).update(s, t)
+                self.batch.update(s, t)
+
+    def value(self, rid: str) -> float:
+        e = self.per_request.get(rid)
+        if e is not None and e.value is not None:
+            return e.value
+        a = self.batch.value
+        return self.prior if a is None else a
+
+    def release(self, rid: str) -> None:
+        self.per_request.pop(rid, None)
+
+    def state_dict(self) -> dict:
+        return {"alpha_req": {rid: e.state_dict() for rid, e in self.per_request.items()},
+                "alpha_all": self.batch.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_request = {rid: RatioEMA(self.decay).load(v) for rid, v in state.get("alpha_req", {}).items()}
+        if "alpha_all" in state:
+            self.batch = RatioEMA(self.decay).load(state["alpha_all"])
+
+
 def step_trials(result: StepResult) -> tuple[int, int]:
     """(successes, trials) of a whole step, summing :func:`chain_trials` over its requests."""
     s = t = 0

@@ -91,8 +91,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..signals import RequestStep, SignalHistory, StepResult, chain_trials
-from ._estimators import OnlineLinearCost, RatioEMA, resolve_costs
+from ..signals import RequestStep, SignalHistory, StepResult
+from ._estimators import OnlineLinearCost, RequestAlphas, resolve_costs
 from .base import BatchView, Decision, Param, Policy
 from .compose import apply_batch_cap
 from .goodput import best_length_cap
@@ -272,8 +272,7 @@ class DSDEPolicy(Policy):
         self._req: dict[str, _RequestState] = {}
         self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
         self.learned = OnlineLinearCost(c["forget"])
-        self.alpha_all = RatioEMA(c["alpha_decay"])
-        self._alpha: dict[str, RatioEMA] = {}
+        self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
         self._probe = 0
 
     # request lifetime ---------------------------------------------------------------------------------------------
@@ -285,7 +284,7 @@ class DSDEPolicy(Policy):
 
     def release(self, rid: str) -> None:
         self._req.pop(rid, None)
-        self._alpha.pop(rid, None)
+        self.alphas.release(rid)
 
     def _clip(self, k: int) -> int:
         return min(max(int(k), self.k_floor), self.config["max_k"])
@@ -391,19 +390,11 @@ class DSDEPolicy(Policy):
     def _observe_costs(self, result: StepResult) -> None:
         if self.given_costs is None:
             self.learned.update(result)
-        for r in result.requests:
-            s, t = chain_trials(r.proposed, r.accepted)
-            if t:
-                self._alpha.setdefault(r.rid, RatioEMA(self.config["alpha_decay"])).update(s, t)
-                self.alpha_all.update(s, t)
+        self.alphas.update(result)
 
     def alpha(self, rid: str) -> float:
         """The request's running per-token acceptance (batch-wide before its first verify; 0.5 before any)."""
-        e = self._alpha.get(rid)
-        if e is not None and e.value is not None:
-            return e.value
-        a = self.alpha_all.value
-        return 0.5 if a is None else a
+        return self.alphas.value(rid)
 
     def _apply_cost_cap(self, batch: BatchView, lengths: dict[str, int]) -> tuple[dict[str, int], int | None]:
         floor = max(1, self.k_floor)
@@ -424,15 +415,11 @@ class DSDEPolicy(Policy):
     # persistence --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"requests": {rid: st.state_dict() for rid, st in self._req.items()},
-                "alpha": {rid: e.state_dict() for rid, e in self._alpha.items()},
-                "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
+                **self.alphas.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
 
     def load_state_dict(self, state: dict) -> None:
         self._req = {rid: _RequestState.from_state(s) for rid, s in state.get("requests", {}).items()}
-        d = self.config["alpha_decay"]
-        self._alpha = {rid: RatioEMA(d).load(v) for rid, v in state.get("alpha", {}).items()}
-        if "alpha_all" in state:
-            self.alpha_all = RatioEMA(d).load(state["alpha_all"])
+        self.alphas.load_state_dict(state)
         if "learned" in state:
             self.learned.load_state_dict(state["learned"])
         self._probe = int(state.get("probe", 0))

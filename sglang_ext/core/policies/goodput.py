@@ -30,10 +30,10 @@ import random
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..signals import StepResult, chain_trials, expected_tokens
+from ..signals import StepResult, expected_tokens
 from ._estimators import (
     OnlineLinearCost,
-    RatioEMA,
+    RequestAlphas,
     resolve_costs,
     rng_state,
     set_rng_state,
@@ -106,8 +106,7 @@ class GoodputPolicy(Policy):
             raise ValueError(f"{self.name}: min_k={self.config['min_k']} > max_k={self.config['max_k']}")
         self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
         self.learned = OnlineLinearCost(self.config["forget"])
-        self.alpha_req: dict[str, RatioEMA] = {}
-        self.alpha_all = RatioEMA(self.config["alpha_decay"])
+        self.alphas = RequestAlphas(self.config["alpha_decay"], self.config["alpha_prior"])
         self.rng = random.Random(self.config["seed"])
         self._probe = 0
 
@@ -119,18 +118,14 @@ class GoodputPolicy(Policy):
         return self.given_costs is not None or (self.learned.knows_verify() and self.learned.knows_draft())
 
     def alpha(self, rid: str) -> float:
-        e = self.alpha_req.get(rid)
-        if e is not None and e.value is not None:
-            return e.value
-        a = self.alpha_all.value
-        return self.config["alpha_prior"] if a is None else a
+        return self.alphas.value(rid)
 
     def goodput(self, alphas: list[float], k: int, context_len: int = 0) -> float | None:
         """G(k) for a batch with these per-request α (None while a cost is unknown)."""
         return batch_goodput(self.costs, alphas, [k] * len(alphas), context_len)
 
     def release(self, rid: str) -> None:
-        self.alpha_req.pop(rid, None)
+        self.alphas.release(rid)
 
     def decide(self, batch: BatchView) -> Decision:
         lo, hi = self.config["min_k"], self.config["max_k"]
@@ -159,22 +154,14 @@ class GoodputPolicy(Policy):
             return
         if self.given_costs is None:
             self.learned.update(result)
-        for r in result.requests:
-            s, t = chain_trials(r.proposed, r.accepted)
-            if t:
-                self.alpha_req.setdefault(r.rid, RatioEMA(self.config["alpha_decay"])).update(s, t)
-                self.alpha_all.update(s, t)
+        self.alphas.update(result)
 
     def state_dict(self) -> dict:
-        return {"alpha_req": {rid: e.state_dict() for rid, e in self.alpha_req.items()},
-                "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(),
+        return {**self.alphas.state_dict(), "learned": self.learned.state_dict(),
                 "probe": self._probe, "rng": rng_state(self.rng)}
 
     def load_state_dict(self, state: dict) -> None:
-        d = self.config["alpha_decay"]
-        self.alpha_req = {rid: RatioEMA(d).load(v) for rid, v in state.get("alpha_req", {}).items()}
-        if "alpha_all" in state:
-            self.alpha_all = RatioEMA(d).load(state["alpha_all"])
+        self.alphas.load_state_dict(state)
         if "learned" in state:
             self.learned.load_state_dict(state["learned"])
         self._probe = int(state.get("probe", 0))
