@@ -36,10 +36,13 @@ request and chunk of ``max_prefill_tokens`` (the engine's ``--chunked-prefill-si
 ones included**. The prefill emits nothing: the first output token (position 0, TTFT) comes from that decode
 step, which is also the recorded step 0 of the request's acceptance, so :class:`~simulator.acceptance.
 ReplayAcceptance` reads position ``gen`` = 0 there. The engine has no KV limit (``kv_capacity`` must be None).
-The EAGLE drafter absorbs the target features of committed tokens lazily, at its next call, padded to the
-batch's longest backlog: ``prompt − 1`` pairs after the prefill, ``a + 1`` after a step. The profile's draft
-entries hold one pending pair per request, so a step with drafts adds
-``absorb_per_token_s · B · (max_r pending_r − 1)`` (the drafter's catch-up over a fresh prompt).
+The EAGLE drafter absorbs the target features of committed tokens lazily, at its next call: ``prompt − 1``
+pairs after the prefill, ``a + 1`` after a step, every token decoded while speculation was off. A request with
+more than ``EagleDrafter.catch_up_split`` pending pairs catches up alone first (``n − 1`` of them, unpadded),
+then the batch absorbs what is left padded to its longest backlog. The profile's draft entries hold one pending
+pair per request, so a step with drafts adds ``absorb_per_token_s · (Σ_{r: n_r > split} (n_r − 1) +
+B · (max_r n'_r − 1))`` with ``n'_r`` the backlogs left after the catch-ups (reported apart, as the step's
+``catch_up_seconds``, exactly as the engine does).
 
 **Cost of an iteration** (a duck-typed cost model: ``verify_seconds(batch_size, tokens_per_request,
 context_len=0)``, ``draft_seconds(batch_size, depth)``, optionally ``prefill_seconds(tokens, context_len)`` and
@@ -79,6 +82,7 @@ from typing import Any, Literal
 import numpy as np
 import simpy
 
+from sglang_ext.core.costs import CATCH_UP_SPLIT
 from sglang_ext.core.policies.base import BatchView
 from sglang_ext.core.signals import RequestStep, StepResult
 from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance
@@ -451,11 +455,15 @@ class Replica:
         self.sim.request_steps += B
         # the reference engine's attention reads every row up to the longest committed context (padded batch)
         ctx_mean = ctx_max - 1 if self.reference else round(ctx_sum / B)
+        catch_up_s = 0.0
         if K > 0:
             draft_s = float(self.draft(B, K))
             verify_s = float(self.verify(B, K + 1, ctx_mean))
-            if self.absorb:  # the drafter catches up on the batch's longest backlog (module docstring)
-                backlog = max(r.pending for r in run)
+            if self.absorb:  # split catch-ups on long backlogs, then the batch's padded rest (module docstring)
+                split = CATCH_UP_SPLIT
+                long_pairs = sum(r.pending - 1 for r in run if r.pending > split)
+                backlog = max(1 if r.pending > split else r.pending for r in run)
+                catch_up_s = self.absorb * long_pairs
                 if backlog > 1:
                     draft_s += self.absorb * B * (backlog - 1)
                 for r in run:
@@ -463,10 +471,11 @@ class Replica:
         else:
             draft_s, verify_s = 0.0, float(self.verify(B, 1, ctx_mean))
         self._result = StepResult(requests=steps, speculated=K > 0, draft_seconds=draft_s, verify_seconds=verify_s,
+                                  catch_up_seconds=catch_up_s,
                                   verify_tokens=B * (K + 1), drafter="simulated",
                                   config={"tree_budget": decision.tree_budget, "drafter": decision.drafter,
                                           **decision.info})
-        return draft_s, verify_s
+        return draft_s + catch_up_s, verify_s
 
     def _make_room(self, ks: list[int], growth: int) -> int:
         """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""

@@ -33,8 +33,8 @@ own arrivals — never on the run that is judged (:func:`fit_calibration`):
   finishing and compacting requests, the replay driver's own work — measured directly (step time minus the time
   inside the forwards and the drafter call) and fitted as ``overhead_s + overhead_per_request_s·B +
   overhead_per_admit_s·A``; plus the drafter's **catch-up** on a new prompt (it absorbs the prompt's features at
-  its first call, padded over the batch: ``absorb_per_token_s·B·(backlog − 1)``), which the profile's one-pair
-  draft entries do not contain;
+  its first call, each long backlog alone: ``absorb_per_token_s·Σ_r (backlog_r − 1)``, see
+  :mod:`simulator.model`), which the profile's one-pair draft entries do not contain;
 - optionally (``--calibrate-speed``) the **speed** of the machine then relative to when it was profiled (measured
   forward time / profiled forward time, for prefill, verify and draft): a shared machine runs the same forward
   10-25 % slower while a neighbour is busy. Off by default: on a machine whose load changes by the minute a
@@ -285,7 +285,8 @@ def measure_catch_up(draft_model: Any, vocab_size: int, batch_sizes: Sequence[in
     """The EAGLE drafter's catch-up cost, measured like a profile entry: one depth-1 draft call for ``B`` requests
     that each hold ``P`` pending pairs (after a prefill: the prompt's), on random features (values do not change the
     cost). Fits ``seconds ≈ a + b·B + absorb·B·(P − 1)`` (non-negative least squares) and returns ``absorb`` (s per
-    padded pair) with the medians it was fitted to. Deterministic work, a few seconds: steadier than a slope read
+    pending pair; with equal backlogs the drafter's split catch-up and a padded absorb process the same pairs)
+    with the medians it was fitted to. Deterministic work, a few seconds: steadier than a slope read
     off the ten-odd admissions of a calibration run."""
     import statistics
 
@@ -704,7 +705,7 @@ class Validation:
         model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
         self.catch_up = measure_catch_up(model, target.vocab_size)
         self.report["catch_up"] = self.catch_up
-        self.log(f"drafter catch-up (measured): {1e6 * self.catch_up['absorb_per_token_s']:.1f} us per padded pending "
+        self.log(f"drafter catch-up (measured): {1e6 * self.catch_up['absorb_per_token_s']:.1f} us per pending "
                  "pair")
 
     def run(self, console: Any) -> bool:

@@ -91,3 +91,30 @@ def test_resume_is_deterministic(target, tmp_path):
 def test_draft_vocabulary_keeps_frequent_and_forced_ids():
     v = draft_vocabulary([[5, 5, 5, 6, 6, 7]], size=3, vocab_size=50, always=[1])
     assert v.tolist() == [1, 5, 6]
+
+
+def test_split_catch_up_matches_the_padded_absorb(target):
+    """Backlogs of 40, 5 and 25 pairs: the split catch-up (40 and 25 alone, then one batched absorb) gives the same
+    root states and drafts as padding all three to 40, commits the same cache lengths, and times the catch-up."""
+    trainer = DrafterTrainer(target, "tiny", TrainConfig(feature_layers=[0, 2], draft_vocab_size=None), "/tmp/unused")
+    model = trainer.new_model(torch.arange(96)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(2, 96, (1, 60), generator=g)
+    feats, _ = TargetTeacher(target, model.draft_vocab)(x)
+    backlogs = (40, 5, 25)
+    roots = []
+    for split in (1000, None):  # 1000: never split (the padded absorb); None: the class default
+        drafter = EagleDrafter(model, num_slots=3, max_len=128)
+        if split is not None:
+            drafter.catch_up_split = split
+        for slot, n in enumerate(backlogs):
+            drafter.admit(slot)
+            drafter.observe(slot, feats[0, :n], x[0, 1:n + 1].tolist())
+        with torch.no_grad():
+            roots.append(drafter._absorb_pending(0, 3))
+        assert drafter.cache.lengths[:3].tolist() == list(backlogs)
+        if split is None:
+            assert drafter.catch_up_split < 25 and drafter.last_catch_up_seconds > 0
+        else:
+            assert drafter.last_catch_up_seconds < 1e-3  # nothing split: only the check
+    torch.testing.assert_close(roots[0], roots[1], rtol=1e-5, atol=1e-5)

@@ -442,3 +442,24 @@ def test_sim_validate_end_to_end_on_the_real_model(tmp_path):
     assert all(r["calibration"]["speed"]["verify"] > 0 for r in report["rows"])
     static = read_trace(out / "light-static" / "trace.jsonl")
     assert all(r.acceptance is not None for r in static)
+
+
+def test_reference_schedule_catch_up_is_unpadded_per_request():
+    """Two fresh prompts (51 and 21 tokens) in one batch: each catches up alone on all but its last pair
+    (CATCH_UP_SPLIT = 16 < 50, 20), as the EAGLE drafter does, so the catch-up costs absorb · (49 + 19), not the
+    padded absorb · 2 · 49; the step reports it apart from its steady drafting cost."""
+    from sglang_ext.core.costs import CATCH_UP_SPLIT
+
+    assert CATCH_UP_SPLIT < 20
+    v, dr, pre = 0.01, 0.004, 0.05
+    seen = []
+
+    policy = make_policy("static", k=2)
+    observe = policy.observe
+    policy.observe = lambda result: (seen.append(result), observe(result))
+    cfg = SimConfig(schedule="reference", absorb_per_token_s=1e-4)
+    res = simulate(Trace((Request(0.0, 51, 3), Request(0.0, 21, 3))), _Const(v, dr, pre), policy, cfg,
+                   acceptance=perfect())
+    assert seen[0].catch_up_seconds == pytest.approx(1e-4 * (49 + 19))
+    assert seen[0].draft_seconds == pytest.approx(dr)  # both rows left with one pair: no padded rest
+    assert res.requests["first_token"][0] == pytest.approx(2 * pre + dr + 1e-4 * (49 + 19) + v)

@@ -64,6 +64,11 @@ from typing import Any
 
 import numpy as np
 
+#: pending pairs above which the EAGLE drafter absorbs a request's backlog alone, unpadded, before the batched
+#: absorb (:mod:`sglang_ext.core.drafters.eagle`); the simulator prices catch-ups by the same rule. Kept here, in a
+#: module without torch, so that the simulator reads it without importing the drafter.
+CATCH_UP_SPLIT = 16
+
 PROFILE_FORMAT = "sglang-ext-profile/1"
 MODEL_FORMAT = "sglang-ext-costmodel/1"
 STRUCTURES = ("linear", "jump", "hinge", "hinge+jump")

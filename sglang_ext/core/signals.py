@@ -46,7 +46,9 @@ class StepResult:
 
     ``speculated`` is False for a plain decode step (every request has ``proposed == 0``).
     ``verify_tokens`` is the number of token positions the target forward processed (batch × tree nodes of the
-    widest tree: the batch is padded to it).
+    widest tree: the batch is padded to it). ``catch_up_seconds`` is the drafter's one-off catch-up on backlogs
+    (a fresh prompt, or the tokens decoded while speculation was off): part of the step's time, but kept out of
+    ``draft_seconds`` so that policies learn the steady per-step drafting cost from it.
     """
 
     requests: list[RequestStep]
@@ -55,6 +57,7 @@ class StepResult:
     verify_seconds: float = 0.0
     overhead_seconds: float = 0.0
     train_seconds: float = 0.0
+    catch_up_seconds: float = 0.0
     verify_tokens: int = 0
     drafter: str = ""
     config: dict = field(default_factory=dict)  # what the policy chose for this step (e.g. bandit arm)
@@ -65,7 +68,8 @@ class StepResult:
 
     @property
     def seconds(self) -> float:
-        return self.draft_seconds + self.verify_seconds + self.overhead_seconds + self.train_seconds
+        return (self.draft_seconds + self.verify_seconds + self.overhead_seconds + self.train_seconds
+                + self.catch_up_seconds)
 
     @property
     def committed_tokens(self) -> int:

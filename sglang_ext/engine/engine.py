@@ -133,7 +133,8 @@ class StepStats:
 
     batch_size: int = 0
     prefill_tokens: int = 0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # the whole drafter call, catch-up included
+    catch_up_seconds: float = 0.0  # of which the drafter's split catch-up on long backlogs
     verify_seconds: float = 0.0
     prefill_seconds: float = 0.0
     nodes_per_request: list[int] = field(default_factory=list)
@@ -364,8 +365,11 @@ class Engine:
             self._decision = self.policy.decide(BatchView(
                 rids=[s.rid for s in running], context_lens=[len(s.tokens) for s in running],
                 temperatures=[s.request.sampling.temperature for s in running]))
+        if self.drafter is not None and hasattr(self.drafter, "last_catch_up_seconds"):
+            self.drafter.last_catch_up_seconds = 0.0  # set again only if the drafter runs this step
         drafts = self._draft()
         t1 = time.perf_counter()
+        stats.catch_up_seconds = getattr(self.drafter, "last_catch_up_seconds", 0.0) if self.drafter is not None else 0.0
         if self.config.fast_paths:
             results, out = self._forward_verify_fast(drafts)
         else:
@@ -438,8 +442,9 @@ class Engine:
                                      draft_entropy=ent_q, context_len=len(state.tokens),
                                      temperature=state.request.sampling.temperature))
         d = self._decision
-        return StepResult(requests=steps, speculated=any(s.proposed for s in steps), draft_seconds=stats.draft_seconds,
-                          verify_seconds=stats.verify_seconds,
+        return StepResult(requests=steps, speculated=any(s.proposed for s in steps),
+                          draft_seconds=stats.draft_seconds - stats.catch_up_seconds,
+                          catch_up_seconds=stats.catch_up_seconds, verify_seconds=stats.verify_seconds,
                           verify_tokens=len(drafts) * max(x.num_nodes for x in drafts),
                           drafter=getattr(self.drafter, "name", ""),
                           config={"tree_budget": d.tree_budget, "drafter": d.drafter, **d.info} if d else {})
