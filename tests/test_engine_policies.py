@@ -33,7 +33,7 @@ def _policy(name: str) -> Policy:
 @pytest.mark.parametrize("kind", ["eagle", "ngram"])
 def test_greedy_identity_with_every_policy(tiny, name, kind):
     policy = (ComposedPolicy(make_policy("dsde", max_k=4, init_k=2, window=6, cap=False), cap=True,
-                             onoff=make_policy("tide-control", gamma=3, explore=0.3))
+                             onoff=make_policy("tide-control", gamma=3, explore=0.3, explore_budget=0.5))
               if name == "composed" else _policy(name))
     engine = make_engine(tiny, kind, num_steps=4, max_batch=3)
     engine.policy = policy

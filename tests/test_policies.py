@@ -745,3 +745,45 @@ def test_config_invalid_json_names_file(tmp_path):
         load_policy_config(path)
     with pytest.raises(ValueError, match=r"<config>: config is not an object"):
         policy_from_dict([1, 2])
+
+
+def _tide_with_known_model(**kw):
+    """tide-control at b = 1 with LinearCost and α = 1 measured: the rule speculates (speedup 4 / 1.8 > 1)."""
+    p = make_policy("tide-control", cost_model=LinearCost(), min_trials=1, **kw)
+    p.observe(spec_step([("a", 3, 3)], verify=0.014, draft=0.006, verify_tokens=4))
+    return p
+
+
+def test_tide_exploration_budget_bounds_what_flips_lose():
+    """Every flip is priced against the rule's predicted rate for the mode it replaced, and flips stop while their
+    summed loss exceeds explore_budget × all step time: here a flip to a plain step (0.011 s for 1 token) replaces a
+    predicted 4 tokens in 0.020 s, so it loses 0.011 − 1/200 = 0.006 s."""
+    p = _tide_with_known_model(explore=0.5, explore_budget=0.05, seed=3)
+    rate_on = p.predicted_rate(1, True)
+    assert rate_on == pytest.approx(4 / (0.006 + 0.014))
+    flips = 0
+    for _ in range(400):
+        d = p.decide(BatchView(["a"]))
+        if d.speculate:
+            p.observe(spec_step([("a", 3, 3)], verify=0.014, draft=0.006, verify_tokens=4))
+        else:
+            flips += 1
+            p.observe(StepResult([RequestStep("a", 0, 0)], speculated=False, verify_seconds=0.011, verify_tokens=1))
+    loss_per_flip = 0.011 - 1 / rate_on
+    assert p.explore_loss == pytest.approx(flips * loss_per_flip)
+    assert p.explore_loss <= 0.05 * p.seconds_seen + loss_per_flip  # at most one flip past the line
+    assert flips > 10  # still explores, within budget
+    unbudgeted = _tide_with_known_model(explore=0.5, explore_budget=0.5, seed=3)
+    unflipped = sum(not unbudgeted.decide(BatchView(["a"])).speculate for _ in range(400))
+    assert unflipped > 3 * flips  # the budget is what held exploration back
+
+
+def test_tide_exploration_budget_zero_keeps_to_the_rule():
+    p = _tide_with_known_model(explore=0.5, explore_budget=0.0)
+    p.observe(StepResult([RequestStep("a", 0, 0)], speculated=False, verify_seconds=0.011, verify_tokens=1))
+    p.explore_loss = 1e-9  # any loss at all, and a zero budget admits no flip
+    assert all(p.decide(BatchView(["a"])).speculate for _ in range(100))
+    state = p.state_dict()
+    q = make_policy("tide-control", cost_model=LinearCost(), explore_budget=0.0)
+    q.load_state_dict(state)
+    assert (q.explore_loss, q.seconds_seen) == (p.explore_loss, p.seconds_seen)

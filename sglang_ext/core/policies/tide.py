@@ -31,6 +31,22 @@ the all-batch-sizes estimate.
 2. plain cost ``T(b)`` unknown → a plain step;
 3. otherwise the rule, flipped with probability ``explore`` (seeded ``random.Random``) so that the mode the rule
    rejects keeps being measured: α drifts with the traffic, and the costs of the unused mode go stale.
+
+**Exploration budget** (our addition; TIDE profiles offline and never explores). A flip costs real time when the
+rule was right: a speculative step where speculation does not pay, plus the drafter's catch-up on every token
+decoded while it was off. Each flip's *loss* is measured against the rule's own prediction for the mode it
+replaced,
+
+.. math::
+
+    \text{loss} = t_{\text{step}} - \frac{\text{tokens}_{\text{step}}}{R_{\text{rule}}(b)}, \qquad
+    R_{\text{off}}(b) = \frac{b}{T(b)}, \quad
+    R_{\text{on}}(b) = \frac{b\,E[\ell]}{D(b, γ) + T(b(γ+1))},
+
+(negative when the flip did better than the rule expected), and a flip is taken only while the summed loss is
+at most ``explore_budget`` × the summed time of every step observed. So exploration never costs more than that
+share of serving time, whatever ``explore`` is: with the default 1 % the policy stays within TIDE's target
+"never more than 2 % slower than speculation off" when the rule is right, and still re-measures the other mode.
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ class TideControlPolicy(Policy):
         Param("min_trials", 16, 1, 10000, "int", doc="trials before a batch size's own α is trusted"),
         Param("cost_weight", 0.2, 0.01, 1.0, doc="EMA weight of a new measured cost (online costs only)"),
         Param("explore", 0.02, 0.0, 0.5, doc="probability of taking the mode the rule rejects"),
+        Param("explore_budget", 0.01, 0.0, 0.5, doc="most of all step time that exploring flips may lose (measured)"),
         Param("seed", 0, 0, 2**31 - 1, "int", doc="seed of the exploration RNG"),
     )
 
@@ -66,6 +83,9 @@ class TideControlPolicy(Policy):
         self.alpha_by_bs: dict[int, RatioEMA] = {}
         self.alpha_all = RatioEMA(self.config["alpha_decay"])
         self.rng = random.Random(self.config["seed"])
+        self.seconds_seen = 0.0  # every observed step's time
+        self.explore_loss = 0.0  # summed loss of exploring flips (module docstring)
+        self._flip_rate: float | None = None  # this step is a flip: the rule's predicted tok/s for its own mode
 
     # the model ----------------------------------------------------------------------------------------------------
     @property
@@ -114,9 +134,31 @@ class TideControlPolicy(Policy):
         s = self.predicted_speedup(batch_size, gamma, context_len)
         on = s is not None and s > self.config["threshold"]
         info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule"}
+        self._flip_rate = None
         if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
-            on, info["reason"] = not on, "explore: epsilon"
+            if self.explore_loss <= self.config["explore_budget"] * self.seconds_seen:
+                rate = self.predicted_rate(batch_size, on, gamma, context_len)
+                if rate:
+                    self._flip_rate = rate
+                    on, info["reason"] = not on, "explore: epsilon"
+            else:
+                info["reason"] = "rule (exploration budget spent)"
         return on, info
+
+    def predicted_rate(self, batch_size: int, speculate: bool, gamma: int | None = None,
+                       context_len: int = 0) -> float | None:
+        """Predicted tokens/s of a step in the given mode (R_on / R_off of the module docstring)."""
+        gamma = self.config["gamma"] if gamma is None else int(gamma)
+        costs = self.costs
+        if not speculate:
+            t1 = costs.verify_seconds(batch_size, 1, context_len)
+            return batch_size / t1 if t1 else None
+        a = self.alpha(batch_size)
+        tg = costs.verify_seconds(batch_size, gamma + 1, context_len)
+        dg = costs.draft_seconds(batch_size, gamma)
+        if a is None or tg is None or dg is None or tg + dg <= 0:
+            return None
+        return batch_size * expected_tokens(a, gamma) / (dg + tg)
 
     # the loop -----------------------------------------------------------------------------------------------------
     def decide(self, batch: BatchView) -> Decision:
@@ -130,6 +172,10 @@ class TideControlPolicy(Policy):
     def observe(self, result: StepResult) -> None:
         if result.batch_size == 0:
             return
+        self.seconds_seen += result.seconds
+        if self._flip_rate is not None:  # priced before this step updates the model that priced the rule's mode
+            self.explore_loss += result.seconds - result.committed_tokens / self._flip_rate
+            self._flip_rate = None
         if self.given_costs is None:
             self.learned.update(result)
         if result.speculated:
@@ -141,7 +187,7 @@ class TideControlPolicy(Policy):
     def state_dict(self) -> dict:
         return {"alpha_by_bs": {str(b): e.state_dict() for b, e in self.alpha_by_bs.items()},
                 "alpha_all": self.alpha_all.state_dict(), "learned": self.learned.state_dict(),
-                "rng": rng_state(self.rng)}
+                "rng": rng_state(self.rng), "seconds_seen": self.seconds_seen, "explore_loss": self.explore_loss}
 
     def load_state_dict(self, state: dict) -> None:
         d = self.config["alpha_decay"]
@@ -151,3 +197,5 @@ class TideControlPolicy(Policy):
         self.learned.load_state_dict(state.get("learned", {}))
         if "rng" in state:
             set_rng_state(self.rng, state["rng"])
+        self.seconds_seen = float(state.get("seconds_seen", 0.0))
+        self.explore_loss = float(state.get("explore_loss", 0.0))
