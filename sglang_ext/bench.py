@@ -16,6 +16,11 @@ With ``--policies``, the EAGLE chain also runs under each speculation-control po
 **oracle-static** row every policy is compared with (found with :func:`oracle_static`, i.e. by measuring each k
 on this very workload, which a deployed policy cannot do).
 
+With ``--repeats N`` every engine row runs ``N`` times in **interleaved rounds** (each row once per round,
+same order; an engine and its policy persist across rounds as in serving). A row reports its median run, and
+``× off (paired)`` is the median over rounds of its tokens/s divided by speculation off's in the same round:
+on a machine whose speed drifts by ±10–20 % over minutes, only ratios taken within one round are comparable.
+
 Batch 1 runs requests one at a time; batch ``B`` submits them all to the engine with ``B`` slots (continuous
 batching) and, for HF, runs left-padded static batches of ``B``. Reported per (method, batch): tokens/s of
 wall time (prefill included), ratio to ``hf`` at the same batch size, acceptance length (committed tokens per
@@ -54,6 +59,7 @@ class BenchRow:
     ratio_vs_hf: float | None = None
     config: dict = field(default_factory=dict)
     ratio_vs_oracle: float | None = None
+    ratio_vs_off: float | None = None  # paired per round (see _paired_ratios)
 
 
 def load_bench_prompts(tokenizer, sets: Sequence[str], per_set: int, prompts_file: str | None = None,
@@ -127,6 +133,7 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
               policies: Sequence[str] = (), policy_max_steps: int = 4, repeats: int = 1,
               log=print) -> list[BenchRow]:
     from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
+    from sglang_ext.core.policies import make_policy
     from sglang_ext.engine.launch import build_engine_from_parts, eos_ids
 
     eos = list(eos_ids(model, tokenizer))
@@ -140,29 +147,15 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
         draft = EagleDraftModel.load(draft_model_path, expect_target=target_identity(model_name, model.config))
     rows: list[BenchRow] = []
 
-    def engine_row(method: str, batch: int, algo: str, kw: dict, policy=None) -> BenchRow:
+    def arm(method: str, batch: int, algo: str, kw: dict, policy=None) -> _EngineArm:
         engine, info = build_engine_from_parts(model, tokenizer, algo, max_running_requests=batch, context_length=2048,
                                                eos_token_ids=tuple(eos), model_name=model_name, policy=policy, **kw)
         _engine_run(engine, ids[:1], 4, 1)  # warm-up
-        runs = []
-        for _ in range(max(1, repeats)):  # back to back; the median run is the row (a policy's state carries over)
-            engine.totals.update(draft_s=0.0, verify_s=0.0)
-            states, secs = _engine_run(engine, ids, max_new_tokens, batch)
-            runs.append((secs, states, engine.totals["draft_s"]))
-        secs, states, draft_s = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-        outs = [s.output_ids for s in states]
-        toks = sum(len(o) for o in outs)
-        steps = sum(s.spec_verify_ct for s in states)
-        cfg = {k: v for k, v in info.items() if k.startswith("speculative_") and v is not None}
-        return BenchRow(method, batch, len(ids), toks, secs, toks / secs, toks / steps if steps else None,
-                        draft_s / secs if algo != "NONE" else 0.0,
-                        sum(o == r for o, r in zip(outs, reference)) if all(
-                            [s.output_ids for s in st] == outs for _, st, _ in runs) else 0,
-                        config={**cfg, "repeats": len(runs), "run_seconds": [r[0] for r in runs]})
+        return _EngineArm(method, batch, algo, engine, info, policy)
 
     for batch in batch_sizes:
+        arms: list[_EngineArm] = []
         for method in methods:
-            cfg: dict = {}
             if method in ("hf", "hf-pld"):
                 if method == "hf-pld" and batch > 1:
                     log(f"skip hf-pld at batch {batch}: HF prompt lookup supports batch 1 only")
@@ -174,59 +167,104 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
                 else:
                     outs, secs = _hf_generate(model, ids, max_new_tokens, batch, eos, pld)
                 toks = sum(len(o) for o in outs)
-                row = BenchRow(method, batch, len(ids), toks, secs, toks / secs, None, None,
-                               sum(o == r for o, r in zip(outs, reference)), config=cfg)
-            else:
-                algo = {"off": "NONE", "ngram": "NGRAM"}.get(method, "EAGLE")
-                kw = {}
-                if method == "ngram":
-                    kw = {"num_steps": ngram_steps}
-                elif method == "eagle-chain":
-                    kw = {"num_steps": num_steps, "topk": 1, "draft_model": draft}
-                elif method == "eagle-tree":
-                    kw = {"num_steps": tree_steps, "topk": tree_topk, "num_draft_tokens": tree_budget, "draft_model": draft}
-                row = engine_row(method, batch, algo, kw)
-            rows.append(row)
-            log(f"batch {batch:2d} {method:12s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
-                f"identical {row.identical}/{row.requests}")
+                rows.append(BenchRow(method, batch, len(ids), toks, secs, toks / secs, None, None,
+                                     sum(o == r for o, r in zip(outs, reference)), config=cfg))
+                log(f"batch {batch:2d} {method:12s} {rows[-1].tokens_per_s:7.1f} tok/s")
+                continue
+            algo = {"off": "NONE", "ngram": "NGRAM"}.get(method, "EAGLE")
+            kw = {}
+            if method == "ngram":
+                kw = {"num_steps": ngram_steps}
+            elif method == "eagle-chain":
+                kw = {"num_steps": num_steps, "topk": 1, "draft_model": draft}
+            elif method == "eagle-tree":
+                kw = {"num_steps": tree_steps, "topk": tree_topk, "num_draft_tokens": tree_budget, "draft_model": draft}
+            arms.append(arm(method, batch, algo, kw))
         if policies:
-            rows += _policy_rows(engine_row, batch, draft, policies, policy_max_steps, log)
+            arms += [arm(f"static k={k}", batch, "EAGLE", {"num_steps": k, "topk": 1, "draft_model": draft})
+                     for k in range(1, policy_max_steps + 1)]
+            for spec in policies:
+                name, params = parse_policy_spec(spec)
+                overrides = {"dsde": {"max_k": policy_max_steps}, "goodput": {"max_k": policy_max_steps},
+                             "tide-control": {"gamma": policy_max_steps}}.get(name, {})
+                policy = make_policy(name, **{**overrides, **params})
+                arms.append(arm(f"policy {spec}", batch, "EAGLE",
+                                {"num_steps": policy_max_steps, "topk": 1, "draft_model": draft}, policy=policy))
+        for r in range(max(1, repeats)):  # interleaved rounds: every arm once per round, in the same order
+            for a in arms:
+                a.run_once(ids, max_new_tokens)
+                log(f"batch {batch:2d} round {r + 1} {a.method:22s} {a.runs[-1][1]:7.1f} tok/s")
+        arm_rows = [a.row(reference) for a in arms]
+        _paired_ratios(arms, arm_rows)
+        if policies:
+            arm_rows = _with_oracle(arm_rows, batch, policy_max_steps)
+        for a in arms:
+            a.engine = None  # free the caches before the next batch size
+        rows += arm_rows
     for row in rows:
         base = next((r for r in rows if r.method == "hf" and r.batch == row.batch), None)
         row.ratio_vs_hf = row.tokens_per_s / base.tokens_per_s if base else None
     return rows
 
 
-def _policy_rows(engine_row, batch: int, draft, policies: Sequence[str], max_steps: int, log) -> list[BenchRow]:
-    """Every static k (the oracle-static search) and every policy, EAGLE chain, at one batch size."""
-    from sglang_ext.core.policies import make_policy, oracle_static
+class _EngineArm:
+    """One engine configuration of the bench: its engine (kept between rounds, so a policy's state carries over,
+    as in serving) and the runs it made."""
 
-    static: dict[int, BenchRow] = {}
+    def __init__(self, method: str, batch: int, algo: str, engine, info: dict, policy=None) -> None:
+        self.method, self.batch, self.algo, self.engine, self.info, self.policy = method, batch, algo, engine, info, policy
+        self.runs: list[tuple[float, float, list, float]] = []  # (seconds, tok/s, states, draft seconds)
 
-    def measure(k: int) -> float:
-        static[k] = engine_row(f"static k={k}", batch, "EAGLE", {"num_steps": k, "topk": 1, "draft_model": draft})
-        log(f"batch {batch:2d} static k={k}   {static[k].tokens_per_s:7.1f} tok/s  accept {static[k].accept_length:.2f}")
-        return static[k].tokens_per_s
+    def run_once(self, ids: list[list[int]], max_new: int) -> None:
+        self.engine.totals.update(draft_s=0.0, verify_s=0.0)
+        states, secs = _engine_run(self.engine, ids, max_new, self.batch)
+        toks = sum(len(s.output_ids) for s in states)
+        self.runs.append((secs, toks / secs, states, self.engine.totals["draft_s"]))
 
-    best_k, _ = oracle_static(measure, range(1, max_steps + 1))
+    def row(self, reference: list[list[int]]) -> BenchRow:
+        """The median run; identical counts only if every run's outputs are the same."""
+        secs, _, states, draft_s = sorted(self.runs, key=lambda r: r[0])[len(self.runs) // 2]
+        outs = [s.output_ids for s in states]
+        toks = sum(len(o) for o in outs)
+        steps = sum(s.spec_verify_ct for s in states)
+        same = all([s.output_ids for s in st] == outs for _, _, st, _ in self.runs)
+        cfg = {k: v for k, v in self.info.items() if k.startswith("speculative_") and v is not None}
+        cfg.update(repeats=len(self.runs), run_seconds=[r[0] for r in self.runs])
+        if self.policy is not None:
+            cfg["policy"] = {"name": self.policy.name, **{k: v for k, v in self.policy.config.items() if v is not None}}
+        return BenchRow(self.method, self.batch, len(outs), toks, secs, toks / secs, toks / steps if steps else None,
+                        draft_s / secs if self.algo != "NONE" else 0.0,
+                        sum(o == r for o, r in zip(outs, reference)) if same else 0, config=cfg)
+
+
+def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None:
+    r"""``ratio_vs_off``: the median over rounds of (this arm's tok/s ÷ speculation off's tok/s *in the same
+    round*). Rounds are interleaved, so a machine that drifts between rounds moves both sides of each ratio."""
+    off = next((a for a in arms if a.method == "off"), None)
+    if off is None:
+        return
+    for a, row in zip(arms, rows):
+        ratios = sorted(x[1] / o[1] for x, o in zip(a.runs, off.runs))
+        row.ratio_vs_off = ratios[len(ratios) // 2]
+        row.config["ratio_vs_off_per_round"] = ratios
+
+
+def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[BenchRow]:
+    """Insert the oracle-static row (the best static k measured here, :func:`oracle_static`) after the static rows
+    and set every policy and static row's ratio to it."""
+    from sglang_ext.core.policies import oracle_static
+
+    static = {k: next(r for r in rows if r.method == f"static k={k}") for k in range(1, max_steps + 1)}
+    best_k, _ = oracle_static(lambda k: static[k].tokens_per_s, static)
     oracle = static[best_k]
-    out = list(static.values())
-    out.append(BenchRow(f"oracle-static (k={best_k})", batch, oracle.requests, oracle.tokens, oracle.seconds,
-                        oracle.tokens_per_s, oracle.accept_length, oracle.draft_share, oracle.identical,
-                        config={"k": best_k}))
-    for spec in policies:
-        name, params = parse_policy_spec(spec)
-        overrides = {"dsde": {"max_k": max_steps}, "goodput": {"max_k": max_steps},
-                     "tide-control": {"gamma": max_steps}}.get(name, {})
-        policy = make_policy(name, **{**overrides, **params})
-        row = engine_row(f"policy {spec}", batch, "EAGLE", {"num_steps": max_steps, "topk": 1, "draft_model": draft},
-                         policy=policy)
-        row.config["policy"] = {"name": name, **{k: v for k, v in policy.config.items() if v is not None}}
-        out.append(row)
-        log(f"batch {batch:2d} {spec:14s} {row.tokens_per_s:7.1f} tok/s  accept {row.accept_length or 0:.2f}  "
-            f"identical {row.identical}/{row.requests}")
+    orow = BenchRow(f"oracle-static (k={best_k})", batch, oracle.requests, oracle.tokens, oracle.seconds,
+                    oracle.tokens_per_s, oracle.accept_length, oracle.draft_share, oracle.identical,
+                    config={"k": best_k}, ratio_vs_off=oracle.ratio_vs_off)
+    i = rows.index(static[max_steps]) + 1
+    out = rows[:i] + [orow] + rows[i:]
     for row in out:
-        row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
+        if row.method.startswith(("static", "oracle", "policy")):
+            row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
     return out
 
 
@@ -249,15 +287,17 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     oracle = any(r.ratio_vs_oracle is not None for r in rows)
-    lines = ["| batch | method | tok/s | × HF plain | " + ("× oracle-static | " if oracle else "")
-             + "accept length | draft time share | identical to HF greedy |",
-             "|---:|---|---:|---:|" + ("---:|" if oracle else "") + "---:|---:|---:|"]
+    paired = any(r.ratio_vs_off is not None for r in rows)
+    lines = ["| batch | method | tok/s | × HF plain | " + ("× off (paired) | " if paired else "")
+             + ("× oracle-static | " if oracle else "") + "accept length | draft time share | identical to HF greedy |",
+             "|---:|---|---:|---:|" + ("---:|" if paired else "") + ("---:|" if oracle else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
+        vs_off = (f"{r.ratio_vs_off:.3f}× | " if r.ratio_vs_off is not None else "– | ") if paired else ""
         vs_oracle = (f"{r.ratio_vs_oracle:.3f}× | " if r.ratio_vs_oracle is not None else "– | ") if oracle else ""
         acc = f"{r.accept_length:.2f}" if r.accept_length else "–"
         share = f"{100 * r.draft_share:.0f}%" if r.draft_share is not None else "–"
-        lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {vs_oracle}{acc} | {share} | "
+        lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {vs_off}{vs_oracle}{acc} | {share} | "
                      f"{r.identical}/{r.requests} |")
     return "\n".join(lines)
 
@@ -323,8 +363,9 @@ def register(sub) -> None:
                    "chain beside every static k (oracle-static): e.g. dsde,tide-control,sglang-adaptive,goodput,bandit; "
                    "NAME:PARAM=VALUE sets a parameter, e.g. dsde:cost_cap=false (DSDE as published)")
     p.add_argument("--policy-max-steps", type=int, default=4, help="longest draft a policy may choose (and largest static k)")
-    p.add_argument("--repeats", type=int, default=1, help="engine rows: runs back to back, the median is reported "
-                   "(every run's outputs must be identical to HF greedy for the row to count as identical)")
+    p.add_argument("--repeats", type=int, default=1, help="engine rows: interleaved rounds (every engine row once per "
+                   "round), the median run is reported, and '× off (paired)' is the median of per-round ratios to "
+                   "speculation off (every run's outputs must be identical to HF greedy for the row to count as identical)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="results directory (default: analysis/results/bench-<date>)")
     p.set_defaults(func=cmd_bench)
