@@ -365,11 +365,11 @@ class Engine:
             self._decision = self.policy.decide(BatchView(
                 rids=[s.rid for s in running], context_lens=[len(s.tokens) for s in running],
                 temperatures=[s.request.sampling.temperature for s in running]))
-        if self.drafter is not None and hasattr(self.drafter, "last_catch_up_seconds"):
+        if hasattr(self.drafter, "last_catch_up_seconds"):
             self.drafter.last_catch_up_seconds = 0.0  # set again only if the drafter runs this step
         drafts = self._draft()
         t1 = time.perf_counter()
-        stats.catch_up_seconds = getattr(self.drafter, "last_catch_up_seconds", 0.0) if self.drafter is not None else 0.0
+        stats.catch_up_seconds = getattr(self.drafter, "last_catch_up_seconds", 0.0)
         if self.config.fast_paths:
             results, out = self._forward_verify_fast(drafts)
         else:

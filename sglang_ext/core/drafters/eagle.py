@@ -8,8 +8,8 @@ extends the cache and yields the state ``a`` at the root), then drafts from ``a`
 * **catch-up** (a fresh prompt, or the tokens decoded while speculation was off): a request holding more than
   ``catch_up_split`` pending pairs absorbs all but its last pair alone, in a forward of its own, before the
   batched one. Padding every row to the longest backlog would cost ``B · max_r n_r`` layer positions instead
-  of ``Σ_r n_r`` (8 fresh prompts of 40–1023 tokens: 8184 positions for 2423 real ones, 1.7 s instead of about
-  0.5 s on one CPU thread). The time goes to :attr:`last_catch_up_seconds`, apart from the steady per-step
+  of ``Σ_r n_r`` (8 fresh prompts of 40–1023 tokens: 8184 positions for 2423 real ones, 1.69 s instead of
+  0.29 s on one CPU thread). The time goes to :attr:`last_catch_up_seconds`, apart from the steady per-step
   drafting cost that speculation-control policies price;
 
 * ``topk == 1`` (chain, SGLang's default for EAGLE): ``num_steps`` tokens, each the argmax of ``q`` for greedy
