@@ -460,9 +460,8 @@ class Replica:
             draft_s = float(self.draft(B, K))
             verify_s = float(self.verify(B, K + 1, ctx_mean))
             if self.absorb:  # split catch-ups on long backlogs, then the batch's padded rest (module docstring)
-                split = CATCH_UP_SPLIT
-                long_pairs = sum(r.pending - 1 for r in run if r.pending > split)
-                backlog = max(1 if r.pending > split else r.pending for r in run)
+                long_pairs = sum(r.pending - 1 for r in run if r.pending > CATCH_UP_SPLIT)
+                backlog = max(1 if r.pending > CATCH_UP_SPLIT else r.pending for r in run)
                 catch_up_s = self.absorb * long_pairs
                 if backlog > 1:
                     draft_s += self.absorb * B * (backlog - 1)

@@ -106,20 +106,14 @@ class TideControlPolicy(Policy):
         return self.given_costs is not None or self.learned.knows_verify(1)
 
     def predicted_speedup(self, batch_size: int, gamma: int | None = None, context_len: int = 0) -> float | None:
-        """TIDE Eq. 4/5 at this batch size, or None while α or a cost is unknown."""
+        """TIDE Eq. 4/5 at this batch size, or None while α or a cost is unknown: ``R_on / R_off`` (module
+        docstring), since ``E[ℓ] / (c(b)γ + β(b)) = (b E[ℓ] / (D(b, γ) + T(b(γ+1)))) / (b / T(b))``."""
         gamma = self.config["gamma"] if gamma is None else int(gamma)
-        a = self.alpha(batch_size)
-        if a is None or not (self._spec_costs_known(gamma) and self._plain_cost_known()):
+        if self.alpha(batch_size) is None or not (self._spec_costs_known(gamma) and self._plain_cost_known()):
             return None
-        costs = self.costs
-        t1 = costs.verify_seconds(batch_size, 1, context_len)
-        tg = costs.verify_seconds(batch_size, gamma + 1, context_len)
-        dg = costs.draft_seconds(batch_size, gamma)
-        if t1 is None or tg is None or dg is None or t1 <= 0:
-            return None
-        c_gamma = dg / t1  # c(b)·γ with c(b) = D0 / T(b)
-        beta = tg / t1  # β(b) = T(b(γ+1)) / T(b)
-        return expected_tokens(a, gamma) / (c_gamma + beta)
+        on = self.predicted_rate(batch_size, True, gamma, context_len)
+        off = self.predicted_rate(batch_size, False, gamma, context_len)
+        return None if on is None or not off else on / off
 
     def should_speculate(self, batch_size: int, gamma: int | None = None, context_len: int = 0) -> bool:
         """The decision, exploration included (draws from the policy's RNG)."""
@@ -152,7 +146,7 @@ class TideControlPolicy(Policy):
         costs = self.costs
         if not speculate:
             t1 = costs.verify_seconds(batch_size, 1, context_len)
-            return batch_size / t1 if t1 else None
+            return batch_size / t1 if t1 is not None and t1 > 0 else None
         a = self.alpha(batch_size)
         tg = costs.verify_seconds(batch_size, gamma + 1, context_len)
         dg = costs.draft_seconds(batch_size, gamma)
