@@ -282,7 +282,7 @@ HAND_DENOM = 0.006 / 0.014 + 0.026 / 0.014
     ([3, 2, 1, 1], 0.7, True),  # s = 7, trials = 3+3+2+2 = 10; E = (1-0.7^4)/0.3 = 2.533 -> 1.108
 ])
 def test_tide_speculates_iff_speedup_above_one(accepted, alpha, speculate):
-    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1)
+    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1, depth="fixed")
     rids = ["a", "b", "c", "d"]
     p.observe(spec_step([(r, 3, a) for r, a in zip(rids, accepted)]))
     assert p.alpha(4) == pytest.approx(alpha)
@@ -304,7 +304,7 @@ def test_tide_with_callables_and_alpha_one():
 
 
 def test_tide_learns_costs_online_and_explores_first():
-    p = make_policy("tide-control", explore=0.0, min_trials=1)
+    p = make_policy("tide-control", explore=0.0, min_trials=1, depth="fixed")
     rids = list("abcd")
     assert p.decide(BatchView(rids)).speculate  # nothing measured: speculate (measures alpha, T(b(g+1)), D0)
     p.observe(spec_step([(r, 3, a) for r, a in zip(rids, [3, 2, 1, 1])], verify=0.026, draft=0.006,
@@ -331,10 +331,61 @@ def test_tide_learned_costs_interpolate_over_batch_and_depth():
 
 
 def test_tide_epsilon_exploration_tries_both_modes():
-    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.3, seed=7)
+    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.3, seed=7, depth="fixed")
     p.observe(spec_step([("a", 3, 3)]))
     modes = [p.decide(BatchView(["a"])).speculate for _ in range(200)]
     assert 0 < modes.count(False) < modes.count(True)
+
+
+# depth="best": the same model asked about every depth 1..gamma (module docstring of tide.py)
+#   LinearCost at b = 4: R_off = 4 / 0.014; R_on(g) = 4 E(alpha, g) / (0.002 g + 0.010 + 0.004 (g + 1))
+def _rates_by_hand(alpha: float, gamma: int, b: int = 4) -> dict[int, float]:
+    return {g: b * closed_form_tokens(alpha, g) / (0.002 * g + 0.010 + 0.001 * b * (g + 1)) for g in range(1, gamma + 1)}
+
+
+@pytest.mark.parametrize("accepted", [[2, 1, 2, 1], [3, 2, 1, 1], [1, 0, 0, 1], [3, 3, 3, 2]])
+def test_tide_best_depth_is_the_argmax_of_the_predicted_rate(accepted):
+    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1, gamma=3)
+    rids = list("abcd")
+    p.observe(spec_step([(r, 3, a) for r, a in zip(rids, accepted)]))
+    rates = _rates_by_hand(p.alpha(4), 3)
+    best = max(rates, key=lambda g: (rates[g], -g))
+    assert p.best_depth(4) == best
+    for g, r in rates.items():
+        assert p.predicted_rate(4, True, g) == pytest.approx(r)
+    on = rates[best] / (4 / 0.014) > 1.0
+    d = p.decide(BatchView(rids))
+    assert (d.speculate, d.info["gamma"]) == (on, best)
+    assert d.lengths == {r: (best if on else 0) for r in rids}
+
+
+def test_tide_best_depth_speculates_where_the_fixed_depth_would_not():
+    """alpha = 0.6 at b = 4: gamma = 3 predicts 0.952x (off), gamma = 1 predicts 1.6 / 0.020 vs 1 / 0.014: 1.12x."""
+    rids = list("abcd")
+    fixed = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1, depth="fixed")
+    best = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1)
+    for p in (fixed, best):
+        p.observe(spec_step([(r, 3, a) for r, a in zip(rids, [2, 1, 2, 1])]))
+    assert not fixed.decide(BatchView(rids)).speculate
+    d = best.decide(BatchView(rids))
+    assert d.speculate and d.lengths == {r: 1 for r in rids}
+    assert best.predicted_speedup(4, 1) == pytest.approx(1.6 / 0.020 * 0.014)
+    assert ComposedPolicy(make_policy("static", k=3), cap=False, onoff=best).decide(BatchView(rids)).speculate is False
+
+
+def test_tide_best_depth_flips_explore_every_other_option_within_budget():
+    p = make_policy("tide-control", cost_model=LinearCost(), explore=0.5, explore_budget=0.5, min_trials=1, seed=5)
+    p.observe(spec_step([("a", 3, 3)], verify=0.014, draft=0.006, verify_tokens=4))  # alpha 1: gamma 3 is best
+    seen = set()
+    for _ in range(300):
+        d = p.decide(BatchView(["a"]))
+        k = d.lengths["a"]
+        seen.add(k)
+        p.observe(spec_step([("a", k, k)], verify=0.010 + 0.001 * (k + 1), draft=0.002 * k, verify_tokens=k + 1)
+                  if k else StepResult([RequestStep("a", 0, 0)], speculated=False, verify_seconds=0.011,
+                                       verify_tokens=1))
+    assert seen == {0, 1, 2, 3}
+    assert p.explore_loss <= 0.5 * p.seconds_seen + 0.011
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -592,7 +643,7 @@ def test_composed_cap_and_onoff():
 
 
 def test_composed_with_dsde_and_tide():
-    tide = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1)
+    tide = make_policy("tide-control", cost_model=LinearCost(), explore=0.0, min_trials=1, depth="fixed")
     c = ComposedPolicy(make_policy("dsde", cost_cap=False, cap=False, init_k=3), cap=True, onoff=tide)
     rids = list("abcd")
     assert c.decide(BatchView(rids)).speculate  # alpha unknown: tide explores by speculating
@@ -749,7 +800,7 @@ def test_config_invalid_json_names_file(tmp_path):
 
 def _tide_with_known_model(**kw):
     """tide-control at b = 1 with LinearCost and α = 1 measured: the rule speculates (speedup 4 / 1.8 > 1)."""
-    p = make_policy("tide-control", cost_model=LinearCost(), min_trials=1, **kw)
+    p = make_policy("tide-control", cost_model=LinearCost(), min_trials=1, depth="fixed", **kw)
     p.observe(spec_step([("a", 3, 3)], verify=0.014, draft=0.006, verify_tokens=4))
     return p
 
@@ -784,6 +835,6 @@ def test_tide_exploration_budget_zero_keeps_to_the_rule():
     p.explore_loss = 1e-9  # any loss at all, and a zero budget admits no flip
     assert all(p.decide(BatchView(["a"])).speculate for _ in range(100))
     state = p.state_dict()
-    q = make_policy("tide-control", cost_model=LinearCost(), explore_budget=0.0)
+    q = make_policy("tide-control", cost_model=LinearCost(), explore_budget=0.0, depth="fixed")
     q.load_state_dict(state)
     assert (q.explore_loss, q.seconds_seen) == (p.explore_loss, p.seconds_seen)

@@ -32,6 +32,23 @@ the all-batch-sizes estimate.
 3. otherwise the rule, flipped with probability ``explore`` (seeded ``random.Random``) so that the mode the rule
    rejects keeps being measured: α drifts with the traffic, and the costs of the unused mode go stale.
 
+**Depth choice** (``depth``; our addition, after Nightjar's batch-level γ ∈ {0..Γ_max}, algorithms.md §6.5).
+``depth="fixed"`` is TIDE as published: the rule is asked about γ = ``gamma`` only. ``depth="best"`` (default) asks
+the same model about every depth up to ``gamma`` and speculates at the best one,
+
+.. math::
+
+    γ^* = \arg\max_{1 \le g \le γ} R_{\text{on}}(b, g), \qquad
+    \text{speculate at } γ^* \iff \mathrm{Speedup}(b, γ^*) = R_{\text{on}}(b, γ^*) / R_{\text{off}}(b) > \text{threshold}
+
+with the rates below. Why: when the fixed γ sits near break-even (on this 2-core CPU, γ = 3 is 0.92–1.00× of
+speculation off while γ = 1 is 1.16–1.18×), the fixed rule flips between modes on noise, and every switch-on
+makes a feature drafter catch up on the tokens decoded while it was off, so the mix loses to both pure modes
+(measured 0.954× speculation off at batch 1 and 8, ``analysis/results/bench-interleaved-20261123``). The best
+depth is usually far from break-even, so the decision is stable. Unmeasured depths are priced by the cost
+model's interpolation over tokens per request, so no extra exploration is needed to price them; ε-flips (below)
+take any other option in {off, 1..γ} uniformly, which keeps every depth's cost measured.
+
 **Exploration budget** (our addition; TIDE profiles offline and never explores). A flip costs real time when the
 rule was right: a speculative step where speculation does not pay, plus the drafter's catch-up on every token
 decoded while it was off. Each flip's *loss* is measured against the rule's own prediction for the mode it
@@ -65,7 +82,9 @@ class TideControlPolicy(Policy):
     name = "tide-control"
     extra_args = ("cost_model", "verify_cost", "draft_cost")
     params = (
-        Param("gamma", 3, 1, 16, "int", doc="draft depth when speculating (TIDE: 3)"),
+        Param("gamma", 3, 1, 16, "int", doc="draft depth when speculating (TIDE: 3); the deepest with depth=best"),
+        Param("depth", "best", kind="choice", choices=("best", "fixed"),
+              doc="best: speculate at the depth <= gamma with the highest predicted rate; fixed: TIDE, always gamma"),
         Param("threshold", 1.0, 0.5, 2.0, doc="speculate iff predicted speedup > threshold (TIDE: 1)"),
         Param("alpha_decay", 0.95, 0.5, 0.9999, doc="discount per step of the α ratio-of-sums"),
         Param("min_trials", 16, 1, 10000, "int", doc="trials before a batch size's own α is trusted"),
@@ -119,22 +138,41 @@ class TideControlPolicy(Policy):
         """The decision, exploration included (draws from the policy's RNG)."""
         return self._choose(batch_size, gamma, context_len)[0]
 
+    def best_depth(self, batch_size: int, context_len: int = 0) -> int:
+        """``γ*``: the depth in ``1..gamma`` with the highest predicted speculative rate (``gamma`` while unpriced)."""
+        top = self.config["gamma"]
+        rates = {g: self.predicted_rate(batch_size, True, g, context_len) for g in range(1, top + 1)}
+        priced = {g: r for g, r in rates.items() if r is not None}
+        return max(priced, key=lambda g: (priced[g], -g)) if priced else top  # ties: the shallower (cheaper) depth
+
     def _choose(self, batch_size: int, gamma: int | None, context_len: int) -> tuple[bool, dict]:
+        """``(speculate, info)`` at the fixed ``gamma`` when one is given (the composed policy asks about the depth
+        the batch will verify); otherwise at the depth the ``depth`` setting picks. ``info["gamma"]`` is the depth."""
+        choose_depth = gamma is None and self.config["depth"] == "best"
         gamma = self.config["gamma"] if gamma is None else int(gamma)
+        self._flip_rate = None
         if self.alpha(batch_size) is None or not self._spec_costs_known(gamma):
-            return True, {"reason": "explore: speculative step unmeasured"}
+            return True, {"reason": "explore: speculative step unmeasured", "gamma": gamma}
         if not self._plain_cost_known():
-            return False, {"reason": "explore: plain step unmeasured"}
+            return False, {"reason": "explore: plain step unmeasured", "gamma": gamma}
+        if choose_depth:
+            gamma = self.best_depth(batch_size, context_len)
         s = self.predicted_speedup(batch_size, gamma, context_len)
         on = s is not None and s > self.config["threshold"]
-        info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule"}
-        self._flip_rate = None
+        info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule", "gamma": gamma}
         if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
             if self.explore_loss <= self.config["explore_budget"] * self.seconds_seen:
                 rate = self.predicted_rate(batch_size, on, gamma, context_len)
                 if rate:
                     self._flip_rate = rate
-                    on, info["reason"] = not on, "explore: epsilon"
+                    info["reason"] = "explore: epsilon"
+                    if choose_depth:  # any other option in {off, 1..gamma}, uniformly
+                        chosen = gamma if on else 0
+                        options = [g for g in range(self.config["gamma"] + 1) if g != chosen]
+                        g = options[self.rng.randrange(len(options))]
+                        on, info["gamma"] = g > 0, (g if g > 0 else gamma)
+                    else:
+                        on = not on
             else:
                 info["reason"] = "rule (exploration budget spent)"
         return on, info
@@ -160,7 +198,7 @@ class TideControlPolicy(Policy):
             return Decision(speculate=False, lengths={})
         ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
         on, info = self._choose(batch.batch_size, None, ctx)
-        k = self.config["gamma"] if on else 0
+        k = info["gamma"] if on else 0
         return Decision(speculate=on, lengths={rid: k for rid in batch.rids}, info=info)
 
     def observe(self, result: StepResult) -> None:
