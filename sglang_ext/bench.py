@@ -20,6 +20,7 @@ With ``--repeats N`` every engine row runs ``N`` times in **interleaved rounds**
 same order; an engine and its policy persist across rounds as in serving). A row reports its median run, and
 ``× off (paired)`` is the median over rounds of its tokens/s divided by speculation off's in the same round:
 on a machine whose speed drifts by ±10–20 % over minutes, only ratios taken within one round are comparable.
+``× oracle-static`` is paired the same way (per round, against the oracle k's run in that round).
 
 Batch 1 runs requests one at a time; batch ``B`` submits them all to the engine with ``B`` slots (continuous
 batching) and, for HF, runs left-padded static batches of ``B``. Reported per (method, batch): tokens/s of
@@ -229,7 +230,8 @@ class _EngineArm:
         steps = sum(s.spec_verify_ct for s in states)
         same = all([s.output_ids for s in st] == outs for _, _, st, _ in self.runs)
         cfg = {k: v for k, v in self.info.items() if k.startswith("speculative_") and v is not None}
-        cfg.update(repeats=len(self.runs), run_seconds=[r[0] for r in self.runs])
+        cfg.update(repeats=len(self.runs), run_seconds=[r[0] for r in self.runs],
+                   tokens_per_s_per_round=[r[1] for r in self.runs])
         if self.policy is not None:
             cfg["policy"] = {"name": self.policy.name, **{k: v for k, v in self.policy.config.items() if v is not None}}
         return BenchRow(self.method, self.batch, len(outs), toks, secs, toks / secs, toks / steps if steps else None,
@@ -250,8 +252,9 @@ def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None
 
 
 def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[BenchRow]:
-    """Insert the oracle-static row (the best static k measured here, :func:`oracle_static`) after the static rows
-    and set every policy and static row's ratio to it."""
+    """Insert the oracle-static row (the best static k measured here, :func:`oracle_static`, by median tok/s) after
+    the static rows and set every policy and static row's ratio to it: with several rounds, the median over rounds
+    of (row tok/s ÷ oracle tok/s *in the same round*), as for ``× off``; with one run, the plain ratio."""
     from sglang_ext.core.policies import oracle_static
 
     static = {k: next(r for r in rows if r.method == f"static k={k}") for k in range(1, max_steps + 1)}
@@ -259,12 +262,20 @@ def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[Bench
     oracle = static[best_k]
     orow = BenchRow(f"oracle-static (k={best_k})", batch, oracle.requests, oracle.tokens, oracle.seconds,
                     oracle.tokens_per_s, oracle.accept_length, oracle.draft_share, oracle.identical,
-                    config={"k": best_k}, ratio_vs_off=oracle.ratio_vs_off)
+                    config={"k": best_k, "tokens_per_s_per_round": oracle.config.get("tokens_per_s_per_round", [])},
+                    ratio_vs_off=oracle.ratio_vs_off)
     i = rows.index(static[max_steps]) + 1
     out = rows[:i] + [orow] + rows[i:]
+    base_rounds = orow.config["tokens_per_s_per_round"]
     for row in out:
         if row.method.startswith(("static", "oracle", "policy")):
-            row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
+            mine = row.config.get("tokens_per_s_per_round", [])
+            if len(mine) > 1 and len(mine) == len(base_rounds):
+                ratios = sorted(x / o for x, o in zip(mine, base_rounds))
+                row.ratio_vs_oracle = ratios[len(ratios) // 2]
+                row.config["ratio_vs_oracle_per_round"] = ratios
+            else:
+                row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
     return out
 
 
@@ -288,8 +299,9 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     oracle = any(r.ratio_vs_oracle is not None for r in rows)
     paired = any(r.ratio_vs_off is not None for r in rows)
+    oracle_paired = any("ratio_vs_oracle_per_round" in r.config for r in rows)
     lines = ["| batch | method | tok/s | × HF plain | " + ("× off (paired) | " if paired else "")
-             + ("× oracle-static | " if oracle else "") + "accept length | draft time share | identical to HF greedy |",
+             + (f"× oracle-static{' (paired)' if oracle_paired else ''} | " if oracle else "") + "accept length | draft time share | identical to HF greedy |",
              "|---:|---|---:|---:|" + ("---:|" if paired else "") + ("---:|" if oracle else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
