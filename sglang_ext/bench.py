@@ -17,9 +17,10 @@ With ``--policies``, the EAGLE chain also runs under each speculation-control po
 on this very workload, which a deployed policy cannot do).
 
 With ``--repeats N`` every engine row runs ``N`` times in **interleaved rounds** (each row once per round,
-same order; an engine and its policy persist across rounds as in serving). A row reports its median run, and
-``× off (paired)`` is the median over rounds of its tokens/s divided by speculation off's in the same round:
-on a machine whose speed drifts by ±10–20 % over minutes, only ratios taken within one round are comparable.
+the order rotated by one each round, so no row always runs first; an engine and its policy persist across
+rounds as in serving). A row reports its median run, and ``× off (paired)`` is the median over rounds of its
+tokens/s divided by speculation off's in the same round: on a machine whose speed drifts by ±10–20 % over
+minutes (25 % between two consecutive runs of one engine was measured), only ratios within one round compare.
 ``× oracle-static`` is paired the same way (per round, against the oracle k's run in that round).
 
 Batch 1 runs requests one at a time; batch ``B`` submits them all to the engine with ``B`` slots (continuous
@@ -191,8 +192,8 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
                 policy = make_policy(name, **{**overrides, **params})
                 arms.append(arm(f"policy {spec}", batch, "EAGLE",
                                 {"num_steps": policy_max_steps, "topk": 1, "draft_model": draft}, policy=policy))
-        for r in range(max(1, repeats)):  # interleaved rounds: every arm once per round, in the same order
-            for a in arms:
+        for r in range(max(1, repeats)):  # interleaved rounds: every arm once per round, the order rotated by one
+            for a in arms[r % len(arms):] + arms[:r % len(arms)]:  # per round (no arm always first: drift)
                 a.run_once(ids, max_new_tokens)
                 log(f"batch {batch:2d} round {r + 1} {a.method:22s} {a.runs[-1][1]:7.1f} tok/s")
         arm_rows = [a.row(reference) for a in arms]
