@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -241,14 +242,14 @@ class _EngineArm:
 
 
 def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None:
-    r"""``ratio_vs_off``: the median over rounds of (this arm's tok/s ÷ speculation off's tok/s *in the same
-    round*). Rounds are interleaved, so a machine that drifts between rounds moves both sides of each ratio."""
+    r"""``ratio_vs_off``: the median over rounds (the mean of the middle two for an even count) of (this arm's
+    tok/s ÷ speculation off's tok/s *in the same round*). Rounds are interleaved, so a machine that drifts between rounds moves both sides of each ratio."""
     off = next((a for a in arms if a.method == "off"), None)
     if off is None:
         return
     for a, row in zip(arms, rows):
-        ratios = sorted(x[1] / o[1] for x, o in zip(a.runs, off.runs))
-        row.ratio_vs_off = ratios[len(ratios) // 2]
+        ratios = [x[1] / o[1] for x, o in zip(a.runs, off.runs)]  # in round order
+        row.ratio_vs_off = statistics.median(ratios)
         row.config["ratio_vs_off_per_round"] = ratios
 
 
@@ -272,8 +273,8 @@ def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[Bench
         if row.method.startswith(("static", "oracle", "policy")):
             mine = row.config.get("tokens_per_s_per_round", [])
             if len(mine) > 1 and len(mine) == len(base_rounds):
-                ratios = sorted(x / o for x, o in zip(mine, base_rounds))
-                row.ratio_vs_oracle = ratios[len(ratios) // 2]
+                ratios = [x / o for x, o in zip(mine, base_rounds)]  # in round order
+                row.ratio_vs_oracle = statistics.median(ratios)
                 row.config["ratio_vs_oracle_per_round"] = ratios
             else:
                 row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
