@@ -80,3 +80,25 @@ def test_bench_rejects_bad_policy_parameter(spec, word):
     proc = subprocess.run([sys.executable, "-m", "sglang_ext", "bench", "--policies", spec], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and f"--policies {spec}" in proc.stderr and word in proc.stderr, proc.stderr
+
+
+def test_paired_ratios_are_per_round_medians():
+    """× off and × oracle-static pair each round's runs; an even round count takes the mean of the middle two."""
+    from types import SimpleNamespace
+
+    from sglang_ext.bench import BenchRow, _paired_ratios, _with_oracle
+
+    tps = {"off": [10.0, 20.0, 10.0, 10.0], "static k=1": [11.0, 22.0, 12.0, 9.0], "static k=2": [9.0, 30.0, 8.0, 8.0],
+           "policy x": [11.0, 20.0, 13.0, 10.0]}
+    arms = [SimpleNamespace(method=m, runs=[(1.0, t) for t in ts]) for m, ts in tps.items()]
+    rows = [BenchRow(m, 8, 1, 1, 1.0, sorted(ts)[2], None, None, 1, config={"tokens_per_s_per_round": ts})
+            for m, ts in tps.items()]
+    _paired_ratios(arms, rows)
+    by = {r.method: r for r in rows}
+    assert by["static k=1"].config["ratio_vs_off_per_round"] == pytest.approx([1.1, 1.1, 1.2, 0.9])
+    assert by["static k=1"].ratio_vs_off == pytest.approx(1.1)
+    assert by["policy x"].ratio_vs_off == pytest.approx((1.0 + 1.1) / 2)
+    out = {r.method: r for r in _with_oracle(rows, 8, 2)}
+    assert "oracle-static (k=1)" in out  # median tok/s 12 > 9 (k=2's one fast round does not make it the oracle)
+    assert out["policy x"].config["ratio_vs_oracle_per_round"] == pytest.approx([1.0, 20 / 22, 13 / 12, 10 / 9])
+    assert out["policy x"].ratio_vs_oracle == pytest.approx((1.0 + 13 / 12) / 2)
