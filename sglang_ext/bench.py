@@ -243,7 +243,8 @@ class _EngineArm:
 
 def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None:
     r"""``ratio_vs_off``: the median over rounds (the mean of the middle two for an even count) of (this arm's
-    tok/s ÷ speculation off's tok/s *in the same round*). Rounds are interleaved, so a machine that drifts between rounds moves both sides of each ratio."""
+    tok/s ÷ speculation off's tok/s *in the same round*). Rounds are interleaved, so a machine that drifts between
+    rounds moves both sides of each ratio."""
     off = next((a for a in arms if a.method == "off"), None)
     if off is None:
         return
@@ -303,7 +304,8 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     paired = any(r.ratio_vs_off is not None for r in rows)
     oracle_paired = any("ratio_vs_oracle_per_round" in r.config for r in rows)
     lines = ["| batch | method | tok/s | × HF plain | " + ("× off (paired) | " if paired else "")
-             + (f"× oracle-static{' (paired)' if oracle_paired else ''} | " if oracle else "") + "accept length | draft time share | identical to HF greedy |",
+             + (f"× oracle-static{' (paired)' if oracle_paired else ''} | " if oracle else "")
+             + "accept length | draft time share | identical to HF greedy |",
              "|---:|---|---:|---:|" + ("---:|" if paired else "") + ("---:|" if oracle else "") + "---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
