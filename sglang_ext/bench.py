@@ -241,6 +241,13 @@ class _EngineArm:
                         sum(o == r for o, r in zip(outs, reference)) if same else 0, config=cfg)
 
 
+def _paired(mine: Sequence[float], base: Sequence[float]) -> tuple[float, list[float]]:
+    """``(median, per-round ratios in round order)`` of ``mine[r] / base[r]``; the median of an even count is the
+    mean of the middle two."""
+    ratios = [x / o for x, o in zip(mine, base)]
+    return statistics.median(ratios), ratios
+
+
 def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None:
     r"""``ratio_vs_off``: the median over rounds (the mean of the middle two for an even count) of (this arm's
     tok/s ÷ speculation off's tok/s *in the same round*). Rounds are interleaved, so a machine that drifts between
@@ -249,9 +256,7 @@ def _paired_ratios(arms: Sequence[_EngineArm], rows: Sequence[BenchRow]) -> None
     if off is None:
         return
     for a, row in zip(arms, rows):
-        ratios = [x[1] / o[1] for x, o in zip(a.runs, off.runs)]  # in round order
-        row.ratio_vs_off = statistics.median(ratios)
-        row.config["ratio_vs_off_per_round"] = ratios
+        row.ratio_vs_off, row.config["ratio_vs_off_per_round"] = _paired([x[1] for x in a.runs], [o[1] for o in off.runs])
 
 
 def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[BenchRow]:
@@ -274,9 +279,7 @@ def _with_oracle(rows: list[BenchRow], batch: int, max_steps: int) -> list[Bench
         if row.method.startswith(("static", "oracle", "policy")):
             mine = row.config.get("tokens_per_s_per_round", [])
             if len(mine) > 1 and len(mine) == len(base_rounds):
-                ratios = [x / o for x, o in zip(mine, base_rounds)]  # in round order
-                row.ratio_vs_oracle = statistics.median(ratios)
-                row.config["ratio_vs_oracle_per_round"] = ratios
+                row.ratio_vs_oracle, row.config["ratio_vs_oracle_per_round"] = _paired(mine, base_rounds)
             else:
                 row.ratio_vs_oracle = row.tokens_per_s / oracle.tokens_per_s
     return out
