@@ -69,7 +69,7 @@ def test_fit_report_on_a_real_tiny_profile(tiny_profile):
     rep = model.fit_report()
     for name, points in (("verify", 8), ("prefill", 4), ("draft", 4), ("train", 2)):
         r = rep[name]
-        assert r["points"] == points and r["structure"] in ("linear", "jump", "hinge", "hinge+jump")
+        assert r["points"] == points and r["structure"] in ("linear", "jump", "hinge", "hinge+jump", "knots")
         assert 0 <= r["mean_rel_error"] <= r["max_rel_error"] < math.inf, r  # timings of a ~1 ms model are noisy here
         assert all(v >= 0 for v in r["coefficients"].values()) and r["formula"]
     assert rep["source"]["model"] == "tiny-llama"
@@ -147,6 +147,73 @@ def test_fit_finds_a_cpu_style_jump_and_averages_out_noise():
     errs = [abs(noisy.verify_seconds(*q) / cpu_like(*q) - 1) for q in queries]
     assert np.mean(errs) < 0.02 and max(errs) < 0.06
     _check_monotone_in_n(noisy)
+
+
+def _epyc_like(B, t, c):
+    """A 2-core EPYC's shape (measured): 2-3 batched tokens cost more than 4, then a gentle slope, plus KV reads."""
+    n = B * t
+    gemm = {1: 0.062, 2: 0.100, 3: 0.135}.get(n, 0.090 + 0.0033 * (n - 4))
+    return gemm + 5e-6 * B * c
+
+
+def test_knots_follow_a_cost_that_falls_from_3_to_4_batched_tokens():
+    prof = _synthetic_profile(_epyc_like, noise=0.02, seed=3)
+    model = CostModel.fit(prof)
+    assert model.verify.structure == "knots"
+    assert model.verify_seconds(1, 3, 256) > model.verify_seconds(1, 4, 256)  # what no monotone structure can say
+    assert model.fit_report()["verify"]["max_rel_error"] < 0.08
+    queries = [(B, t, c) for B in (1, 2, 3, 4, 8, 16) for t in (1, 2, 3, 4) for c in (0, 512, 2048)]
+    assert max(abs(model.verify_seconds(*q) / _epyc_like(*q) - 1) for q in queries) < 0.06
+    # the best monotone fit (what the model was before knots) misses the 3-token point by far more
+    from sglang_ext.core.costs import VERIFY, fit_term
+
+    monotone = fit_term(VERIFY, prof["target"], structures=("linear", "jump", "hinge", "hinge+jump"))
+    assert monotone.max_rel_error > 2 * model.verify.max_rel_error
+    # scalar and vectorised evaluation agree, and the curve is exact at every knot (noiseless)
+    q = {"batch_size": np.array([1, 3, 5, 32]), "tokens_per_request": np.array([3, 1, 3, 8]),
+         "context_len": np.array([0, 100, 700, 3000])}
+    assert np.allclose(model.verify.predict(q), [model.verify_seconds(*x) for x in zip(*q.values())], rtol=1e-12)
+    exact = CostModel.fit(_synthetic_profile(_epyc_like))
+    assert exact.verify.structure == "knots" and exact.fit_report()["verify"]["max_rel_error"] < 1e-6
+
+
+def test_knot_curve_ends_and_interpolation():
+    from sglang_ext.core.costs import knot_curve
+
+    knots, g = (1.0, 2.0, 4.0), (5.0, 9.0, 7.0)
+    assert knot_curve(knots, g, 0.5) == 5.0  # flat below the first knot
+    assert knot_curve(knots, g, 1.5) == pytest.approx(7.0) and knot_curve(knots, g, 3.0) == pytest.approx(8.0)
+    assert knot_curve(knots, g, 40.0) == 7.0  # a falling last segment extrapolates flat, never lower
+    assert knot_curve(knots, (5.0, 7.0, 9.0), 6.0) == pytest.approx(11.0)  # a rising one keeps its slope (1 per unit)
+
+
+def test_knots_are_not_chosen_where_a_hinge_explains_the_data():
+    for prof in (_synthetic_profile(), _synthetic_profile(noise=0.03, seed=1)):
+        assert CostModel.fit(prof).verify.structure in ("hinge", "hinge+jump")
+
+
+def test_knots_draft_curve_is_per_step_and_round_trips(tmp_path):
+    def draft_cost(B, d):  # per-step cost slower at 2-3 requests than at 4 (the EPYC again)
+        return 0.0008 + d * {1: 0.0073, 2: 0.0132, 3: 0.0178}.get(B, 0.011 + 0.0006 * (B - 4))
+
+    prof = _synthetic_profile(_epyc_like)
+    prof["draft"] = [{"batch_size": B, "depth": d, "seconds": draft_cost(B, d)} for B in (1, 2, 3, 4, 6, 8)
+                     for d in (1, 2, 3)]
+    model = CostModel.fit(prof)
+    assert model.draft.structure == "knots"
+    for B, d in ((1, 1), (3, 2), (5, 3), (8, 1)):
+        assert model.draft_seconds(B, d) == pytest.approx(draft_cost(B, d), rel=1e-4)
+    back = CostModel.load(model.save(tmp_path / "m.json"))
+    assert back.to_dict() == model.to_dict() and back.draft.knots == model.draft.knots
+    assert back.verify_seconds(3, 1, 500) == model.verify_seconds(3, 1, 500)
+    bad = model.to_dict()
+    bad["verify"]["knots"] = [4.0, 2.0]
+    with pytest.raises(ProfileError, match=r"bad\.json: verify\.knots must be a non-empty increasing list"):
+        CostModel.load(_write(tmp_path, bad, "bad.json"))
+    bad = model.to_dict()
+    del bad["verify"]["coefficients"]["at_n=3"]
+    with pytest.raises(ProfileError, match=r"missing the curve's value at at_n=3"):
+        CostModel.load(_write(tmp_path, bad, "bad.json"))
 
 
 def test_from_table_for_hand_written_gpu_numbers():

@@ -39,22 +39,30 @@ without prefill entries, :meth:`CostModel.prefill_seconds` falls back to ``T_ver
 **Train** (one optimiser step of the drafter on ``N`` tokens):
 :math:`T_{train}(N) = e + g_1 \min(N, \beta) + g_2 \max(N - \beta, 0) + J\,[N > \beta_J]`.
 
-Every coefficient is **non-negative**, so every cost is non-decreasing in each of its arguments (in ``n`` in
-particular, wherever the hinge and the jump sit). Fitting: for fixed ``β, β_J`` the model is linear in its
+**Knots** (structure ``knots``, any formula): the part that depends on the hinge variable alone (``a + s_1 min +
+s_2 max + J``; draft: the per-step cost) is replaced by a free piecewise-linear curve ``g`` through every measured
+value ``k_i`` of that variable: :math:`g(x) = g_i + (g_{i+1} - g_i)(x - k_i)/(k_{i+1} - k_i)` (see
+:func:`knot_curve` for the ends). It follows what a hinge cannot: a CPU GEMM library that runs 2-3 batched tokens
+*slower* than 4 (a 2-core EPYC: 100-150 ms vs 91-110 ms), or a jump back at 12 (a 2-core Xeon).
+
+Every coefficient is **non-negative**, so with the four hinge/jump structures every cost is non-decreasing in
+each of its arguments (in ``n`` in particular, wherever the hinge and the jump sit); ``knots`` keeps only
+``g >= 0``, so it is the one structure that can price a larger batch below a smaller one, where the machine does. Fitting: for fixed ``β, β_J`` the model is linear in its
 coefficients, so they come from non-negative least squares on the **relative** error,
 
 .. math:: \min_{\theta \ge 0} \sum_i \Bigl(\frac{X_i \theta - y_i}{y_i}\Bigr)^2;
 
 ``β_J`` is searched over the midpoints between measured values (the data cannot place a step more precisely),
 ``β`` over the measured values and midpoints and then refined by a bounded scalar minimisation. The structure,
-``linear`` / ``jump`` / ``hinge`` / ``hinge+jump``, is chosen by BIC on the relative residuals
-(``m ln(RSS/m) + p ln m``, ``p`` = non-zero coefficients plus one per breakpoint) and needs two points per
+``linear`` / ``jump`` / ``hinge`` / ``hinge+jump`` / ``knots``, is chosen by BIC on the relative residuals
+(``m ln(RSS/m) + p ln m``, ``p`` = non-zero coefficients, each knot's value among them, plus one per breakpoint) and needs two points per
 parameter, so a breakpoint is kept only where the data pay for it. :meth:`CostModel.fit_report` gives the
 mean and max relative error on the profile points and the fitted formulas. Pure numpy/scipy: no torch import.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -71,7 +79,7 @@ CATCH_UP_SPLIT = 16
 
 PROFILE_FORMAT = "sglang-ext-profile/1"
 MODEL_FORMAT = "sglang-ext-costmodel/1"
-STRUCTURES = ("linear", "jump", "hinge", "hinge+jump")
+STRUCTURES = ("linear", "jump", "hinge", "hinge+jump", "knots")
 
 
 class ProfileError(ValueError):
@@ -182,6 +190,11 @@ class Terms:
     hinge_var: str
     columns: Columns
     formula: str
+    #: the coefficients of the part that depends on ``hinge_var`` alone: constant, slope below / above the hinge,
+    #: jump. Structure ``knots`` replaces them by a free piecewise-linear curve through every measured value.
+    curve: tuple[str, str, str, str] = ("const", "per_token", "per_token_above", "jump")
+    #: the input that multiplies that curve (draft: ``depth``, the curve being one draft step), or ``None``
+    curve_weight: str | None = None
 
 
 def _hinge(x: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -237,17 +250,52 @@ PREFILL = Terms("prefill", ("tokens", "context_len"), "tokens", _prefill_columns
                 " + per_attention_pair*(P*c + P*(P+1)/2)  (P = chunk tokens, c = context_len)")
 DRAFT = Terms("draft", ("batch_size", "depth"), "batch_size", _draft_columns,
               "call + call_per_request*B + d*(step + step_per_request*min(B,beta) + step_per_request_above*max(B-beta,0)"
-              " + step_jump*[B>jump_at])")
+              " + step_jump*[B>jump_at])", curve=("step", "step_per_request", "step_per_request_above", "step_jump"),
+              curve_weight="depth")
 TRAIN = Terms("train", ("tokens",), "tokens", _train_columns,
               "const + per_token*min(N,beta) + per_token_above*max(N-beta,0) + jump*[N>jump_at]")
 _TERMS = {"verify": VERIFY, "prefill": PREFILL, "draft": DRAFT, "train": TRAIN}
-_HAS_HINGE = {"linear": False, "jump": False, "hinge": True, "hinge+jump": True}
-_HAS_JUMP = {"linear": False, "jump": True, "hinge": False, "hinge+jump": True}
+_HAS_HINGE = {"linear": False, "jump": False, "hinge": True, "hinge+jump": True, "knots": False}
+_HAS_JUMP = {"linear": False, "jump": True, "hinge": False, "hinge+jump": True, "knots": False}
+
+
+def _knot_name(terms: Terms, knot: float) -> str:
+    """The coefficient holding the curve's value at ``knot`` (``at_n=4``; draft: ``step_at_B=4``)."""
+    prefix = "step_at_" if terms.curve_weight else "at_"
+    var = {"n": "n", "batch_size": "B", "tokens": "P" if terms.name == "prefill" else "N"}[terms.hinge_var]
+    return f"{prefix}{var}={knot:g}"
+
+
+def _hats(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Columns ``h_i(x)``: the piecewise-linear interpolation weights of the knots, so ``Σ_i g_i h_i(x)`` is the
+    curve through ``(k_i, g_i)``. Used to fit (every fitted point lies within the knots)."""
+    eye = np.eye(len(knots))
+    return np.column_stack([np.interp(x, knots, eye[i]) for i in range(len(knots))])
+
+
+def knot_curve(knots: Sequence[float], values: Sequence[float], x: float) -> float:
+    r"""The fitted curve at ``x``: linear between knots; flat below the first; past the last, the last segment's
+    slope when it rises (the trend of the largest measured sizes), flat when it falls (never below a measured value).
+
+    .. math:: g(x) = g_i + (g_{i+1} - g_i) \frac{x - k_i}{k_{i+1} - k_i}, \quad k_i \le x \le k_{i+1}
+    """
+    if x <= knots[0]:
+        return values[0]
+    i = bisect.bisect_left(knots, x)
+    if i < len(knots):
+        k0, k1 = knots[i - 1], knots[i]
+        return values[i - 1] + (values[i] - values[i - 1]) * (x - k0) / (k1 - k0)
+    slope = (values[-1] - values[-2]) / (knots[-1] - knots[-2]) if len(knots) > 1 else 0.0
+    return values[-1] + max(slope, 0.0) * (x - knots[-1])
 
 
 @dataclass
 class FittedTerm:
-    """A fitted formula: structure, hinge ``breakpoint`` and step ``jump_at`` (``None``: absent), coefficients."""
+    """A fitted formula: structure, hinge ``breakpoint`` and step ``jump_at`` (``None``: absent), coefficients.
+
+    Structure ``knots``: ``knots`` lists the measured values of the hinge variable, and the coefficients
+    ``at_n=<k>`` (draft: ``step_at_B=<k>``) the curve's value there; they replace the constant, slopes and jump.
+    """
 
     terms: Terms
     structure: str
@@ -258,18 +306,46 @@ class FittedTerm:
     mean_rel_error: float = 0.0
     max_rel_error: float = 0.0
     dropped: tuple[str, ...] = ()
+    knots: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self._knot_values = None if self.knots is None else \
+            [self.coefficients.get(_knot_name(self.terms, k), 0.0) for k in self.knots]
+
+    def curve_at(self, x: float) -> float:
+        """The part of the formula that depends on the hinge variable alone (scalar; microseconds)."""
+        if self._knot_values is not None:
+            return knot_curve(self.knots, self._knot_values, x)
+        c0, s1, s2, jump = self.terms.curve
+        c = self.coefficients
+        beta = math.inf if self.breakpoint is None else self.breakpoint
+        s = c.get(c0, 0.0) + c.get(s1, 0.0) * min(x, beta)
+        if x > beta:
+            s += c.get(s2, 0.0) * (x - beta)
+        if self.jump_at is not None and x > self.jump_at:
+            s += c.get(jump, 0.0)
+        return s
 
     def predict(self, values: Mapping[str, Any]) -> np.ndarray:
         """Vectorised evaluation (numpy arrays of the formula's inputs)."""
         v = {k: np.asarray(values[k], dtype=float) for k in self.terms.inputs}
         beta = math.inf if self.breakpoint is None else self.breakpoint
         cols = self.terms.columns(v, beta, self.jump_at)
-        return sum(self.coefficients.get(name, 0.0) * col for name, col in cols.items())
+        if self.knots is None:
+            return sum(self.coefficients.get(name, 0.0) * col for name, col in cols.items())
+        base = sum(self.coefficients.get(name, 0.0) * col for name, col in cols.items() if name not in self.terms.curve)
+        x = np.broadcast_to(_hinge_values(self.terms, v), np.broadcast(*v.values()).shape)
+        curve = np.array([self.curve_at(float(xi)) for xi in x.ravel()]).reshape(x.shape)
+        weight = v[self.terms.curve_weight] if self.terms.curve_weight else 1.0
+        return base + weight * curve
 
     def to_dict(self) -> dict:
-        return {"formula": self.terms.formula, "structure": self.structure, "breakpoint": self.breakpoint,
-                "jump_at": self.jump_at, "coefficients": self.coefficients, "points": self.points,
-                "mean_rel_error": self.mean_rel_error, "max_rel_error": self.max_rel_error, "dropped": list(self.dropped)}
+        out = {"formula": self.terms.formula, "structure": self.structure, "breakpoint": self.breakpoint,
+               "jump_at": self.jump_at, "coefficients": self.coefficients, "points": self.points,
+               "mean_rel_error": self.mean_rel_error, "max_rel_error": self.max_rel_error, "dropped": list(self.dropped)}
+        if self.knots is not None:
+            out["knots"] = list(self.knots)
+        return out
 
     @staticmethod
     def from_dict(terms: Terms, d: Mapping[str, Any], where: str) -> FittedTerm:
@@ -284,10 +360,19 @@ class FittedTerm:
         for k, v in coefs.items():
             if not _is_num(v) or v < 0:
                 raise ProfileError(f"{where}.coefficients.{k} must be a finite number >= 0, got {v!r}")
+        knots = d.get("knots")
+        if d["structure"] == "knots":
+            if not (isinstance(knots, list) and knots and all(_is_num(k) for k in knots)
+                    and all(a < b for a, b in zip(knots, knots[1:]))):
+                raise ProfileError(f"{where}.knots must be a non-empty increasing list of numbers, got {knots!r}")
+            missing = [_knot_name(terms, k) for k in knots if _knot_name(terms, k) not in coefs]
+            if missing:
+                raise ProfileError(f"{where}.coefficients: missing the curve's value at {missing[0]}")
         bp, ja = d.get("breakpoint"), d.get("jump_at")
         return FittedTerm(terms, d["structure"], None if bp is None else float(bp), {k: float(v) for k, v in coefs.items()},
                           None if ja is None else float(ja), int(d.get("points", 0)), float(d.get("mean_rel_error", 0.0)),
-                          float(d.get("max_rel_error", 0.0)), tuple(d.get("dropped", ())))
+                          float(d.get("max_rel_error", 0.0)), tuple(d.get("dropped", ())),
+                          tuple(float(k) for k in knots) if d["structure"] == "knots" else None)
 
 
 # ---- fitting ---------------------------------------------------------------------------------------------------
@@ -374,11 +459,36 @@ def _fit_structure(terms: Terms, v: Mapping[str, np.ndarray], y: np.ndarray, str
     return _bic(rss, m, p), beta, jump_at, theta, names
 
 
+def _fit_knots(terms: Terms, v: Mapping[str, np.ndarray], y: np.ndarray, drop: Sequence[str]):
+    """Structure ``knots``: ``(bic, knots, theta, names)``; the curve's value at every measured value of the hinge
+    variable is a free (non-negative) coefficient, fitted with the other terms by the same relative NNLS.
+
+    For a machine whose cost is not monotone in the batch: a CPU GEMM library that is slower at 2-3 rows than
+    at 4 (measured on a 2-core EPYC: 100-150 ms at 2-3 batched tokens, 94-110 ms at 4) — a shape no hinge or step
+    of non-negative slopes can follow. BIC charges every knot, so it is chosen only where the data pay for it.
+    """
+    m = len(y)
+    x = _hinge_values(terms, v)
+    knots = np.unique(x)
+    base = {k: np.broadcast_to(np.asarray(c, dtype=float), x.shape)
+            for k, c in terms.columns(v, math.inf, None).items()
+            if k not in terms.curve and k not in drop and not k.endswith("_above")}
+    weight = v[terms.curve_weight] if terms.curve_weight else 1.0
+    hats = _hats(x, knots) * np.reshape(weight, (-1, 1))
+    names = list(base) + [_knot_name(terms, float(k)) for k in knots]
+    X = np.column_stack([*base.values(), hats]) if base else hats
+    if len(knots) < 3 or m < 2 * X.shape[1]:
+        return math.inf, None, np.zeros(0), []
+    theta, rss = _nnls_relative(X, y)
+    return _bic(rss, m, int(np.count_nonzero(theta))), tuple(float(k) for k in knots), theta, names
+
+
 def fit_term(terms: Terms, rows: Sequence[Mapping[str, Any]], structures: Iterable[str] = STRUCTURES,
              drop: Sequence[str] = (), statistic: str = "seconds") -> FittedTerm:
     """Fit one formula to profile rows (each has the formula's inputs and ``statistic``); structure chosen by BIC.
 
-    A structure with a hinge or a jump is only tried with at least two points per parameter; ``linear`` always is.
+    A structure with a hinge, a jump or knots is only tried with at least two points per parameter; ``linear``
+    always is.
     """
     if not rows:
         raise ValueError(f"{terms.name}: no profile entries to fit")
@@ -386,13 +496,18 @@ def fit_term(terms: Terms, rows: Sequence[Mapping[str, Any]], structures: Iterab
     y = np.array([float(r.get(statistic, r["seconds"])) for r in rows])
     best = None
     for s in ("linear", *(x for x in structures if x != "linear")):
-        bic, beta, jump_at, theta, names = _fit_structure(terms, v, y, s, drop)
+        if s == "knots":
+            bic, knots, theta, names = _fit_knots(terms, v, y, drop)
+            beta = jump_at = None
+        else:
+            bic, beta, jump_at, theta, names = _fit_structure(terms, v, y, s, drop)
+            knots = None
         if best is None or bic < best[0] - 1e-9:
-            best = (bic, s, beta, jump_at, theta, names)
-    _, s, beta, jump_at, theta, names = best
+            best = (bic, s, beta, jump_at, theta, names, knots)
+    _, s, beta, jump_at, theta, names, knots = best
     coefs = {k: float(c) for k, c in zip(names, theta)}
     fitted = FittedTerm(terms, s, beta if _HAS_HINGE[s] else None, coefs, jump_at if _HAS_JUMP[s] else None,
-                        points=len(rows), dropped=tuple(drop))
+                        points=len(rows), dropped=tuple(drop), knots=knots)
     rel = np.abs(fitted.predict(v) - y) / y
     fitted.mean_rel_error, fitted.max_rel_error = float(rel.mean()), float(rel.max())
     return fitted
@@ -471,13 +586,8 @@ class CostModel:
         f = self.verify
         c = f.coefficients
         B, n, ctx = float(batch_size), float(batch_size * tokens_per_request), float(context_len)
-        beta = math.inf if f.breakpoint is None else f.breakpoint
-        s = c.get("const", 0.0) + c.get("per_token", 0.0) * min(n, beta)
-        if n > beta:
-            s += c.get("per_token_above", 0.0) * (n - beta)
-        if f.jump_at is not None and n > f.jump_at:
-            s += c.get("jump", 0.0)
-        return s + c.get("per_request", 0.0) * B + (c.get("per_kv_token", 0.0) * B + c.get("per_attention_pair", 0.0) * n) * ctx
+        return f.curve_at(n) + c.get("per_request", 0.0) * B + \
+            (c.get("per_kv_token", 0.0) * B + c.get("per_attention_pair", 0.0) * n) * ctx
 
     def prefill_seconds(self, tokens: int, context_len: int = 0) -> float:
         """One prefill chunk of ``tokens`` prompt tokens after ``context_len`` committed ones (one request).
@@ -492,13 +602,8 @@ class CostModel:
             return self.verify_seconds(1, tokens, context_len)
         c = f.coefficients
         P, ctx = float(tokens), float(context_len)
-        beta = math.inf if f.breakpoint is None else f.breakpoint
-        s = c.get("const", 0.0) + c.get("per_token", 0.0) * min(P, beta)
-        if P > beta:
-            s += c.get("per_token_above", 0.0) * (P - beta)
-        if f.jump_at is not None and P > f.jump_at:
-            s += c.get("jump", 0.0)
-        return s + c.get("per_kv_token", 0.0) * ctx + c.get("per_attention_pair", 0.0) * (P * ctx + P * (P + 1) / 2)
+        return f.curve_at(P) + c.get("per_kv_token", 0.0) * ctx + \
+            c.get("per_attention_pair", 0.0) * (P * ctx + P * (P + 1) / 2)
 
     def draft_seconds(self, batch_size: int, depth: int) -> float:
         """``depth`` sequential draft steps for ``batch_size`` requests (0 for depth 0)."""
@@ -510,13 +615,7 @@ class CostModel:
         f = self.draft
         c = f.coefficients
         B = float(batch_size)
-        beta = math.inf if f.breakpoint is None else f.breakpoint
-        step = c.get("step", 0.0) + c.get("step_per_request", 0.0) * min(B, beta)
-        if B > beta:
-            step += c.get("step_per_request_above", 0.0) * (B - beta)
-        if f.jump_at is not None and B > f.jump_at:
-            step += c.get("step_jump", 0.0)
-        return c.get("call", 0.0) + c.get("call_per_request", 0.0) * B + depth * step
+        return c.get("call", 0.0) + c.get("call_per_request", 0.0) * B + depth * f.curve_at(B)
 
     def train_seconds(self, tokens: int) -> float:
         """One drafter optimiser step on ``tokens`` tokens (0 for none)."""
@@ -524,16 +623,7 @@ class CostModel:
             return 0.0
         if self.train is None:
             raise ValueError(f"cost model of {self.source.get('profile', '?')}: the profile has no 'train' entries")
-        f = self.train
-        c = f.coefficients
-        N = float(tokens)
-        beta = math.inf if f.breakpoint is None else f.breakpoint
-        s = c.get("const", 0.0) + c.get("per_token", 0.0) * min(N, beta)
-        if N > beta:
-            s += c.get("per_token_above", 0.0) * (N - beta)
-        if f.jump_at is not None and N > f.jump_at:
-            s += c.get("jump", 0.0)
-        return s
+        return self.train.curve_at(float(tokens))
 
     # ---- reporting ----
     def fit_report(self) -> dict:
@@ -553,7 +643,8 @@ class CostModel:
                 lines.append(f"{name}: not profiled")
                 continue
             coefs = ", ".join(f"{k}={v:.4g}" for k, v in f.coefficients.items() if v)
-            bp = "" if f.breakpoint is None else f", hinge at {f.breakpoint:.3g}"
+            bp = "" if f.knots is None else f" through {len(f.knots)} knots"
+            bp += "" if f.breakpoint is None else f", hinge at {f.breakpoint:.3g}"
             bp += "" if f.jump_at is None else f", jump past {f.jump_at:.3g}"
             lines.append(f"{name}: {f.structure}{bp}; {coefs}; {f.points} points, mean rel. error "
                          f"{f.mean_rel_error:.1%}, max {f.max_rel_error:.1%}")
