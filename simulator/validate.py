@@ -24,9 +24,9 @@ on either core stalls every parallel region (forwards 10-25x slower were measure
 
 **The step model: profile + calibrated overhead (on a separate run).** The profile prices the target's forwards
 (verify, prefill) and the drafter's chain, measured on this machine. What it cannot know is calibrated per
-configuration (``--calibrate config``; ``row``: right before every validation run) on a *separate* replay of the
-same configuration — other requests of the source trace (the ones after the validation head), other prompts, its
-own arrivals — never on the run that is judged (:func:`fit_calibration`):
+configuration (``--calibrate config``; ``row``: right before every validation run, at its arrival rate) on a
+*separate* replay of the same configuration — other requests of the source trace (the ones after the validation
+head), other prompts, its own arrivals — never on the run that is judged (:func:`fit_calibration`):
 
 - the **overhead** an engine step pays outside the profiled calls: the policy's calls, tensor building, the
   argmax and the greedy walk, KV commits, the drafter's ``observe``, DSDE's KL over the full vocabulary,
@@ -39,11 +39,21 @@ own arrivals — never on the run that is judged (:func:`fit_calibration`):
   forward time / profiled forward time, for prefill, verify and draft): a shared machine runs the same forward
   10-25 % slower while a neighbour is busy. Off by default: on a machine whose load changes by the minute a
   15-second calibration's speed is noisier than the profile's median over minutes of interleaved samples.
+  ``--calibrate-speed pooled`` takes the factors of every calibration so far instead (all configurations: the
+  speed is the machine's, not the configuration's), a sample that grows with the validation. On a 2-core VM the
+  forwards' speed was measured to wander by ±15 % between 10-second windows of one run, with no process of the
+  VM busy (the host's memory bandwidth is shared): no calibration can predict that; a longer sample predicts
+  its mean better.
 
 Each row also reports the errors of the bare profile (no overhead), to show what the calibration contributes, and,
 as a diagnostic that never decides the verdict, the speed the forwards actually ran at during the judged run
 (``run speed``: measured / profiled verify and prefill time) with the errors the simulator would have had knowing
 it (``errors_oracle_speed``): what is left once the machine's own speed drift is taken out.
+
+**Re-judging** (``--rejudge DIR``): every engine run is saved (trace with acceptance, per-step timings, KL
+signals, measured result), so a recorded validation can be judged again without the engine, with another
+profile, cost-model structure or speed mode: calibrations are re-fitted from their saved steps, the simulator
+runs again; flags that change the recorded runs themselves must match (they are checked).
 
 **A shared machine.** Before every calibration the command waits (``--wait-idle``) for other processes to go
 quiet, measures what they used during each run, and marks rows where they used more than ``--idle-cores`` as
@@ -242,14 +252,17 @@ def fit_calibration(steps: Sequence[Any], cost: Any, chunk: int, speculative: bo
     coef[cols] = lsq_linear(X[used][:, cols], y[used], bounds=(0.0, np.inf)).x
     parts = np.array([profiled_parts(s, cost, chunk) for s in rows])  # prefill, draft, verify
     speed = {"prefill": 1.0, "verify": 1.0, "draft": 1.0}
+    basis = {"prefill": 0.0, "verify": 0.0, "draft": 0.0}  # profiled seconds each factor was measured over
     pre_m = np.array([s.prefill_forward_s for s in rows])
     ver_m = np.array([s.verify_forward_s for s in rows])
     has_pre = parts[:, 0] > 0
     if has_pre.sum() >= 2:
         k = _ratio_trim(pre_m[has_pre], parts[has_pre, 0], trim)
         speed["prefill"] = float(pre_m[has_pre][k].sum() / parts[has_pre, 0][k].sum())
+        basis["prefill"] = float(parts[has_pre, 0][k].sum())
     k = _ratio_trim(ver_m, parts[:, 2], trim)
     speed["verify"] = float(ver_m[k].sum() / parts[k, 2].sum())
+    basis["verify"] = float(parts[k, 2].sum())
     drafted = parts[:, 1] > 0
     if speculative and drafted.sum() >= 4:
         dm = np.array([s.draft_call_s for s in rows])[drafted]
@@ -258,6 +271,7 @@ def fit_calibration(steps: Sequence[Any], cost: Any, chunk: int, speculative: bo
         sol = lsq_linear(A, dm[k], bounds=(0.0, np.inf)).x if A[:, 1].any() else \
             np.array([dm[k].sum() / A[:, 0].sum(), 0.0])
         speed["draft"], coef[3] = float(sol[0]), float(sol[1])
+        basis["draft"] = float(A[:, 0].sum())
     cycle = np.array([s.cycle for s in rows])
     base = parts.sum(axis=1)
     pred = parts @ np.array([speed["prefill"], speed["draft"], speed["verify"]]) + X @ coef
@@ -266,7 +280,7 @@ def fit_calibration(steps: Sequence[Any], cost: Any, chunk: int, speculative: bo
     measured_fwd = pre_m + ver_m
     return {
         "coefficients": {name: float(c) for name, c in zip(OVERHEAD_TERMS, coef)},
-        "speed": speed,
+        "speed": speed, "speed_basis_s": basis,
         "steps": len(rows), "trimmed": int((~used).sum()),
         "outside_share": float(y.sum() / cycle.sum()) if cycle.sum() > 0 else math.nan,
         # the profile against the forwards measured in this run (prefill + verify): how it fits the machine now
@@ -473,9 +487,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--calibrate", choices=("config", "row", "none"), default="config",
                    help="config: one calibration run per configuration at the start (other requests, other prompts); "
                         "row: one right before every validation run; none: the bare profile")
-    m.add_argument("--calibrate-speed", action="store_true",
-                   help="also scale the profile by the speed factors the calibration measured (tracks a machine "
-                        "that is busier or quieter than when profiled; noisy where its load changes by the minute)")
+    m.add_argument("--calibrate-speed", nargs="?", const="run", default=None, choices=("run", "pooled"),
+                   help="also scale the profile by measured speed factors: 'run' (the flag alone) those of the "
+                        "row's own calibration run; 'pooled' those of every calibration so far (all "
+                        "configurations: the machine's speed is shared), steadier where it drifts by the minute")
     m.add_argument("--wait-idle", type=float, default=120.0,
                    help="before each real run, wait up to this many seconds for other processes to go quiet")
     m.add_argument("--idle-cores", type=float, default=None,
@@ -484,6 +499,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--warmup", type=int, default=2, help="untimed warm-up requests per engine")
     m.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="directory for validate.json and one replay per run")
+    p.add_argument("--rejudge", type=Path, default=None, metavar="DIR",
+                   help="no engine: judge the runs a previous `sim validate --out DIR` recorded again, with this "
+                        "--profile (calibrations re-fitted from their saved steps); give that run's other flags")
 
 
 def _parse_loads(text: str) -> list[tuple[str, float]]:
@@ -517,6 +535,54 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 _SUMMARY_KEYS = ("throughput_tok_s", "makespan_s", "e2e_s", "ttft_s", "tpot_s", "mean_acceptance_length", "iterations")
+
+
+@dataclass
+class RecordedRun:
+    """What judging one engine run needs, live or as ``sim validate`` saved it (``--rejudge``: no engine).
+
+    ``recorded``: the finished requests with their acceptance; ``kl``: request id → KL per output position;
+    ``steps``: the engine's :class:`~sglang_ext.engine.replay.StepRecord` s; ``summary``: the measured result.
+    """
+
+    recorded: Trace
+    kl: dict[str, list] | None
+    steps: list
+    summary: dict
+    others_cpu_cores: float = math.nan
+    complete: bool = True
+    error: str | None = None
+
+    @classmethod
+    def from_replay(cls, run: Any) -> RecordedRun:
+        from simulator.acceptance import kl_positions_from_steps
+
+        kl = {rid: kl_positions_from_steps(steps) for rid, steps in run.kl_records().items()} or None
+        return cls(run.trace(finished_only=True), kl, list(run.steps), run.result().summary, run.others_cpu_cores,
+                   run.complete, run.error)
+
+    @classmethod
+    def load(cls, directory: Path) -> RecordedRun:
+        """A run saved by ``sim validate`` (``trace.jsonl``, ``steps.jsonl``, ``result.json``, ``signals.jsonl``)."""
+        from sglang_ext.engine.replay import StepRecord, load_signals
+        from simulator.metrics import SimResult
+
+        d = Path(directory)
+        if not (d / "result.json").is_file():
+            raise ValueError(f"{d}: no result.json (was this run complete? partial runs cannot be re-judged)")
+        result = SimResult.load(d / "result.json")
+        steps = []
+        with open(d / "steps.jsonl", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        steps.append(StepRecord(**json.loads(line)))
+                    except (json.JSONDecodeError, TypeError) as e:
+                        raise ValueError(f"{d / 'steps.jsonl'}:{lineno}: not a step record ({e})") from e
+        kl = load_signals(d / "signals.jsonl") if (d / "signals.jsonl").is_file() else None
+        perf = result.perf or {}
+        return cls(read_trace(d / "trace.jsonl"), kl, steps, result.summary,
+                   float(perf.get("others_cpu_cores", math.nan)), result.complete, result.error)
 
 
 class Validation:
@@ -553,6 +619,8 @@ class Validation:
             raise ValueError(f"--context-length {args.context_length}: requests reach {longest} tokens; raise it or "
                              "lower --max-prompt-tokens / --max-output-tokens")
         self.calibrations: dict[str, dict] = {}
+        #: part -> [measured-equivalent seconds, profiled seconds] summed over every calibration so far
+        self.speed_pool: dict[str, list[float]] = {}
         self.catch_up: dict[str, Any] | None = None
         self.rows: list[dict] = []
         self.report: dict[str, Any] = {
@@ -625,22 +693,22 @@ class Validation:
         return sim_config(coefficients, max_batch_size=a.max_running_requests, chunk=a.chunked_prefill_size,
                           num_steps=cfg.num_steps if cfg.speculative else 0, record_steps=record_steps)
 
-    def simulate(self, cfg: RunConfig, run, calibration: dict | None, speed: dict | None = None) -> Any:
-        from simulator.acceptance import ReplayAcceptance, kl_positions_from_steps
+    def simulate(self, cfg: RunConfig, rec: RecordedRun, calibration: dict | None, speed: dict | None = None) -> Any:
+        from simulator.acceptance import ReplayAcceptance
         from simulator.model import simulate
 
-        recorded = run.trace(finished_only=True)
-        kl = {rid: kl_positions_from_steps(steps) for rid, steps in run.kl_records().items()} or None
         if speed is None and calibration and self.args.calibrate_speed:
-            speed = calibration["speed"]
+            speed = calibration["speed_pooled" if self.args.calibrate_speed == "pooled" else "speed"]
         cost = CalibratedCost(self.cost, speed) if speed else self.cost
         coefs = calibration["coefficients"] if calibration else None
-        return simulate(recorded, cost, cfg.sim_policy(), self.sim_config(cfg, coefs), seed=self.args.seed,
-                        acceptance=ReplayAcceptance(kl=kl))
+        return simulate(rec.recorded, cost, cfg.sim_policy(), self.sim_config(cfg, coefs), seed=self.args.seed,
+                        acceptance=ReplayAcceptance(kl=rec.kl))
 
     # -- calibration -------------------------------------------------------------------------------------------
-    def calibration_trace(self) -> Trace:
-        """The next window of calibration requests, at the rate the bare profile says the engine sustains."""
+    def calibration_trace(self, rate: float | None = None) -> Trace:
+        """The next window of calibration requests, at ``rate`` (req/s; ``--calibrate row``: the row's own, so the
+        calibration sees the batch sizes and prefill mix of the run it calibrates) or, by default, at the rate the
+        bare profile says the engine sustains."""
         n = self.args.calibration_requests
         pool = self.calib_pool
         start = (self.calib_count * n) % len(pool)
@@ -650,28 +718,39 @@ class Validation:
         src = Trace.from_unsorted(picked, TraceMeta(name="calibration"))
         trace = derive_trace(src, prefix=f"c{self.calib_count}-", **self.scale)
         off = RunConfig("off")
-        cap = estimate_capacity(trace, self.cost, self.sim_config(off), off.sim_policy)
-        return trace.scaled(time_scale_for(trace, cap))
+        if rate is None:
+            rate = estimate_capacity(trace, self.cost, self.sim_config(off), off.sim_policy)
+        return trace.scaled(time_scale_for(trace, rate))
 
-    def calibrate(self, cfg: RunConfig, tag: str) -> dict | None:
+    def calibrate(self, cfg: RunConfig, tag: str, rate: float | None = None) -> dict | None:
         """A calibration run of ``cfg`` on its own requests and prompts; returns :func:`fit_calibration`'s fit."""
         from sglang_ext.engine.replay import PromptSource
 
         if self.args.calibrate == "none":
             return None
-        trace = self.calibration_trace()
+        trace = self.calibration_trace(rate)
         prompts = PromptSource(self.texts, self.engine_parts[1], seed=self.args.prompt_seed + 7919 * (1 + self.calib_count))
         self.calib_count += 1
         run = self.run_real(cfg, trace, prompts, tag)
         if not run.complete:
             raise KeyboardInterrupt if "interrupted" in (run.error or "") else RuntimeError(run.error)
-        fit = fit_calibration(run.steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)
-        fit["others_cpu_cores"] = run.others_cpu_cores
+        return self.fit_calibration(cfg, run.steps, run.others_cpu_cores, len(trace), tag)
+
+    def fit_calibration(self, cfg: RunConfig, steps: Sequence[Any], others_cpu_cores: float, requests: int,
+                        tag: str) -> dict:
+        """:func:`fit_calibration` on a calibration run's steps, with the measured catch-up, logged and kept."""
+        fit = fit_calibration(steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)
+        fit["others_cpu_cores"] = others_cpu_cores
+        for part, basis in fit["speed_basis_s"].items():  # every calibration so far, all configurations
+            pool = self.speed_pool.setdefault(part, [0.0, 0.0])
+            pool[0] += fit["speed"][part] * basis
+            pool[1] += basis
+        fit["speed_pooled"] = {part: (m / b if b > 0 else 1.0) for part, (m, b) in self.speed_pool.items()}
         if cfg.speculative and self.catch_up is not None:
             # the drafter's catch-up from its own measurement (steadier than the run's slope, kept in the report)
             fit["absorb_from_run_s"] = fit["coefficients"]["absorb_per_token_s"]
             fit["coefficients"]["absorb_per_token_s"] = self.catch_up["absorb_per_token_s"]
-        fit["requests"] = len(trace)
+        fit["requests"] = requests
         c, sp = fit["coefficients"], fit["speed"]
         self.log(f"  calibrated {cfg.name}: measured/profiled speed prefill x{sp['prefill']:.3f}, verify "
                  f"x{sp['verify']:.3f}, draft x{sp['draft']:.3f}{'' if self.args.calibrate_speed else ' (not applied)'};"
@@ -730,38 +809,86 @@ class Validation:
             for cfg in self.configs:
                 tag = f"{load}-{cfg.name}"
                 calib = per_config.get(cfg.name) if self.args.calibrate == "config" else \
-                    self.calibrate(cfg, f"calibration-{tag}")
+                    self.calibrate(cfg, f"calibration-{tag}", rate)
                 # no second wait: the calibration just ran, the validation run follows it at once
                 run = self.run_real(cfg, trace, self.prompts, tag, wait=calib is None)
-                real = run.result()
-                sim = self.simulate(cfg, run, calib)
-                sim.save(self.out / tag / "sim.json")
-                bare = self.simulate(cfg, run, None) if calib is not None else sim
-                # diagnostic only, never the verdict: how fast the forwards ran during the judged run itself, and
-                # the errors had the simulator known that speed (what is left beyond the machine's speed drift)
-                during = fit_calibration(run.steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)["speed"] \
-                    if len(run.steps) >= 8 else None
-                oracle = self.simulate(cfg, run, calib, speed=during) if during else None
-                errors = compare(real.summary, sim.summary)
-                disturbed = bool(run.others_cpu_cores > self.idle_cores)
-                row = {"load": load, "config": cfg.name, "describe": cfg.describe(), "rate": rate, "time_scale": scale,
-                       "requests": real.summary["requests"], "complete": run.complete, "error": run.error,
-                       "others_cpu_cores": run.others_cpu_cores, "disturbed": disturbed, "errors": errors,
-                       "pass": row_passes(errors) and run.complete,
-                       "calibration": None if calib is None else {"speed": calib["speed"],
-                                                                  "coefficients": calib["coefficients"],
-                                                                  "others_cpu_cores": calib["others_cpu_cores"]},
-                       "errors_profile_only": compare(real.summary, bare.summary),
-                       "speed_during_run": during,
-                       "errors_oracle_speed": compare(real.summary, oracle.summary) if oracle else None,
-                       "real": {k: real.summary[k] for k in _SUMMARY_KEYS},
-                       "sim": {k: sim.summary[k] for k in _SUMMARY_KEYS}}
-                self.rows.append(row)
-                self.save()
-                print_table(self.rows[-1:], console, title=f"{tag} ({cfg.describe()}, {rate:.2f} req/s)")
+                self.judge(cfg, load, rate, scale, tag, RecordedRun.from_replay(run), calib, console)
                 if not run.complete:
                     raise KeyboardInterrupt if "interrupted" in (run.error or "") else RuntimeError(run.error)
         return all(r["pass"] for r in self.rows)
+
+    def judge(self, cfg: RunConfig, load: str, rate: float, scale: float, tag: str, rec: RecordedRun,
+              calib: dict | None, console: Any) -> dict:
+        """Simulate one measured run (calibrated, bare profile, and at the run's own speed) and keep its row."""
+        real = rec.summary
+        sim = self.simulate(cfg, rec, calib)
+        sim.save(self.out / tag / "sim.json")
+        bare = self.simulate(cfg, rec, None) if calib is not None else sim
+        # diagnostic only, never the verdict: how fast the forwards ran during the judged run itself, and
+        # the errors had the simulator known that speed (what is left beyond the machine's speed drift)
+        during = fit_calibration(rec.steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)["speed"] \
+            if len(rec.steps) >= 8 else None
+        oracle = self.simulate(cfg, rec, calib, speed=during) if during else None
+        errors = compare(real, sim.summary)
+        disturbed = bool(rec.others_cpu_cores > self.idle_cores)
+        row = {"load": load, "config": cfg.name, "describe": cfg.describe(), "rate": rate, "time_scale": scale,
+               "requests": real["requests"], "complete": rec.complete, "error": rec.error,
+               "others_cpu_cores": rec.others_cpu_cores, "disturbed": disturbed, "errors": errors,
+               "pass": row_passes(errors) and rec.complete,
+               "calibration": None if calib is None else {"speed": calib["speed"],
+                                                          "coefficients": calib["coefficients"],
+                                                          "others_cpu_cores": calib["others_cpu_cores"]},
+               "errors_profile_only": compare(real, bare.summary),
+               "speed_during_run": during,
+               "errors_oracle_speed": compare(real, oracle.summary) if oracle else None,
+               "real": {k: real[k] for k in _SUMMARY_KEYS},
+               "sim": {k: sim.summary[k] for k in _SUMMARY_KEYS}}
+        self.rows.append(row)
+        self.save()
+        print_table(self.rows[-1:], console, title=f"{tag} ({cfg.describe()}, {rate:.2f} req/s)")
+        return row
+
+    def rejudge(self, source: Path, console: Any) -> bool:
+        """Judge the engine runs a previous ``sim validate`` saved in ``source`` again, with this profile (and
+        these ``--calibrate-speed`` / simulator settings): the calibrations are re-fitted from their saved steps,
+        nothing runs on the engine. Compares cost models or profiles on the very same measurements."""
+        src = Path(source)
+        try:
+            old = json.loads((src / "validate.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--rejudge {src}: cannot read validate.json ({e})") from e
+        missing = [c.name for c in self.configs if c.name not in old.get("configs", {})]
+        if missing:
+            raise ValueError(f"--rejudge {src}: configuration(s) {', '.join(missing)} were not recorded there "
+                             f"(--configs; recorded: {', '.join(old.get('configs', {}))})")
+        if old.get("calibrate") != self.args.calibrate:
+            raise ValueError(f"--calibrate {self.args.calibrate}: {src} was recorded with --calibrate "
+                             f"{old.get('calibrate')}")
+        eng = old.get("engine", {})
+        for flag, key in (("--max-running-requests", "max_running_requests"),
+                          ("--chunked-prefill-size", "chunked_prefill_size")):
+            if key in eng and eng[key] != getattr(self.args, key):
+                raise ValueError(f"{flag} {getattr(self.args, key)}: {src} was recorded with {flag} {eng[key]}")
+        self.catch_up = old.get("catch_up")
+        self.report.update(rejudged_from=str(src), capacity_req_s=old.get("capacity_req_s"), loads=old.get("loads", {}),
+                           engine=old.get("engine", {}))
+        self.threads = self.report["engine"].get("threads")
+        self.idle_cores = self.report["engine"].get("idle_cores", math.inf)
+        by_name = {c.name: c for c in self.configs}
+        for r in old.get("rows", []):
+            cfg = by_name.get(r["config"])
+            if cfg is None:
+                continue
+            tag = f"{r['load']}-{cfg.name}"
+            calib = None
+            if self.args.calibrate != "none":
+                ctag = f"calibration-{tag}" if self.args.calibrate == "row" else f"calibration-{cfg.name}"
+                if ctag not in self.calibrations:  # config mode: one calibration serves several rows
+                    crec = RecordedRun.load(src / ctag)
+                    self.fit_calibration(cfg, crec.steps, crec.others_cpu_cores, len(crec.recorded), ctag)
+                calib = self.calibrations[ctag]
+            self.judge(cfg, r["load"], r["rate"], r["time_scale"], tag, RecordedRun.load(src / tag), calib, console)
+        return bool(self.rows) and all(r["pass"] for r in self.rows)
 
     def save(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -784,15 +911,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from simulator.trace import write_trace
 
     write_trace(v.out / "trace.jsonl", v.trace)
-    v.load_model()
+    if not args.rejudge:
+        v.load_model()
     try:
-        ok = v.run(console)
+        ok = v.rejudge(args.rejudge, console) if args.rejudge else v.run(console)
     except KeyboardInterrupt:
         v.report["error"] = "interrupted (KeyboardInterrupt)"
         path = v.save()
         err.print(f"[yellow]interrupted: {len(v.rows)} row(s) written to {path}[/yellow]")
         return 130
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         v.report["error"] = str(e)
         path = v.save()
         err.print(f"[red]error:[/red] {e}; {len(v.rows)} row(s) written to {path}", highlight=False)

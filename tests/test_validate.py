@@ -28,6 +28,7 @@ from simulator.model import SimConfig, simulate
 from simulator.trace import Request, Trace, read_trace
 from simulator.validate import (
     CalibratedCost,
+    RecordedRun,
     compare,
     derive_trace,
     fit_calibration,
@@ -106,6 +107,17 @@ def test_replay_records_acceptance_for_every_request(tiny, kind, tmp_path):
         for rec in run.requests:
             assert len(rec.kl) == len(rec.acceptance)
             assert all(len(k) >= a for k, a in zip(rec.kl, rec.acceptance))
+    # what `sim validate --rejudge` reads back is what the live run handed the simulator
+    live, saved = RecordedRun.from_replay(run), RecordedRun.load(tmp_path / kind)
+    assert [(r.prompt_tokens, r.output_tokens, r.acceptance, r.id) for r in saved.recorded] == \
+        [(r.prompt_tokens, r.output_tokens, r.acceptance, r.id) for r in live.recorded]
+    assert [(s.batch_size, s.depths, s.accepted) for s in saved.steps] == [(s.batch_size, s.depths, s.accepted)
+                                                                          for s in live.steps]
+    assert [s.verify_forward_s for s in saved.steps] == pytest.approx([s.verify_forward_s for s in live.steps], abs=1e-6)
+    assert saved.summary["throughput_tok_s"] == pytest.approx(live.summary["throughput_tok_s"])
+    assert (saved.kl is None) == (live.kl is None) and (saved.kl or {}).keys() == (live.kl or {}).keys()
+    for rid in (live.kl or {}):
+        assert saved.kl[rid] == pytest.approx(live.kl[rid], abs=1e-5)
 
 
 def test_replay_prompts_are_exact_length_and_seeded():
@@ -442,6 +454,19 @@ def test_sim_validate_end_to_end_on_the_real_model(tmp_path):
     assert all(r["calibration"]["speed"]["verify"] > 0 for r in report["rows"])
     static = read_trace(out / "light-static" / "trace.jsonl")
     assert all(r.acceptance is not None for r in static)
+    # --rejudge: the same recorded runs judged again without the engine; the same profile gives the same errors
+    again = tmp_path / "again"
+    flags = ("--head", "4", "--calibration-requests", "6", "--configs", "off,static", "--max-prompt-tokens", "48",
+             "--max-output-tokens", "10", "--threads", "1")
+    assert _cli("sim", "validate", *flags, "--rejudge", str(out), "--out", str(again)) in (0, 2)
+    redo = json.loads((again / "validate.json").read_text())
+    assert redo["rejudged_from"] == str(out) and [r["config"] for r in redo["rows"]] == ["off", "static"]
+    for a, b in zip(report["rows"], redo["rows"]):
+        for m in ("throughput", "e2e_p50", "e2e_p90"):
+            assert b["errors"][m]["rel_error"] == pytest.approx(a["errors"][m]["rel_error"], abs=2e-3)
+    # a flag that disagrees with the recording is named
+    assert _cli("sim", "validate", *flags, "--calibrate", "row", "--rejudge", str(out), "--out", str(again)) == 1
+    assert _cli("sim", "validate", *flags, "--configs", "dsde", "--rejudge", str(out), "--out", str(again)) == 1
 
 
 def test_reference_schedule_catch_up_is_unpadded_per_request():
