@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +12,8 @@ from sglang_ext.core.drafters.eagle import EagleDrafter
 from sglang_ext.core.drafters.eagle_model import EagleDraftModel
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
-from sglang_ext.training.drafter import DrafterTrainer, TargetTeacher, TrainConfig, draft_vocabulary, ttt_forward
+from sglang_ext.core.drafters.eagle_ttt import ttt_forward
+from sglang_ext.training.drafter import DrafterTrainer, TargetTeacher, TrainConfig, draft_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,15 @@ def test_split_catch_up_matches_the_padded_absorb(target):
         else:
             assert drafter.last_catch_up_seconds < 1e-3  # nothing split: only the check
     torch.testing.assert_close(roots[0], roots[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_core_imports_nothing_from_training_or_the_engine():
+    """One home per idea: the online learners and the gate reuse the core's training-time-test forward; the core
+    never reaches back into the offline trainer (or the engine) for it."""
+    core = Path(__file__).resolve().parents[1] / "sglang_ext" / "core"
+    for path in [*(core / "learning").glob("*.py"), core / "drafters" / "eagle_ttt.py"]:
+        tree = ast.parse(path.read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        bad = {m for m in mods if m.startswith(("sglang_ext.training", "sglang_ext.engine"))}
+        assert not bad, f"{path.name} imports {sorted(bad)}"

@@ -4,7 +4,8 @@ Per batch of token sequences the target runs once (no grad) and yields, at every
 ``h_t`` (its chosen layers' outputs) and its next-token distribution ``p_t`` (final hidden state through its
 LM head, restricted to the draft vocabulary and renormalised). The drafter is then unrolled ``K`` steps
 ("training-time test", EAGLE-3), so later draft steps are trained on the drafter's *own* states, exactly as
-they are used when serving:
+they are used when serving (:func:`~sglang_ext.core.drafters.eagle_ttt.ttt_forward`, in the core: the online
+learners share it):
 
 * step 1, at index ``i`` (token position ``i+1``): input ``(g = W_fc h_i, x_{i+1})``, attends causally to the
   step-1 keys ``≤ i``; output ``a^1_i`` must predict ``p_{i+1}``;
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from sglang_ext.core.buckets import length_buckets
+from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.core.drafters.eagle_model import (
     EagleConfig,
     EagleDraftModel,
@@ -96,57 +98,6 @@ class TargetTeacher:
         out = self.target.forward(self._cache, tokens, visible, torch.arange(S).expand(B, S), hidden_only=True)
         logp = torch.log_softmax(torch.nn.functional.linear(out.hidden, self.lm_rows).float(), dim=-1)
         return out.features.float(), logp
-
-
-def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if n == 1 else x.repeat_interleave(n, dim=1)
-
-
-def ttt_forward(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Unrolled drafter over a batch: returns draft-vocab logits ``[B, S-1, V_d]`` for steps ``1..steps``.
-
-    Index ``i`` of every output predicts the token at position ``i + 2`` (see the module docstring).
-    """
-    c = model.config
-    B, S = tokens.shape
-    L = S - 1
-    x_in = tokens[:, 1:]
-    positions = torch.arange(1, S, device=tokens.device).expand(B, L)
-    rep = c.num_heads // c.num_kv_heads
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-    g = model.project_features(features[:, :-1])
-    idx = torch.arange(L, device=tokens.device)
-    for j in range(1, steps + 1):
-        def attend(q, k, v, j=j):
-            keys.append(_repeat_kv(k, rep))
-            values.append(_repeat_kv(v, rep))
-            # step-1 keys: column <= i - j + 1
-            s1 = (q @ keys[0].transpose(-1, -2)) * model.scale  # [B, H, L, L]
-            allowed = idx.view(1, L) <= (idx.view(L, 1) - j + 1)
-            s1 = s1.masked_fill(~allowed, float("-inf"))
-            parts, vals = [s1], []
-            for m in range(2, j + 1):  # one diagonal key of step m at index i - (j - m)
-                shift = j - m
-                km = torch.roll(keys[m - 1], shifts=shift, dims=2)
-                vm = torch.roll(values[m - 1], shifts=shift, dims=2)
-                sm = (q * km).sum(-1, keepdim=True) * model.scale  # [B, H, L, 1]
-                sm = sm.masked_fill((idx < shift).view(1, 1, L, 1), float("-inf"))
-                parts.append(sm)
-                vals.append(vm)
-            w = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
-            w = torch.nan_to_num(w, nan=0.0)  # rows with no visible key (invalid positions) contribute nothing
-            o = w[..., :L] @ values[0]
-            for m, vm in enumerate(vals):
-                o = o + w[..., L + m:L + m + 1] * vm
-            return o.transpose(1, 2).reshape(B, L, -1)
-
-        a = model.layer(x_in, g, positions, attend)
-        outs.append(model.logits(a))
-        # next step: the state produced one position earlier
-        g = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1]], dim=1)
-    return outs
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.core.policies.base import Param
 
 from .capture import CapturedSample, TrainingBatch
@@ -80,9 +81,6 @@ class GateResult:
 @torch.no_grad()
 def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: int = 3) -> GateScore:
     """Expected greedy chain acceptance length and per-step top-1 (see the module docstring)."""
-    from sglang_ext.training.drafter import (
-        ttt_forward,  # TODO(lead): move ttt_forward into the core
-    )
 
     was_training = model.training
     model.eval()

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 import torch
 
 from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.core.policies.base import Param
 
 from .capture import TrainingBatch
@@ -83,9 +84,6 @@ PARAMS: tuple[Param, ...] = (
 # ---- loss --------------------------------------------------------------------------------------------------
 def weighted_ttt_loss(model: EagleDraftModel, batch: TrainingBatch, steps: int, step_weight: float) -> torch.Tensor:
     """``ttt_loss`` with per-row target weights (see the module docstring); equal to it when all weigh 1."""
-    from sglang_ext.training.drafter import (
-        ttt_forward,  # TODO(lead): move ttt_forward into the core
-    )
 
     outs = ttt_forward(model, batch.features, batch.tokens, steps)
     valid = batch.valid
