@@ -243,6 +243,26 @@ def test_algorithm1_shift_reenables_collection_and_plateau_pauses_it():
     assert SelectiveTraining.from_config({"n_init": 3, "unrelated": 1}).n_init == 3
 
 
+def test_a_plateau_pause_resumes_after_resume_after_requests_or_on_a_rise_when_asked():
+    c = SelectiveTraining(n_init=1, resume_after=5)
+    c.observe_request(0.6)
+    c.on_round("plateau")  # paused at request 1
+    assert [c.observe_request(0.6) for _ in range(4)] == [False] * 4  # requests 2..5
+    assert c.observe_request(0.6) and c.events[-1].kind == "resume"  # request 6: 5 requests after the pause
+    tide = SelectiveTraining(n_init=1, resume_after=0)  # as published: only a drop resumes
+    tide.observe_request(0.6)
+    tide.on_round("plateau")
+    assert not any(tide.observe_request(0.6) for _ in range(1000))
+    # a rise: 0.6 -> 0.9 moves short by 0.06 > 0.05 in one request; TIDE's rule ignores it, "either" resumes
+    for direction, resumes in (("drop", False), ("either", True)):
+        d = SelectiveTraining(n_init=1, shift_epsilon=0.05, shift_direction=direction, resume_after=0)
+        d.observe_request(0.6)
+        d.on_round("plateau")
+        assert d.observe_request(0.9) is resumes and (d.events[-1].kind == "shift") is resumes
+    with pytest.raises(ValueError, match="shift_direction"):
+        SelectiveTraining.from_config({"shift_direction": "up"})
+
+
 # ---- learners -----------------------------------------------------------------------------------------------
 LRS = {"sgd": 0.5, "adam": 3e-3, "momentum": 0.1, "optimistic": 0.3, "hedge": 2e-3}
 

@@ -24,6 +24,13 @@ Defaults (the v2 paper gives no values; a later measurement checks these):
   of requests). A false alarm only re-enables collection (the gate still refuses a useless round); a real shift
   (TIDE's multilingual switch drops α by 0.2–0.4) crosses it within 1–2 requests;
 * ``n_init = 8`` requests: enough to average out per-request noise (σ/√8) before the EMAs start;
+* two additions of ours, for the failure the algorithm as published has: a *plateau* verdict rests on one
+  round's held-out slice, and once collection pauses only a *drop* in acceptance restarts it, so one noisy
+  verdict on a stream that later changes without a drop (a new domain the drafter handles as well, or drifts
+  into slowly) stops learning for good. ``resume_after = 256`` requests after a pause collection resumes anyway:
+  at ~20 requests per round that spends at most one round in ~13 on re-checking a plateau (``0``: TIDE as
+  published). ``shift_direction = "either"`` also counts a *rise* of the short EMA past ``ε`` as a shift
+  (default ``"drop"``, TIDE's rule);
 * ``n_threshold = 4096`` tokens per round: about 20 chat requests (OnlineSpec's chunk is 40 prompts) and, at
   3.5 KB per token (SmolLM2-135M, three feature layers in bf16), a 14 MB round. Measured once (CPU, one
   trainer thread, the shipped SmolLM2-135M drafter, adam, 2 epochs): 4481 captured tokens of 24 math-reasoning
@@ -44,6 +51,10 @@ PARAMS: tuple[Param, ...] = (
     Param("shift_epsilon", 0.05, 0.0, 1.0, doc="shift when short EMA < long EMA - epsilon (acceptance-rate units)"),
     Param("n_init", 8, 1, 10_000, kind="int", doc="requests averaged to initialise both EMAs"),
     Param("n_threshold", 4096, 16, 10_000_000, kind="int", doc="captured tokens that start a training round"),
+    Param("shift_direction", "drop", kind="choice", choices=("drop", "either"),
+          doc="drop: a shift is short EMA < long EMA - epsilon (TIDE); either: |short - long| > epsilon"),
+    Param("resume_after", 256, 0, 10_000_000, kind="int",
+          doc="requests after a plateau pause when collection resumes anyway (0: only a shift resumes it, TIDE)"),
 )
 
 OUTCOMES = ("deploy", "plateau", "neutral")
@@ -57,7 +68,7 @@ def resolve(params: tuple[Param, ...], overrides: dict[str, Any] | None, where: 
 
 @dataclass
 class ControlEvent:
-    kind: str  # "init", "shift", "deploy", "plateau", "neutral"
+    kind: str  # "init", "shift", "resume", "deploy", "plateau", "neutral"
     request: int
     short: float | None
     long: float | None
@@ -73,12 +84,15 @@ class SelectiveTraining:
     shift_epsilon: float = 0.05
     n_init: int = 8
     n_threshold: int = 4096
+    shift_direction: str = "drop"
+    resume_after: int = 256
     collecting: bool = True
     short: float | None = None
     long: float | None = None
     requests: int = 0
     events: list[ControlEvent] = field(default_factory=list)
     _init: list[float] = field(default_factory=list)
+    _paused_at: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None) -> SelectiveTraining:
@@ -101,10 +115,14 @@ class SelectiveTraining:
             return self.collecting
         self.short = self.lambda_short * self.short + (1 - self.lambda_short) * a
         self.long = self.lambda_long * self.long + (1 - self.lambda_long) * a
-        if self.short < self.long - self.shift_epsilon:
+        gap = self.long - self.short
+        if gap > self.shift_epsilon or (self.shift_direction == "either" and -gap > self.shift_epsilon):
             if not self.collecting:
                 self._event("shift")
             self.collecting = True
+        elif not self.collecting and self.resume_after and self.requests - self._paused_at >= self.resume_after:
+            self.collecting = True  # a plateau judged on one noisy round must not stop learning for good
+            self._event("resume")
         return self.collecting
 
     def ready(self, stored_tokens: int) -> bool:
@@ -117,6 +135,7 @@ class SelectiveTraining:
             raise ValueError(f"round outcome {outcome!r} is not one of {OUTCOMES}")
         if outcome == "plateau":
             self.collecting = False
+            self._paused_at = self.requests
         self._event(outcome)
 
     def _event(self, kind: str) -> None:
