@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import math
 import time
@@ -563,7 +564,8 @@ class RecordedRun:
 
     @classmethod
     def load(cls, directory: Path) -> RecordedRun:
-        """A run saved by ``sim validate`` (``trace.jsonl``, ``steps.jsonl``, ``result.json``, ``signals.jsonl``)."""
+        """A run saved by ``sim validate`` (``trace.jsonl``, ``steps.jsonl`` or ``steps.jsonl.gz``, ``result.json``,
+        ``signals.jsonl``)."""
         from sglang_ext.engine.replay import StepRecord, load_signals
         from simulator.metrics import SimResult
 
@@ -572,13 +574,16 @@ class RecordedRun:
             raise ValueError(f"{d}: no result.json (was this run complete? partial runs cannot be re-judged)")
         result = SimResult.load(d / "result.json")
         steps = []
-        with open(d / "steps.jsonl", encoding="utf-8") as f:
+        path = d / "steps.jsonl"
+        if not path.is_file() and path.with_suffix(".jsonl.gz").is_file():  # a stored result, compressed
+            path = path.with_suffix(".jsonl.gz")
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         steps.append(StepRecord(**json.loads(line)))
                     except (json.JSONDecodeError, TypeError) as e:
-                        raise ValueError(f"{d / 'steps.jsonl'}:{lineno}: not a step record ({e})") from e
+                        raise ValueError(f"{path}:{lineno}: not a step record ({e})") from e
         kl = load_signals(d / "signals.jsonl") if (d / "signals.jsonl").is_file() else None
         perf = result.perf or {}
         return cls(read_trace(d / "trace.jsonl"), kl, steps, result.summary,

@@ -116,6 +116,20 @@ def test_replay_records_acceptance_for_every_request(tiny, kind, tmp_path):
     assert [s.verify_forward_s for s in saved.steps] == pytest.approx([s.verify_forward_s for s in live.steps], abs=1e-6)
     assert saved.summary["throughput_tok_s"] == pytest.approx(live.summary["throughput_tok_s"])
     assert (saved.kl is None) == (live.kl is None) and (saved.kl or {}).keys() == (live.kl or {}).keys()
+    import gzip
+
+    steps = tmp_path / kind / "steps.jsonl"  # stored results keep their steps compressed
+    with gzip.open(steps.with_suffix(".jsonl.gz"), "wt", encoding="utf-8") as f:
+        f.write(steps.read_text())
+    steps.unlink()
+    assert [s.verify_forward_s for s in RecordedRun.load(tmp_path / kind).steps] == [s.verify_forward_s for s in saved.steps]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("trace.jsonl", "result.json"):
+        (bad / name).write_text((tmp_path / kind / name).read_text())
+    (bad / "steps.jsonl").write_text('{"start": 0.0}\n')
+    with pytest.raises(ValueError, match=r"bad/steps\.jsonl:1: not a step record"):
+        RecordedRun.load(bad)
     for rid in (live.kl or {}):
         assert saved.kl[rid] == pytest.approx(live.kl[rid], abs=1e-5)
 
