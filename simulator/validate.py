@@ -739,9 +739,9 @@ class Validation:
         run = self.run_real(cfg, trace, prompts, tag)
         if not run.complete:
             raise KeyboardInterrupt if "interrupted" in (run.error or "") else RuntimeError(run.error)
-        return self.fit_calibration(cfg, run.steps, run.others_cpu_cores, len(trace), tag)
+        return self.calibration_from_steps(cfg, run.steps, run.others_cpu_cores, len(trace), tag)
 
-    def fit_calibration(self, cfg: RunConfig, steps: Sequence[Any], others_cpu_cores: float, requests: int,
+    def calibration_from_steps(self, cfg: RunConfig, steps: Sequence[Any], others_cpu_cores: float, requests: int,
                         tag: str) -> dict:
         """:func:`fit_calibration` on a calibration run's steps, with the measured catch-up, logged and kept."""
         fit = fit_calibration(steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)
@@ -890,7 +890,7 @@ class Validation:
                 ctag = f"calibration-{tag}" if self.args.calibrate == "row" else f"calibration-{cfg.name}"
                 if ctag not in self.calibrations:  # config mode: one calibration serves several rows
                     crec = RecordedRun.load(src / ctag)
-                    self.fit_calibration(cfg, crec.steps, crec.others_cpu_cores, len(crec.recorded), ctag)
+                    self.calibration_from_steps(cfg, crec.steps, crec.others_cpu_cores, len(crec.recorded), ctag)
                 calib = self.calibrations[ctag]
             self.judge(cfg, r["load"], r["rate"], r["time_scale"], tag, RecordedRun.load(src / tag), calib, console)
         return bool(self.rows) and all(r["pass"] for r in self.rows)
