@@ -1,9 +1,11 @@
 """Why the simulator's fidelity on a shared CPU VM hangs on the machine's speed (README, "Simulator fidelity").
 
-Two measurements, both from stored data:
+Three measurements, all from stored data:
 
 * ``windows``: in each engine run a ``sim validate`` recorded, the median of measured / profiled verify-forward
   time per window of ``--window`` seconds (how fast the machine ran, window by window);
+* ``profiles``: two profiles of the same machine taken minutes apart, point by point (how far the machine moved
+  between them);
 * ``sensitivity``: in the simulator, how much E2E latency and throughput move when every forward is ``--speed``
   slower, at several loads (fractions of the plain-decoding capacity the profile predicts)::
 
@@ -74,6 +76,24 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+_KEYS = {"target": ("batch_size", "tokens_per_request", "context_len"), "prefill": ("tokens", "context_len"),
+         "draft": ("batch_size", "depth", "context_len")}
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """Two profiles of one machine: the ratio second / first of every point both measured, per part."""
+    from sglang_ext.core.costs import load_profile
+
+    a, b = load_profile(args.first), load_profile(args.second)
+    print(f"{args.second} ({b['meta'].get('date')}) / {args.first} ({a['meta'].get('date')}):")
+    for part, keys in _KEYS.items():
+        first = {tuple(e.get(k) for k in keys): e["seconds"] for e in a[part]}
+        r = np.array([e["seconds"] / first[k] for e in b[part] if (k := tuple(e.get(x) for x in keys)) in first])
+        if len(r):
+            print(f"  {part:8s} {len(r):3d} points: median {np.median(r):.3f}, range {r.min():.2f}-{r.max():.2f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.fidelity_speed", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -82,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--profile", default=None, help="default: VALIDATION/profile.json")
     w.add_argument("--window", type=float, default=5.0)
     w.set_defaults(func=cmd_windows)
+    q = sub.add_parser("profiles", help="two profiles of one machine, point by point")
+    q.add_argument("first")
+    q.add_argument("second")
+    q.set_defaults(func=cmd_profiles)
     s = sub.add_parser("sensitivity", help="E2E and throughput change per forward-speed change, by load")
     s.add_argument("--profile", required=True)
     s.add_argument("--trace", required=True)
