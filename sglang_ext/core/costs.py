@@ -47,16 +47,18 @@ value ``k_i`` of that variable: :math:`g(x) = g_i + (g_{i+1} - g_i)(x - k_i)/(k_
 
 Every coefficient is **non-negative**, so with the four hinge/jump structures every cost is non-decreasing in
 each of its arguments (in ``n`` in particular, wherever the hinge and the jump sit); ``knots`` keeps only
-``g >= 0``, so it is the one structure that can price a larger batch below a smaller one, where the machine does. Fitting: for fixed ``β, β_J`` the model is linear in its
-coefficients, so they come from non-negative least squares on the **relative** error,
+``g >= 0``, so it is the one structure that can price a larger batch below a smaller one, where the machine does.
+
+Fitting: for fixed ``β, β_J`` the model is linear in its coefficients, so they come from non-negative least
+squares on the **relative** error,
 
 .. math:: \min_{\theta \ge 0} \sum_i \Bigl(\frac{X_i \theta - y_i}{y_i}\Bigr)^2;
 
 ``β_J`` is searched over the midpoints between measured values (the data cannot place a step more precisely),
 ``β`` over the measured values and midpoints and then refined by a bounded scalar minimisation. The structure,
 ``linear`` / ``jump`` / ``hinge`` / ``hinge+jump`` / ``knots``, is chosen by BIC on the relative residuals
-(``m ln(RSS/m) + p ln m``, ``p`` = non-zero coefficients, each knot's value among them, plus one per breakpoint) and needs two points per
-parameter, so a breakpoint is kept only where the data pay for it. :meth:`CostModel.fit_report` gives the
+(``m ln(RSS/m) + p ln m``, ``p`` = non-zero coefficients, each knot's value among them, plus one per
+breakpoint) and needs two points per parameter, so a breakpoint is kept only where the data pay for it. :meth:`CostModel.fit_report` gives the
 mean and max relative error on the profile points and the fitted formulas. Pure numpy/scipy: no torch import.
 """
 
@@ -195,6 +197,8 @@ class Terms:
     curve: tuple[str, str, str, str] = ("const", "per_token", "per_token_above", "jump")
     #: the input that multiplies that curve (draft: ``depth``, the curve being one draft step), or ``None``
     curve_weight: str | None = None
+    #: ``knots``: the curve's value at knot ``k`` is the coefficient ``curve_prefix + f"{k:g}"`` (``at_n=4``)
+    curve_prefix: str = "at_n="
 
 
 def _hinge(x: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -247,13 +251,13 @@ VERIFY = Terms("verify", ("batch_size", "tokens_per_request", "context_len"), "n
                " + per_kv_token*B*c + per_attention_pair*n*c  (n = B*t, c = context_len)")
 PREFILL = Terms("prefill", ("tokens", "context_len"), "tokens", _prefill_columns,
                 "const + per_token*min(P,beta) + per_token_above*max(P-beta,0) + jump*[P>jump_at] + per_kv_token*c"
-                " + per_attention_pair*(P*c + P*(P+1)/2)  (P = chunk tokens, c = context_len)")
+                " + per_attention_pair*(P*c + P*(P+1)/2)  (P = chunk tokens, c = context_len)", curve_prefix="at_P=")
 DRAFT = Terms("draft", ("batch_size", "depth"), "batch_size", _draft_columns,
               "call + call_per_request*B + d*(step + step_per_request*min(B,beta) + step_per_request_above*max(B-beta,0)"
               " + step_jump*[B>jump_at])", curve=("step", "step_per_request", "step_per_request_above", "step_jump"),
-              curve_weight="depth")
+              curve_weight="depth", curve_prefix="step_at_B=")
 TRAIN = Terms("train", ("tokens",), "tokens", _train_columns,
-              "const + per_token*min(N,beta) + per_token_above*max(N-beta,0) + jump*[N>jump_at]")
+              "const + per_token*min(N,beta) + per_token_above*max(N-beta,0) + jump*[N>jump_at]", curve_prefix="at_N=")
 _TERMS = {"verify": VERIFY, "prefill": PREFILL, "draft": DRAFT, "train": TRAIN}
 _HAS_HINGE = {"linear": False, "jump": False, "hinge": True, "hinge+jump": True, "knots": False}
 _HAS_JUMP = {"linear": False, "jump": True, "hinge": False, "hinge+jump": True, "knots": False}
@@ -261,9 +265,7 @@ _HAS_JUMP = {"linear": False, "jump": True, "hinge": False, "hinge+jump": True, 
 
 def _knot_name(terms: Terms, knot: float) -> str:
     """The coefficient holding the curve's value at ``knot`` (``at_n=4``; draft: ``step_at_B=4``)."""
-    prefix = "step_at_" if terms.curve_weight else "at_"
-    var = {"n": "n", "batch_size": "B", "tokens": "P" if terms.name == "prefill" else "N"}[terms.hinge_var]
-    return f"{prefix}{var}={knot:g}"
+    return f"{terms.curve_prefix}{knot:g}"
 
 
 def _hats(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
@@ -464,7 +466,7 @@ def _fit_knots(terms: Terms, v: Mapping[str, np.ndarray], y: np.ndarray, drop: S
     variable is a free (non-negative) coefficient, fitted with the other terms by the same relative NNLS.
 
     For a machine whose cost is not monotone in the batch: a CPU GEMM library that is slower at 2-3 rows than
-    at 4 (measured on a 2-core EPYC: 100-150 ms at 2-3 batched tokens, 94-110 ms at 4) — a shape no hinge or step
+    at 4 (measured on a 2-core EPYC: 100-150 ms at 2-3 batched tokens, 91-110 ms at 4) — a shape no hinge or step
     of non-negative slopes can follow. BIC charges every knot, so it is chosen only where the data pay for it.
     """
     m = len(y)
