@@ -4,12 +4,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `analysis` is importable
 
 from analysis import tuning_pays as tp
 

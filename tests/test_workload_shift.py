@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: `analysis` is importable
 
 from analysis import workload_shift as ws
 
