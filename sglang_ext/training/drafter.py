@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from sglang_ext.core.buckets import length_buckets
-from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.core.drafters.eagle_model import (
     EagleConfig,
     EagleDraftModel,
     target_identity,
 )
+from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.engine.target import TargetModel
 
 

@@ -81,7 +81,6 @@ class GateResult:
 @torch.no_grad()
 def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: int = 3) -> GateScore:
     """Expected greedy chain acceptance length and per-step top-1 (see the module docstring)."""
-
     was_training = model.training
     model.eval()
     dev, dt = model.fc.weight.device, model.fc.weight.dtype

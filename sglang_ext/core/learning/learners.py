@@ -89,7 +89,6 @@ PARAMS: tuple[Param, ...] = (
 # ---- loss --------------------------------------------------------------------------------------------------
 def weighted_ttt_loss(model: EagleDraftModel, batch: TrainingBatch, steps: int, step_weight: float) -> torch.Tensor:
     """``ttt_loss`` with per-row target weights (see the module docstring); equal to it when all weigh 1."""
-
     outs = ttt_forward(model, batch.features, batch.tokens, steps)
     valid = batch.valid
     L = batch.tokens.shape[1] - 1
