@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import math
 import time
@@ -566,24 +565,17 @@ class RecordedRun:
     def load(cls, directory: Path) -> RecordedRun:
         """A run saved by ``sim validate`` (``trace.jsonl``, ``steps.jsonl`` or ``steps.jsonl.gz``, ``result.json``,
         ``signals.jsonl``)."""
-        from sglang_ext.engine.replay import StepRecord, load_signals
+        from sglang_ext.engine.replay import load_signals, load_steps
         from simulator.metrics import SimResult
 
         d = Path(directory)
         if not (d / "result.json").is_file():
             raise ValueError(f"{d}: no result.json (was this run complete? partial runs cannot be re-judged)")
         result = SimResult.load(d / "result.json")
-        steps = []
         path = d / "steps.jsonl"
         if not path.is_file() and path.with_suffix(".jsonl.gz").is_file():  # a stored result, compressed
             path = path.with_suffix(".jsonl.gz")
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        steps.append(StepRecord(**json.loads(line)))
-                    except (json.JSONDecodeError, TypeError) as e:
-                        raise ValueError(f"{path}:{lineno}: not a step record ({e})") from e
+        steps = load_steps(path)
         kl = load_signals(d / "signals.jsonl") if (d / "signals.jsonl").is_file() else None
         perf = result.perf or {}
         return cls(read_trace(d / "trace.jsonl"), kl, steps, result.summary,
@@ -742,7 +734,7 @@ class Validation:
         return self.calibration_from_steps(cfg, run.steps, run.others_cpu_cores, len(trace), tag)
 
     def calibration_from_steps(self, cfg: RunConfig, steps: Sequence[Any], others_cpu_cores: float, requests: int,
-                        tag: str) -> dict:
+                               tag: str) -> dict:
         """:func:`fit_calibration` on a calibration run's steps, with the measured catch-up, logged and kept."""
         fit = fit_calibration(steps, self.cost, self.args.chunked_prefill_size, cfg.speculative)
         fit["others_cpu_cores"] = others_cpu_cores

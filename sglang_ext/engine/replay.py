@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import math
 import random
@@ -282,6 +283,20 @@ class ReplayRun:
                                    + "\n" for rid, s in kl.items()), encoding="utf-8")
             paths["signals"] = sig
         return paths
+
+
+def load_steps(path: str | Path) -> list[StepRecord]:
+    """``steps.jsonl`` (or a stored ``steps.jsonl.gz``) → the :class:`StepRecord` s :meth:`ReplayRun.save` wrote."""
+    path = Path(path)
+    steps: list[StepRecord] = []
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    steps.append(StepRecord(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as e:
+                    raise ReplayError(f"{path}:{lineno}: not a step record ({e})") from e
+    return steps
 
 
 def load_signals(path: str | Path) -> dict[str, list[float | None]]:
