@@ -58,8 +58,9 @@ squares on the **relative** error,
 ``β`` over the measured values and midpoints and then refined by a bounded scalar minimisation. The structure,
 ``linear`` / ``jump`` / ``hinge`` / ``hinge+jump`` / ``knots``, is chosen by BIC on the relative residuals
 (``m ln(RSS/m) + p ln m``, ``p`` = non-zero coefficients, each knot's value among them, plus one per
-breakpoint) and needs two points per parameter, so a breakpoint is kept only where the data pay for it. :meth:`CostModel.fit_report` gives the
-mean and max relative error on the profile points and the fitted formulas. Pure numpy/scipy: no torch import.
+breakpoint) and needs two points per parameter, so a breakpoint is kept only where the data pay for it.
+:meth:`CostModel.fit_report` gives the mean and max relative error on the profile points and the fitted formulas.
+Pure numpy/scipy: no torch import.
 """
 
 from __future__ import annotations
@@ -474,7 +475,7 @@ def _fit_knots(terms: Terms, v: Mapping[str, np.ndarray], y: np.ndarray, drop: S
     knots = np.unique(x)
     base = {k: np.broadcast_to(np.asarray(c, dtype=float), x.shape)
             for k, c in terms.columns(v, math.inf, None).items()
-            if k not in terms.curve and k not in drop and not k.endswith("_above")}
+            if k not in terms.curve and k not in drop}
     weight = v[terms.curve_weight] if terms.curve_weight else 1.0
     hats = _hats(x, knots) * np.reshape(weight, (-1, 1))
     names = list(base) + [_knot_name(terms, float(k)) for k in knots]
