@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sglang_ext.flags import FlagError, add_policy_args, online_config_from_args, parse_param
+from sglang_ext.flags import add_online_args as add_online_flags
+from sglang_ext.flags import policy_from_args as flag_policy_from_args
+
 if TYPE_CHECKING:  # the engine imports torch: keep `sglang-ext --help` fast
     from .engine import Engine
 
@@ -29,7 +33,7 @@ DEFAULT_MAX_RUNNING = 8
 DEFAULT_CONTEXT_CAP = 4096  # the engine's default: the model's max positions, capped here
 
 
-class LaunchError(ValueError):
+class LaunchError(FlagError):
     """A flag (or flag combination) the engine cannot start with; the message names the flag."""
 
 
@@ -105,15 +109,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weights and KV cache dtype (default float32; 'auto' means float32 here: CPU half precision "
                         "is slow and changes greedy outputs)")
-    g.add_argument("--speculative-policy", metavar="NAME",
-                   help="speculation-control policy deciding each step's per-request draft length (at most "
-                        "--speculative-num-steps) and whether to speculate at all: static, dsde, tide-control, "
-                        "sglang-adaptive, goodput, bandit (sglang_ext.core.policies). Default: none (always num-steps)")
-    g.add_argument("--speculative-policy-config", metavar="FILE",
-                   help="a policy config JSON (written by `sglang-ext sim tune` or by hand: {\"policy\": NAME, "
-                        "\"params\": {...}}); --speculative-policy-param values override its params")
-    g.add_argument("--speculative-policy-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set one policy parameter (repeatable), e.g. --speculative-policy-param k_max=4")
+    add_policy_args(g)
     add_online_args(parser)
     g.add_argument("--random-seed", type=int, metavar="SEED",
                    help="seed for requests that bring none (each request then gets seed + its arrival index), "
@@ -121,20 +117,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_online_args(parser: argparse.ArgumentParser) -> None:
-    """``--online-learning`` and one ``--online-<param>`` flag per tunable of :data:`sglang_ext.online.ONLINE_PARAMS`."""
-    from sglang_ext.online import ONLINE_PARAMS
-
-    g = parser.add_argument_group("online drafter adaptation (TIDE / OnlineSpec; EAGLE only)")
-    g.add_argument("--online-learning", action="store_true",
-                   help="train the drafter from live traffic in a trainer process (captured target hidden states of "
-                        "committed tokens) and hot-swap it when the deploy gate says it is better")
-    g.add_argument("--online-handoff-dir", metavar="DIR",
-                   help="where versioned drafter checkpoints are published (default: a temporary directory)")
-    for p in ONLINE_PARAMS:
-        kind = {"int": int, "float": float}.get(p.kind, str)
-        extra = {"choices": list(p.choices)} if p.kind == "choice" else {}
-        g.add_argument("--online-" + p.name.replace("_", "-"), dest="online_" + p.name, type=kind, default=None,
-                       help=f"{p.doc} (default {p.default})", **extra)
+    """``--online-learning`` and its ``--online-*`` flags (:mod:`sglang_ext.flags`, shared with the SGLang plugin)."""
+    add_online_flags(parser.add_argument_group("online drafter adaptation (TIDE / OnlineSpec; EAGLE only)"))
 
 
 def online_from_args(args: argparse.Namespace, engine) -> Any:
@@ -143,12 +127,14 @@ def online_from_args(args: argparse.Namespace, engine) -> Any:
         return None
     import tempfile
 
-    from sglang_ext.online import ONLINE_PARAMS, OnlineLearning
+    from sglang_ext.online import OnlineLearning
 
     if engine.drafter is None or not engine.drafter.needs_features:
         raise LaunchError("--online-learning needs --speculative-algorithm EAGLE (a feature drafter to train)")
-    config = {p.name: getattr(args, "online_" + p.name) for p in ONLINE_PARAMS
-              if getattr(args, "online_" + p.name, None) is not None}
+    try:
+        config = online_config_from_args(args) or {}
+    except FlagError as e:
+        raise LaunchError(str(e)) from e
     handoff = args.online_handoff_dir or tempfile.mkdtemp(prefix="sglang-ext-online-")
     model = engine.drafter.model
     try:
@@ -367,42 +353,19 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise LaunchError(f"--speculative-policy-param {text!r}: expected NAME=VALUE")
     try:
-        return name.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return name.strip(), value  # a bare string (a choice such as variant=paper)
+        return parse_param(text)
+    except FlagError as e:
+        raise LaunchError(str(e)) from e
 
 
 def policy_from_args(args: argparse.Namespace):
     """The policy named by ``--speculative-policy`` / ``--speculative-policy-config`` / ``--speculative-policy-param``
-    (None when none is asked for); errors name the flag or the config file."""
-    from sglang_ext.core.policies import LENGTH_POLICIES, make_policy
-    from sglang_ext.core.policies.config import load_policy_config
-
-    name = getattr(args, "speculative_policy", None)
-    path = getattr(args, "speculative_policy_config", None)
-    overrides = dict(_parse_param(t) for t in getattr(args, "speculative_policy_param", []) or [])
-    if not (name or path):
-        if overrides:
-            raise LaunchError("--speculative-policy-param needs --speculative-policy or --speculative-policy-config")
-        return None
+    (None when none is asked for); errors name the flag or the config file (:mod:`sglang_ext.flags`)."""
     try:
-        if path:
-            policy = load_policy_config(path)
-            if name and name != policy.name:
-                raise LaunchError(f"--speculative-policy {name} disagrees with {path} (policy {policy.name!r})")
-            if overrides:
-                policy = make_policy(policy.name, **{**policy.config, **overrides})
-            return policy
-        if name not in LENGTH_POLICIES:
-            raise LaunchError(f"--speculative-policy {name!r}: unknown; choose from {', '.join(sorted(LENGTH_POLICIES))}")
-        return make_policy(name, **overrides)
-    except (OSError, ValueError) as e:
-        flag = "--speculative-policy-config" if path else "--speculative-policy-param"
-        raise LaunchError(f"{flag}: {e}") from e
+        return flag_policy_from_args(args)
+    except FlagError as e:
+        raise LaunchError(str(e)) from e
 
 
 def build_engine(args: argparse.Namespace):

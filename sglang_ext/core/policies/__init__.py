@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from .bandit import BanditPolicy
 from .base import BatchView, Decision, Param, Policy
-from .compose import ComposedPolicy, apply_batch_cap
+from .compose import ComposedPolicy, apply_batch_cap, batch_length
 from .dsde import DSDEPolicy
 from .goodput import GoodputPolicy
 from .registry import LENGTH_POLICIES, POLICIES, make_policy, policy_class, tunables
@@ -31,6 +31,6 @@ from .update_bandit import UpdateBandit, UpdateRoundStats, throughput_gain
 __all__ = [
     "BanditPolicy", "BatchView", "ComposedPolicy", "DSDEPolicy", "Decision", "GoodputPolicy", "LENGTH_POLICIES",
     "POLICIES", "Param", "Policy", "SGLangAdaptivePolicy", "StaticPolicy", "TideControlPolicy", "UpdateBandit",
-    "UpdateRoundStats", "apply_batch_cap", "make_policy", "oracle_static", "policy_class", "throughput_gain",
+    "UpdateRoundStats", "apply_batch_cap", "batch_length", "make_policy", "oracle_static", "policy_class", "throughput_gain",
     "tunables",
 ]

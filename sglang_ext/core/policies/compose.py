@@ -34,6 +34,26 @@ def apply_batch_cap(predictions: Mapping[str, int]) -> tuple[dict[str, int], int
     return {rid: min(int(k), cap) for rid, k in predictions.items()}, cap
 
 
+def batch_length(decision: Decision, max_length: int) -> int:
+    r"""One draft length for the whole batch, for hosts whose worker takes a single length per step (SGLang).
+
+    A plain step gives 0. Otherwise the per-request lengths are reduced the way DSDE's batch cap does: the batch
+    verifies :math:`\max_r \min(\hat k_r, \mathrm{cap})`, which equals the cap,
+    :math:`\lceil \frac1N \sum_r \hat k_r \rceil` (the mean is the MSE-optimal consensus, rounded up). Lengths
+    a policy has already capped (``info["sl_cap"]``) are not capped again, since a second cap could only lower the
+    consensus below what the policy decided. The result is clipped to ``0..max_length``.
+    """
+    if not decision.speculate:
+        return 0
+    lengths = [max(int(k), 0) for k in decision.lengths.values()]
+    if not lengths or max(lengths) == 0:
+        return 0
+    if "sl_cap" not in decision.info:
+        capped, _ = apply_batch_cap(dict(enumerate(lengths)))
+        lengths = list(capped.values())
+    return min(max(lengths), int(max_length))
+
+
 class ComposedPolicy(Policy):
     """``length_policy`` decides per-request lengths; ``cap`` applies the DSDE batch cap to them; ``onoff``
     (optional, usually tide-control) may veto speculation for the step.
