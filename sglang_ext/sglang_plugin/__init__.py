@@ -16,9 +16,15 @@ keywords, so ``speculative_policy=...`` and ``online_learning=...`` are accepted
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 log = logging.getLogger("sglang_ext.sglang_plugin")
+
+#: when set to a file path, each process that loads the plugin appends one JSON line (pid, process name) to it;
+#: SGLang runs plugins before its logging is configured, so this is how a test sees every process load it
+TRACE_ENV = "SGLANG_EXT_PLUGIN_TRACE"
 
 
 def register() -> None:
@@ -26,6 +32,12 @@ def register() -> None:
     from .hooks import register_hooks
 
     register_hooks()
+    trace = os.environ.get(TRACE_ENV)
+    if trace:
+        import multiprocessing
+
+        with open(trace, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "process": multiprocessing.current_process().name}) + "\n")
 
 
 def engine(**kwargs):

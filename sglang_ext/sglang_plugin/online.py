@@ -22,6 +22,7 @@ import json
 import logging
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,31 @@ def sglang_draft_tensors(model) -> list[tuple[str, torch.Tensor]]:
     the LM head rows are the target's, frozen, and the draft vocabulary is fixed)."""
     state = model.state_dict()
     return [(WEIGHT_MAP[k], state[k].detach().to(torch.float32).contiguous()) for k in WEIGHT_MAP]
+
+
+@contextmanager
+def plain_tensor_pickling():
+    """Undo SGLang's CUDA-only tensor-pickling patch while (re)spawning the trainer.
+
+    ``update_weights_from_tensor`` installs ``sglang.srt.utils.patch_torch.monkey_patch_torch_reductions``, whose
+    reducer rewrites argument 6 of every pickled tensor as a CUDA device uuid; for the CPU shared-memory tensors
+    the trainer receives (the target's embedding and LM head) that tuple is shorter, and spawning raised
+    ``IndexError`` inside the scheduler. The original reducer is restored for the duration of the call only.
+    """
+    from torch.multiprocessing import reductions
+
+    original = getattr(reductions, "_reduce_tensor_original", None)
+    if original is None or reductions.reduce_tensor is original:
+        yield
+        return
+    patched = reductions.reduce_tensor
+    reductions.reduce_tensor = original
+    reductions.init_reductions()
+    try:
+        yield
+    finally:
+        reductions.reduce_tensor = patched
+        reductions.init_reductions()
 
 
 def _target_weights(worker: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +145,8 @@ class OnlineBridge:
 
     def between_steps(self) -> None:
         """Deploy a newly published drafter version through SGLang's draft weight-update path."""
-        model = self.online.poll()
+        with plain_tensor_pickling():  # poll() restarts a dead trainer process
+            model = self.online.poll()
         if time.monotonic() - self._status_written >= 1.0:
             self._write_status()
         if model is None:

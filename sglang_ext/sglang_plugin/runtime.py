@@ -32,6 +32,7 @@ class Runtime:
         self.config = config
         self.steps: CorePolicySteps | None = None
         self.online = None
+        self.online_faults = 0
         self._last_log = time.monotonic()
         if config.policy is not None:
             controller = getattr(worker, "adaptive_controller", None)
@@ -66,7 +67,7 @@ class Runtime:
     def before_step(self, batch: Any) -> None:
         """Between steps: deploy a new drafter if one is ready; tell the policy the decode batch's requests."""
         if self.online is not None:
-            self.online.between_steps()
+            self._guard("online hand-off", self.online.between_steps)
         if self.steps is not None and not (batch.forward_mode.is_extend() or batch.is_extend_in_batch):
             reqs = batch.reqs
             self.steps.begin_batch([r.rid for r in reqs], [len(r.origin_input_ids) + len(r.output_ids) for r in reqs])
@@ -74,13 +75,22 @@ class Runtime:
 
     def after_verify(self, batch: Any, verify_input: Any, result: Any) -> None:
         if self.online is not None:
-            self.online.capture(batch, verify_input, result)
+            self._guard("online capture", self.online.capture, batch, verify_input, result)
 
     def finish(self, rid: str) -> None:
         if self.steps is not None:
             self.steps.finish(rid)
         if self.online is not None:
-            self.online.finish(rid)
+            self._guard("online finish", self.online.finish, rid)
+
+    def _guard(self, what: str, fn, *args) -> None:
+        """Online learning is best-effort: a fault in it is logged and counted, and serving goes on."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            self.online_faults += 1
+            if self.online_faults <= 5 or self.online_faults % 100 == 0:
+                log.exception("sglang-ext: %s failed (%d fault(s) so far); serving continues", what, self.online_faults)
 
     # ---- reporting ----------------------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -88,7 +98,7 @@ class Runtime:
         if self.steps is not None:
             out["policy"] = self.steps.status()
         if self.online is not None:
-            out["online"] = self.online.status()
+            out["online"] = {**self.online.status(), "faults": self.online_faults}
         return out
 
     def _report(self) -> None:

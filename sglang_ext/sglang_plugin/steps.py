@@ -113,7 +113,7 @@ class CorePolicySteps:
         c.plain += steps == 0
         c.steps_histogram[steps] = c.steps_histogram.get(steps, 0) + 1
         if steps != c.last_steps:
-            log.info("sglang-ext %s: batch %d -> %d draft step(s)", self.policy.name, batch_size, steps)
+            log.debug("sglang-ext %s: batch %d -> %d draft step(s)", self.policy.name, batch_size, steps)
         c.last_steps = steps
         return steps
 

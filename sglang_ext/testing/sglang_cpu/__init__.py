@@ -17,6 +17,7 @@ from .launcher import (
     STAND_IN_DIR,
     GenerateResult,
     SGLangCPUServer,
+    SGLangGPUServer,
     ServerStartError,
     harness_env,
     merge_args,
@@ -25,5 +26,5 @@ from .launcher import (
 
 __all__ = [
     "DEFAULT_ENGINE_KWARGS", "DEFAULT_SERVER_ARGS", "ENV_FLAG", "STAND_IN_DIR", "GenerateResult", "SGLangCPUServer",
-    "ServerStartError", "harness_env", "merge_args", "run_engine",
+    "SGLangGPUServer", "ServerStartError", "harness_env", "merge_args", "run_engine",
 ]

@@ -185,10 +185,13 @@ class SGLangCPUServer:
             raise RuntimeError("SGLangCPUServer.base_url: the server has not been started")
         return f"http://{self.host}:{self.port}"
 
+    #: flags every launch starts from (``extra_args`` override them)
+    default_args: tuple[str, ...] = DEFAULT_SERVER_ARGS
+
     def command(self) -> list[str]:
         """The full ``launch_server`` command line (the port must be chosen first)."""
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
-                "--host", self.host, "--port", str(self.port), *merge_args(DEFAULT_SERVER_ARGS, self.extra_args)]
+                "--host", self.host, "--port", str(self.port), *merge_args(self.default_args, self.extra_args)]
 
     def start(self) -> "SGLangCPUServer":
         """Launch and block until ``/health`` answers 200; raises :class:`ServerStartError` with the log tail."""
@@ -296,6 +299,21 @@ class SGLangCPUServer:
         results = [GenerateResult(text=r.get("text", ""), output_ids=list(r.get("output_ids") or []),
                                   meta_info=r.get("meta_info", {})) for r in items]
         return results[0] if single else results
+
+
+class SGLangGPUServer(SGLangCPUServer):
+    """The same launcher on a CUDA machine with SGLang's real kernels: no stand-in, no CPU engine.
+
+    float32 (as on the CPU) so that greedy outputs of plain and speculative decoding can be compared token for
+    token; CUDA graphs stay on (SGLang's default) so the adaptive runtime states are the ones a deployment uses.
+    """
+
+    default_args = ("--dtype", "float32", "--max-running-requests", "8", "--mem-fraction-static", "0.6")
+
+    def __init__(self, model_path: Union[str, Path], *extra_args: str, env: Optional[Mapping[str, str]] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(model_path, *extra_args, env=env, **kwargs)
+        self.env = dict(os.environ if env is None else env)
 
 
 def run_engine(model_path: Union[str, Path], prompts: Union[Sequence[str], None] = None, *,
