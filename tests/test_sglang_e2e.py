@@ -111,7 +111,8 @@ def test_eagle3_with_policy_and_online_learning(server_cls, target_dir, eagle3_d
     deploys new drafter versions while serving, outputs stay identical, and a killed trainer does not stop serving."""
     handoff, decisions = tmp_path / "handoff", tmp_path / "decisions.jsonl"
     args = [*EAGLE3_ARGS, "--speculative-draft-model-path", str(eagle3_dir), "--enable-metrics",
-            "--speculative-policy", "dsde", "--speculative-policy-log", str(decisions),
+            "--speculative-policy", "dsde", "--speculative-policy-param", "window=8",  # a non-default value
+            "--speculative-policy-log", str(decisions),
             "--online-learning", "--online-handoff-dir", str(handoff), "--online-n-init", "1",
             "--online-n-threshold", "64", "--online-gate-margin", "-10", "--online-gate-z", "0"]
     with server_cls(target_dir, *args) as s:
@@ -145,7 +146,8 @@ def test_eagle3_with_policy_and_online_learning(server_cls, target_dir, eagle3_d
     records = read_decision_log(decisions)
     steps = [r["steps"] for r in records if "steps" in r]
     assert len(steps) > 20 and max(steps) <= 3
-    assert replay_decisions(make_policy("dsde"), records, max_steps=3) == steps
+    # the flag's value reached the scheduler intact: the replay with window=8 matches
+    assert replay_decisions(make_policy("dsde", window=8), records, max_steps=3) == steps
 
 
 def test_offline_engine_takes_our_keywords(server_cls, target_dir, eagle3_dir, plain):
