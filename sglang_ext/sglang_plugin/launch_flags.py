@@ -169,9 +169,11 @@ def prepare_argv(argv: list[str], prog: str = "sglang serve") -> tuple[list[str]
     return list(argv) + extra, config
 
 
-#: keyword names ``sglang.Engine(**kwargs)`` accepts for the extension (the flags' dest names)
 def engine_kwargs_to_argv(kwargs: dict) -> list[str]:
-    """Pop the extension's keywords from ``kwargs`` (in place) and spell them as command-line flags."""
+    """Pop the extension's keywords from ``kwargs`` (in place) and spell them as command-line flags.
+
+    The keywords are the flags' names with underscores (``speculative_policy``, ``online_learning``, ...);
+    ``speculative_policy_param`` may be a dict, a list of ``"K=V"`` strings or one string."""
     ext_dests = {a.dest: a for a in _parser_actions()}
     argv: list[str] = []
     for dest in list(kwargs):

@@ -20,6 +20,8 @@ log = logging.getLogger("sglang_ext.sglang_plugin")
 
 #: seconds between status lines in the server log
 LOG_EVERY_S = 30.0
+#: seconds between updates of the /metrics gauges
+METRICS_EVERY_S = 1.0
 
 
 class Runtime:
@@ -34,6 +36,7 @@ class Runtime:
         self.online = None
         self.online_faults = 0
         self._last_log = time.monotonic()
+        self._last_metrics = float("-inf")
         if config.policy is not None:
             controller = getattr(worker, "adaptive_controller", None)
             if controller is None:
@@ -102,12 +105,15 @@ class Runtime:
         return out
 
     def _report(self) -> None:
+        """Gauges at most once a second (status() lists the hand-off directory), a log line every 30 s."""
+        now = time.monotonic()
         status = None
-        if self.metrics is not None:
+        if self.metrics is not None and now - self._last_metrics >= METRICS_EVERY_S:
+            self._last_metrics = now
             status = self.status()
             self.metrics.update(status)
-        if time.monotonic() - self._last_log >= LOG_EVERY_S:
-            self._last_log = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
             log.info("sglang-ext status: %s", status or self.status())
 
 
