@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sglang_ext.core import (DraftTree, InvalidDraftError, TorchRandomSource, verify_chain, verify_greedy_chain,
-                             verify_tree)
+                             verify_greedy_tree, verify_tree)
 
 
 def uniform(*shape):
@@ -61,3 +63,45 @@ def test_nan_target_is_refused():
     p[0, 0, 1] = float("nan")
     with pytest.raises(ValueError, match="request 0.*non-finite"):
         verify_chain(torch.tensor([[1]]), uniform(1, 1, 3), p, TorchRandomSource(0))
+
+
+# ---- greedy chains: the first mismatch ends acceptance, wherever it is ---------------------------------------------
+def plain_greedy_chain(drafts: list[int], argmax: list[int], num_draft: int) -> tuple[int, int]:
+    """The rule written out: accept drafts while each equals the target's argmax before it; then emit the argmax."""
+    n = 0
+    while n < num_draft and drafts[n] == argmax[n]:
+        n += 1
+    return n, argmax[n]
+
+
+def test_greedy_chain_rejects_at_every_position():
+    """Row ``(K, r)``: the first ``r`` drafts match and draft ``r`` does not, for every ``r < K`` (and ``r = K``: all
+    match). Acceptance must stop exactly at ``r``, the next token must be the target's argmax there, and nothing after a
+    mismatch counts, even drafts that happen to match again."""
+    for K in range(1, 6):
+        argmax = torch.arange(K + 1).remainder(4).expand(K + 1, K + 1) + 1  # row r: 1, 2, 3, 4, 1, ...
+        drafts = argmax[:, :K].clone()
+        for r in range(K):
+            drafts[r, r] = 0  # a mismatch at position r; the later drafts still equal the argmax
+        n_acc, nxt = verify_greedy_chain(drafts, argmax)
+        assert n_acc.tolist() == list(range(K + 1)), K
+        assert nxt.tolist() == [int(argmax[r, r]) for r in range(K + 1)], K
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), B=st.integers(1, 6), K=st.integers(0, 6), V=st.integers(2, 4))
+def test_property_greedy_chain_equals_the_plain_rule_and_the_tree_walk(data, B, K, V):
+    """Random drafts over a small vocabulary (so matches and mismatches both happen at every position), ragged
+    ``num_draft``: the vectorised rule equals the plain loop and :func:`verify_greedy_tree` on the same chain."""
+    tok = st.integers(0, V - 1)
+    drafts = torch.tensor(data.draw(st.lists(st.lists(tok, min_size=K, max_size=K), min_size=B, max_size=B)),
+                          dtype=torch.long).reshape(B, K)
+    argmax = torch.tensor(data.draw(st.lists(st.lists(tok, min_size=K + 1, max_size=K + 1), min_size=B, max_size=B)),
+                          dtype=torch.long)
+    num_draft = torch.tensor(data.draw(st.lists(st.integers(0, K), min_size=B, max_size=B)), dtype=torch.long)
+    n_acc, nxt = verify_greedy_chain(drafts, argmax, num_draft=num_draft)
+    expected = [plain_greedy_chain(drafts[b].tolist(), argmax[b].tolist(), int(num_draft[b])) for b in range(B)]
+    assert list(zip(n_acc.tolist(), nxt.tolist())) == expected
+    tree = DraftTree.chain(torch.zeros(B, dtype=torch.long), drafts, num_draft=num_draft, scheme="topk")
+    walk = verify_greedy_tree(tree, argmax)
+    assert walk.num_accepted.tolist() == n_acc.tolist() and walk.next_token.tolist() == nxt.tolist()
