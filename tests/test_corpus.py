@@ -17,8 +17,10 @@ from sglang_ext.data.corpus import (
     split_holdout,
 )
 from sglang_ext.data.packaged_prompts import _array_records
-from sglang_ext.models.provision import is_provisioned, model_dir
+from sglang_ext.models.provision import model_dir
 from sglang_ext.packaged import PackageFetchError
+
+from conftest import require_model
 
 MEMBER = PROMPT_SETS["sharegpt"].member
 
@@ -181,8 +183,7 @@ def test_chat_token_sequences_truncates_drops_short_and_is_seeded(as_mapping):
 
 
 def test_chat_token_sequences_with_the_real_tokenizer():
-    if not is_provisioned("smollm2-135m"):
-        pytest.skip("smollm2-135m not provisioned (`sglang-ext models fetch`)")
+    require_model("smollm2-135m", "tokenizer")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir("smollm2-135m"))

@@ -109,12 +109,13 @@ def test_server_reports_the_trainer_in_metrics_and_survives_its_death(tmp_path):
     import argparse
     import threading
 
-    httpx = pytest.importorskip("httpx")
-    uvicorn = pytest.importorskip("uvicorn")
-    from sglang_ext.models.provision import is_provisioned, model_dir
+    import httpx
+    import uvicorn
+    from sglang_ext.models.provision import model_dir
 
-    if not is_provisioned("smollm2-135m"):
-        pytest.skip("smollm2-135m tokenizer not provisioned (`sglang-ext models fetch smollm2-135m`)")
+    from conftest import require_model
+
+    require_model("smollm2-135m", "tokenizer")
     from transformers import AutoTokenizer
 
     from sglang_ext.engine.launch import add_engine_args, build_engine_from_parts, online_from_args

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import require_module
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -363,7 +365,7 @@ def test_sglang_load_weights_routes_every_exported_key(untied, tmp_path):
     ``model.fc``, ``model.layers.0.{input_layernorm,hidden_norm,post_attention_layernorm}``, fused
     ``self_attn.qkv_proj`` / ``mlp.gate_up_proj``, ``self_attn.o_proj``, ``mlp.down_proj``, ``model.norm``,
     ``lm_head``, ``model.embed_tokens``), each with a recording ``weight_loader``."""
-    pytest.importorskip("sglang")
+    require_module("sglang")
     try:
         from sglang.srt.models.llama_eagle3 import LlamaForCausalLMEagle3
     except Exception as e:  # noqa: BLE001 - any import failure of the optional runtime

@@ -17,8 +17,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import torch
+import uvicorn
 
 from sglang_ext.cli import main
 from sglang_ext.engine.launch import (
@@ -27,13 +29,10 @@ from sglang_ext.engine.launch import (
     load_draft_model,
     resolve_speculative,
 )
-from sglang_ext.models.provision import is_provisioned, model_dir
+from sglang_ext.models.provision import model_dir
 from sglang_ext.models.tiny import tiny_llama
 
-httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
-pytest.importorskip("prometheus_client")
+from conftest import require_model
 
 MODEL = "tiny-smollm2"
 CONTEXT = 256
@@ -48,8 +47,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server():
-    if not is_provisioned("smollm2-135m"):
-        pytest.skip("smollm2-135m tokenizer not provisioned (`sglang-ext models fetch smollm2-135m`)")
+    require_model("smollm2-135m", "tokenizer")
     from transformers import AutoTokenizer
 
     from sglang_ext.server.app import EngineRunner, create_app

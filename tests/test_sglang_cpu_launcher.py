@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module, skip_or_fail
+
 from sglang_ext.testing.sglang_cpu import (
     DEFAULT_SERVER_ARGS,
     ENV_FLAG,
@@ -73,7 +75,7 @@ def test_sitecustomize_claims_amx_only_when_armed_and_chains(tmp_path):
 
 def test_sglang_selects_the_amx_path_under_the_harness_env():
     """What makes SGLang pick ``intel_amx``: ``cpu_has_amx_support()`` is true on any CPU under the harness."""
-    pytest.importorskip("sglang")
+    require_module("sglang")
     code = "from sglang.srt.utils import cpu_has_amx_support; print(cpu_has_amx_support())"
     assert _python(code, harness_env()).splitlines()[-1] == "True"
 
@@ -143,7 +145,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    pytest.importorskip("sglang")
+    require_module("sglang")
     from sglang_ext.models.provision import fetch_model
 
     return fetch_model("smollm2-135m")
@@ -169,10 +171,10 @@ def ngram_run(model_dir, plain_run) -> Run:  # plain_run first: one server at a 
 
 @pytest.fixture(scope="module")
 def eagle3_run(model_dir, ngram_run, tmp_path_factory) -> Run:
-    export = pytest.importorskip("sglang_ext.sglang_plugin.export")
+    from sglang_ext.sglang_plugin import export
     drafter = REPO / "drafters" / "smollm2-135m-eagle"
     if not (drafter / "config.json").is_file():
-        pytest.skip(f"{drafter} not present")
+        skip_or_fail(f"{drafter} not present (the shipped drafter)")
     out = export.export_eagle3(drafter, tmp_path_factory.mktemp("eagle3") / "smollm2-135m-eagle3",
                                target_model_dir=model_dir)
     return _serve(model_dir, "--speculative-algorithm", "EAGLE3", "--speculative-draft-model-path", str(out),

@@ -22,7 +22,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("sglang")
+from conftest import require_module
+
+require_module("sglang")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

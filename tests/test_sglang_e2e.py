@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sglang")
+from conftest import require_module
+
+require_module("sglang")
 
 from sglang_ext.core.policies import make_policy  # noqa: E402
 from sglang_ext.models.provision import fetch_model, model_dir  # noqa: E402

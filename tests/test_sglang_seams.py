@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-sglang = pytest.importorskip("sglang")
+from conftest import require_module
+
+sglang = require_module("sglang")
 
 # Flags whose names and meanings the engine's CLI mirrors, so a script written against one works on the other.
 MIRRORED_FLAGS = ["speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",

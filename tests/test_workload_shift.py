@@ -121,13 +121,12 @@ def test_interleaved_static_vs_online_on_a_tiny_model(tiny, tmp_path):
 @pytest.mark.slow
 def test_real_model_smoke(tmp_path):
     """The script end to end on SmolLM2-135M: a 2 + 2 stream, short outputs, static vs adam."""
-    from sglang_ext.models.provision import is_provisioned
+    from conftest import require_model, skip_or_fail
 
-    if not is_provisioned("smollm2-135m"):
-        pytest.skip("smollm2-135m not provisioned")
+    require_model("smollm2-135m")
     root = Path(__file__).resolve().parents[1]
     if not (root / "drafters/smollm2-135m-eagle/model.safetensors").is_file():
-        pytest.skip("shipped drafter missing")
+        skip_or_fail("shipped drafter drafters/smollm2-135m-eagle/model.safetensors missing")
     out = tmp_path / "out"
     rc = ws.main(["--segments", "chat=mt-bench:2,code=humaneval:2", "--configs", "static,adam", "--max-new-tokens", "12",
                   "--batch", "2", "--online-n-threshold", "64", "--online-n-init", "1",
