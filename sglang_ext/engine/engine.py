@@ -57,6 +57,11 @@ class GenerationRequest:
     ignore_eos: bool = False
     seed: int | None = None
     rid: str | None = None
+    #: record the logprob of every emitted token (``RequestState.output_token_logprobs``; convention:
+    #: :func:`token_logprobs`)
+    logprobs: bool = False
+    #: also record the ``top_logprobs`` most likely tokens at every emitted position (0..20; > 0 implies ``logprobs``)
+    top_logprobs: int = 0
 
 
 @dataclass
@@ -66,6 +71,11 @@ class RequestState:
     request: GenerationRequest
     rid: str
     output_ids: list[int] = field(default_factory=list)
+    #: logprob of each output token (aligned with ``output_ids``) when the request asked for logprobs, else empty
+    output_token_logprobs: list[float] = field(default_factory=list)
+    #: per output token, the ``top_logprobs`` best ``(token_id, logprob)`` pairs (decreasing logprob, ties by lowest
+    #: id), aligned with ``output_ids`` when ``top_logprobs > 0``, else empty
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     slot: int = -1
     rng: TorchRandomSource | None = None
     finished: bool = False
@@ -143,6 +153,58 @@ class StepStats:
 
 def _last_token(state: RequestState) -> int:
     return state.output_ids[-1] if state.output_ids else state.request.prompt_ids[-1]
+
+
+#: the most ``top_logprobs`` a request may ask for (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
+
+
+def token_logprobs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """The log-probabilities the engine reports for tokens emitted from ``logits`` (``[..., V]``; float32 out).
+
+    The convention is SGLang 0.5.23's (``Sampler.forward`` and, for speculative steps, ``compute_spec_logprobs``).
+    Terminology:
+
+    * ``z``: the target's raw logits at the position that emitted the token (for a speculative step, the
+      tree node whose prediction it is: the root for the first emitted token, accepted node ``j`` for the next);
+    * ``T``: the request's temperature; ``top_k`` / ``top_p``: its truncation parameters.
+
+    Then, for every token ``v`` of the vocabulary::
+
+        greedy request (T == 0, or top_k == 1):  logprob(v) = log_softmax(z)[v]     = z_v - log sum_u exp(z_u)
+        sampled request (T > 0):                 logprob(v) = log_softmax(z / T)[v] = z_v / T - log sum_u exp(z_u / T)
+
+    Top-k / top-p truncation is *not* applied: the value is ``log softmax(z / T)``, the distribution before
+    truncation, even though the token was sampled from ``top_p(top_k(softmax(z / T)))`` renormalised.
+    Why this convention:
+
+    * a client comparing with SGLang gets the same numbers (SGLang returns ``log(softmax(z / T))`` computed
+      before its top-k / top-p sampling; like SGLang's single-request greedy batch, ``top_k == 1`` counts as greedy);
+    * every value is finite for every token, including tokens truncation would never emit (``-inf`` logits, a
+      masked token, are clamped to the float32 minimum as SGLang does), so ``top_logprobs`` lists are always full;
+    * it depends only on the target's logits at that position, not on how the token was produced (drafted and
+      accepted, resampled from a residual after a rejection, or the bonus token), so speculation on and off
+      report the same values for the same tokens.
+    """
+    x = logits.float()
+    if not sampling.greedy:
+        x = x / sampling.temperature
+    lp = torch.log_softmax(x, dim=-1)
+    return lp.clamp_(min=torch.finfo(lp.dtype).min)
+
+
+def _top_logprobs(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of ``lp`` (``[M, V]``), the ``k`` best ``(token_id, logprob)`` pairs: decreasing logprob, ties by lowest
+    token id (exact at the boundary: every token tied with the k-th value is a candidate, then a stable sort)."""
+    k = min(k, lp.shape[-1])
+    kth = lp.topk(k, dim=-1).values[:, -1:]
+    rows = []
+    for row, t in zip(lp, kth):
+        ids = torch.nonzero(row >= t).squeeze(1)  # ascending ids, at least k of them
+        vals = row[ids]
+        order = torch.sort(vals, descending=True, stable=True).indices[:k]
+        rows.append(list(zip(ids[order].tolist(), vals[order].tolist())))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -226,14 +288,19 @@ class Engine:
             raise RequestError("prompt: empty prompt (need at least one token)")
         if req.max_new_tokens < 1:
             raise RequestError(f"max_new_tokens: must be >= 1, got {req.max_new_tokens}")
+        k = req.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs: must be an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
         vocab = self.target.vocab_size
         bad = [t for t in req.prompt_ids if not 0 <= int(t) < vocab]
         if bad:
             raise RequestError(f"prompt: token id {bad[0]} outside the vocabulary [0, {vocab})")
         need = len(req.prompt_ids) + req.max_new_tokens
         if need > self.context_length:
-            raise RequestError(f"prompt: {len(req.prompt_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} = {need} "
-                               f"exceeds the context length {self.context_length}")
+            # blame the prompt only when it leaves no room at all; otherwise the limit asked for is too large
+            field = "prompt" if len(req.prompt_ids) >= self.context_length else "max_new_tokens"
+            raise RequestError(f"{field}: {len(req.prompt_ids)} prompt tokens + max_new_tokens {req.max_new_tokens} = "
+                               f"{need} exceeds the context length {self.context_length}")
         if req.stop and self.tokenizer is None:
             raise RequestError("stop: stop strings need an engine with a tokenizer")
 
@@ -402,7 +469,9 @@ class Engine:
             stats.accepted_per_request.append(len(path))
             if state.t_first_token is None:
                 state.t_first_token = now
-            if self._append(state, emitted):
+            lps = self._logprobs(state, out.logits[b], keep, emitted) if (
+                state.request.logprobs or state.request.top_logprobs) else None
+            if self._append(state, emitted, lps):
                 finished.append(state)
         t2 = time.perf_counter()
         stats.batch_size = B
@@ -529,15 +598,35 @@ class Engine:
         return shape
 
     # ---- commit / finish ------------------------------------------------------------------------------
-    def _append(self, state: RequestState, tokens: list[int]) -> bool:
-        """Append committed tokens, honouring max_new_tokens, EOS/stop ids and stop strings; True if finished."""
+    def _logprobs(self, state: RequestState, logits: torch.Tensor, keep: list[int], emitted: list[int]
+                  ) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+        """Logprobs (:func:`token_logprobs`) of this step's emitted tokens, and their top lists when asked for.
+
+        ``logits`` is the request's ``[N, V]`` rows; emitted token ``i`` is predicted at node ``keep[i]``. Only the
+        rows ``_append`` can still use (``max_new_tokens`` left) are computed: one log_softmax, one sync."""
+        req = state.request
+        m = min(len(emitted), req.max_new_tokens - len(state.output_ids))
+        lp = token_logprobs(logits[keep[:m]], req.sampling)
+        picked = lp.gather(1, torch.tensor(emitted[:m], device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+        return picked, (_top_logprobs(lp, req.top_logprobs) if req.top_logprobs > 0 else None)
+
+    def _append(self, state: RequestState, tokens: list[int],
+                logprobs: tuple[list[float], list[list[tuple[int, float]]] | None] | None = None) -> bool:
+        """Append committed tokens, honouring max_new_tokens, EOS/stop ids and stop strings; True if finished.
+
+        ``logprobs`` (from :meth:`_logprobs`, for requests that asked) are appended with their tokens, in the same
+        loop, so the records stay aligned with ``output_ids`` whatever truncates ``tokens``."""
         req = state.request
         stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(self.config.eos_token_ids))
         new: list[int] = []
         reason = None
-        for tok in tokens:
+        for i, tok in enumerate(tokens):
             new.append(tok)
             state.output_ids.append(tok)
+            if logprobs is not None:
+                state.output_token_logprobs.append(logprobs[0][i])
+                if logprobs[1] is not None:
+                    state.output_top_logprobs.append(logprobs[1][i])
             if tok in stop_ids:
                 reason = {"type": "stop", "matched": tok}
                 break
