@@ -16,7 +16,44 @@ hole a finished request leaves), so every forward uses views, never a gather of 
 
 from __future__ import annotations
 
+import mmap
+import os
+import warnings
+
 import torch
+
+#: ``SGLANG_EXT_LAZY_KV=0`` allocates caches with ``torch.zeros`` (every page committed up front) instead of
+#: :func:`lazy_zeros`; the contents are identical, only resident memory differs
+LAZY_ENV = "SGLANG_EXT_LAZY_KV"
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zero-filled tensor whose untouched pages are never committed (CPU); ``torch.zeros`` elsewhere.
+
+    ``torch.zeros`` on CPU allocates and then memsets, so every page of a preallocated KV cache is resident from
+    the start. Here the block is an anonymous private mapping: the kernel hands out zero pages on first touch,
+    so resident memory follows the positions actually written or read, and unmapping returns it at once. The
+    zeros matter (never-written positions are read under a mask, and ``0 * NaN = NaN``), so the contents are
+    the same as ``torch.zeros``, not ``torch.empty``'s. The mapping asks for small pages: a cache is touched in
+    a few positions of each ``[slot, head]`` row (about 1 MiB apart for a 4096-token context), and transparent
+    huge pages (which NumPy's large ``zeros`` request) would commit 2 MiB per touch, i.e. the whole cache, and
+    stall in compaction. Bytes viewed as ``dtype`` cover dtypes NumPy lacks (bfloat16). Page-aligned.
+    """
+    device = torch.device(device)
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    if device.type != "cpu" or numel == 0 or os.environ.get(LAZY_ENV, "1") == "0":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    block = mmap.mmap(-1, nbytes)  # anonymous: zero-filled on first touch
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        block.madvise(mmap.MADV_NOHUGEPAGE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer's note that the buffer is shared, which is the point
+        raw = torch.frombuffer(block, dtype=torch.uint8)  # holds a reference to the mapping
+    return raw.view(dtype).view(shape)
 
 
 class SlotKVCache:
@@ -25,7 +62,8 @@ class SlotKVCache:
         shape = (num_slots, num_kv_heads, max_len, head_dim)
         # one buffer for every layer's keys and values, so commit/move gather all layers in one op;
         # ``keys[l]`` / ``values[l]`` are views of it (the per-layer layout above is unchanged)
-        self.storage = torch.zeros((2, num_layers, *shape), dtype=dtype, device=device)
+        # zero-filled, but on CPU only the pages of positions in use become resident (lazy_zeros)
+        self.storage = lazy_zeros((2, num_layers, *shape), dtype=dtype, device=device)
         self.keys = list(self.storage[0].unbind(0))
         self.values = list(self.storage[1].unbind(0))
         self.lengths = torch.zeros(num_slots, dtype=torch.long)
@@ -69,6 +107,7 @@ class SlotKVCache:
         self.lengths[slot] = 0
 
     def nbytes(self) -> int:
+        """Bytes reserved (nominal size: on CPU only the touched part is resident, :func:`lazy_zeros`)."""
         return self.storage.numel() * self.storage.element_size()
 
 

@@ -11,7 +11,7 @@ before the model loads, so a typo costs milliseconds, not a model load.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,16 @@ def _int_at_least(minimum: int):
 
     parse.__name__ = f"int>={minimum}"
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
 
 
 def normalize_algorithm(name: str | None) -> str:
@@ -104,6 +114,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context-length", type=_int_at_least(2), metavar="N",
                    help=f"prompt + new tokens per request (default: the model's max positions, capped at "
                         f"{DEFAULT_CONTEXT_CAP}); the KV cache is sized for max-running-requests of these")
+    g.add_argument("--max-total-tokens", type=_int_at_least(1), metavar="N",
+                   help="the KV pool in tokens (SGLang's meaning). The cache here is a rectangle of slots, each holding "
+                        "one request's full context (--context-length + draft nodes + 1 positions), so the pool fits "
+                        "N // that many requests: --max-running-requests is lowered to fit (a note says so) and a "
+                        "pool smaller than one request is an error. With --mem-fraction-static too, the smaller pool "
+                        "wins, as in SGLang. Default: no cap (max-running-requests slots)")
+    g.add_argument("--mem-fraction-static", type=_fraction, metavar="F",
+                   help="fraction of device memory for weights + KV pool (SGLang's meaning; 0 < F < 1): the pool gets "
+                        "F x total memory (host RAM on CPU, the GPU's on CUDA) minus the target and drafter weights, "
+                        "and --max-running-requests is lowered to the slots that fit. Default: unset (the cache is "
+                        "sized by --max-running-requests alone; on CPU its pages are committed only when used)")
     g.add_argument("--chunked-prefill-size", type=int, default=512, metavar="N",
                    help="prefill prompts in chunks of this many tokens (default 512; <= 0: whole prompt at once)")
     g.add_argument("--dtype", choices=DTYPES, default="float32",
@@ -271,16 +292,217 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(ids)
 
 
+# ---- KV cache sizing --------------------------------------------------------------------------------------
+GIB = 1 << 30
+
+
+def check_sizing_flags(max_total_tokens: int | None, mem_fraction_static: float | None) -> None:
+    """The model-free checks on ``--max-total-tokens`` / ``--mem-fraction-static`` (errors name the flag)."""
+    if max_total_tokens is not None and (isinstance(max_total_tokens, bool) or not isinstance(max_total_tokens, int)
+                                         or max_total_tokens < 1):
+        raise LaunchError(f"--max-total-tokens {max_total_tokens}: must be an integer >= 1")
+    if mem_fraction_static is not None and not 0.0 < float(mem_fraction_static) < 1.0:
+        raise LaunchError(f"--mem-fraction-static {mem_fraction_static}: must be between 0 and 1 (exclusive)")
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+    """Keys and values of every layer for one position: ``layers * 2 * kv_heads * head_dim * element size``."""
+    import torch
+
+    return num_layers * 2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def device_memory_bytes(device) -> int:
+    """Total memory of ``device``: the GPU's (``torch.cuda.mem_get_info``) on CUDA; host RAM otherwise (MemTotal
+    from /proc/meminfo, lowered to a cgroup v2 ``memory.max`` limit when one is set; psutil or sysconf elsewhere)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    if total is None:
+        try:
+            import psutil
+
+            total = int(psutil.virtual_memory().total)
+        except ImportError:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def weight_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (and an EAGLE drafter's bound tensors), each storage once."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        if m is None:
+            continue
+        tensors = list(m.parameters()) + list(m.buffers())
+        bound = (getattr(m, "embed_weight", None), getattr(m, "lm_weight", None))  # EagleDraftModel.bind_target
+        tensors += [t for t in bound if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+@dataclass
+class KVPlan:
+    """How many slots the cache gets and why (:func:`plan_kv_cache`)."""
+    slots: int
+    positions_per_slot: int  # target cache positions per slot: context + draft nodes + 1
+    max_total_tokens: int  # slots * positions_per_slot: the target pool in tokens
+    sized_by: str  # the flag that set ``slots``
+    notes: list[str] = field(default_factory=list)
+    memory_total_bytes: int | None = None  # --mem-fraction-static only
+    weight_bytes: int | None = None
+
+
+def plan_kv_cache(*, max_running_requests: int, context_length: int, positions_per_slot: int, bytes_per_token: int,
+                  draft_positions_per_slot: int = 0, draft_bytes_per_token: int = 0, max_total_tokens: int | None = None,
+                  mem_fraction_static: float | None = None, memory_total_bytes: int | None = None,
+                  weight_bytes_total: int = 0) -> KVPlan:
+    """SGLang's pool sizing adapted to a slot cache (every slot holds one request's whole context).
+
+    ``--mem-fraction-static F``: the pool gets ``F * memory_total_bytes - weight_bytes_total`` bytes; each slot costs
+    its target positions plus the drafter's own cache, so the pool in (target) tokens is that budget over the cost
+    of one token with the drafter's share included. ``--max-total-tokens N`` caps the pool (the smaller of the two
+    wins, as in SGLang). Slots are ``min(max_running_requests, pool // positions_per_slot)``; none is an error.
+    """
+    check_sizing_flags(max_total_tokens, mem_fraction_static)
+    R, C, P = max_running_requests, context_length, positions_per_slot
+    slot_bytes = P * bytes_per_token + draft_positions_per_slot * draft_bytes_per_token
+    notes: list[str] = []
+    pool: int | None = None
+    flag = "--max-running-requests"
+    if mem_fraction_static is not None:
+        if memory_total_bytes is None:
+            raise ValueError("mem_fraction_static needs memory_total_bytes")
+        F = mem_fraction_static
+        budget = int(F * memory_total_bytes) - weight_bytes_total
+        what = (f"--mem-fraction-static {F}: {F} x {memory_total_bytes / GIB:.2f} GiB total - "
+                f"{weight_bytes_total / GIB:.2f} GiB of weights")
+        if budget < slot_bytes:
+            raise LaunchError(f"{what} = {budget / GIB:.3f} GiB for the KV cache, less than one request needs "
+                              f"({slot_bytes / GIB:.3f} GiB: {P} positions for --context-length {C}"
+                              f"{' plus the drafter cache' if draft_bytes_per_token else ''}); raise --mem-fraction-static "
+                              "or lower --context-length")
+        pool = budget * P // slot_bytes
+        flag = "--mem-fraction-static"
+        if max_total_tokens is not None:
+            if max_total_tokens < pool:
+                notes.append(f"--max-total-tokens {max_total_tokens} caps the --mem-fraction-static {F} pool of "
+                             f"{pool} tokens (the smaller wins, as in SGLang)")
+                pool, flag = max_total_tokens, "--max-total-tokens"
+            else:
+                notes.append(f"--max-total-tokens {max_total_tokens} is larger than the --mem-fraction-static {F} pool "
+                             f"of {pool} tokens; using {pool} (SGLang does the same)")
+    elif max_total_tokens is not None:
+        pool, flag = max_total_tokens, "--max-total-tokens"
+    if pool is None:
+        slots = R
+    else:
+        fit = pool // P
+        if fit < 1:  # only --max-total-tokens gets here: a budget under one slot failed above
+            raise LaunchError(f"--max-total-tokens {max_total_tokens}: one request needs {P} cache positions "
+                              f"(--context-length {C} + {P - C} for draft nodes and scratch), so the pool fits no "
+                              f"request; raise --max-total-tokens to at least {P} or lower --context-length")
+        slots = min(R, fit)
+        if slots < R:
+            source = (f"--max-total-tokens {pool}" if flag == "--max-total-tokens"
+                      else f"--mem-fraction-static {mem_fraction_static} ({pool} tokens)")
+            notes.append(f"{source} fits {slots} request{'s' if slots != 1 else ''} of context {C}; max running "
+                         f"requests lowered from {R} to {slots}")
+        else:
+            flag = "--max-running-requests"
+    return KVPlan(slots, P, slots * P, flag, notes,
+                  memory_total_bytes if mem_fraction_static is not None else None,
+                  weight_bytes_total if mem_fraction_static is not None else None)
+
+
+def kv_cache_report(engine, plan: KVPlan) -> dict[str, Any]:
+    """``info["kv_cache"]``: the caches the engine actually allocated (target, and the drafter's when it has one)."""
+    from sglang_ext.core.kv_cache import LAZY_ENV
+
+    cache = engine.cache
+    st = cache.storage  # [2, layers, slots, kv heads, positions, head dim]
+    report: dict[str, Any] = {
+        "dtype": str(st.dtype).removeprefix("torch."), "layers": len(cache.keys),
+        "kv_heads": int(st.shape[3]), "head_dim": int(st.shape[-1]),
+        "bytes_per_token": kv_bytes_per_token(len(cache.keys), int(st.shape[3]), int(st.shape[-1]), st.dtype),
+        "slots": cache.num_slots, "positions_per_slot": cache.max_len, "max_total_tokens": cache.num_slots * cache.max_len,
+        "target_bytes": cache.nbytes(), "draft": None, "sized_by": plan.sized_by,
+        "allocation": "lazy" if cache.device.type == "cpu" and os.environ.get(LAZY_ENV, "1") != "0" else "eager",
+    }
+    total = cache.nbytes()
+    dcache = getattr(engine.drafter, "cache", None)
+    if dcache is not None and hasattr(dcache, "nbytes"):
+        st = dcache.storage
+        report["draft"] = {
+            "layers": len(dcache.keys), "kv_heads": int(st.shape[3]), "head_dim": int(st.shape[-1]),
+            "bytes_per_token": kv_bytes_per_token(len(dcache.keys), int(st.shape[3]), int(st.shape[-1]), st.dtype),
+            "slots": dcache.num_slots, "positions_per_slot": dcache.max_len, "bytes": dcache.nbytes(),
+        }
+        total += dcache.nbytes()
+    report["total_bytes"] = total
+    report["total_gib"] = round(total / GIB, 4)
+    if plan.memory_total_bytes is not None:
+        report["memory_total_bytes"] = plan.memory_total_bytes
+        report["weight_bytes"] = plan.weight_bytes
+    return report
+
+
+def kv_cache_note(report: dict[str, Any]) -> str:
+    def per_token(r):
+        layers = f"{r['layers']} layer{'s' if r['layers'] != 1 else ''}"
+        return f"{layers} x 2 x {r['kv_heads']} KV heads x {r['head_dim']} head dim = {r['bytes_per_token']:,} B/token"
+
+    text = (f"KV cache: {report['dtype']}, {per_token(report)}; {report['slots']} slots x "
+            f"{report['positions_per_slot']} positions = {report['max_total_tokens']:,} max total tokens")
+    d = report["draft"]
+    if d is not None:
+        text += f"; drafter cache {per_token(d)}, {d['slots']} slots x {d['positions_per_slot']} positions"
+    text += f"; {report['total_gib']:.3f} GiB reserved"
+    if report["allocation"] == "lazy":
+        text += " (CPU pages are committed on first use: resident memory follows the positions in use)"
+    return text
+
+
 # ---- assembling -----------------------------------------------------------------------------------------
 def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *, num_steps: int | None = None,
                             topk: int | None = None, num_draft_tokens: int | None = None, draft_model=None,
                             max_running_requests: int = DEFAULT_MAX_RUNNING, context_length: int | None = None,
                             prefill_chunk: int = 512, ngram_min: int = 1, ngram_max: int = 3,
                             eos_token_ids: tuple[int, ...] | None = None, model_name: str = "model",
-                            policy=None) -> tuple[Engine, dict[str, Any]]:
+                            policy=None, max_total_tokens: int | None = None,
+                            mem_fraction_static: float | None = None) -> tuple[Engine, dict[str, Any]]:
     """An engine around an in-memory HF Llama (tests, notebooks); ``draft_model`` is an unbound EagleDraftModel.
 
-    Returns ``(engine, info)`` where ``info`` holds the resolved settings under SGLang's server-args names.
+    Returns ``(engine, info)`` where ``info`` holds the resolved settings under SGLang's server-args names, the
+    KV pool size (``max_total_tokens``) and the cache report (``kv_cache``, also a line in ``notes``).
+    ``max_total_tokens`` / ``mem_fraction_static`` may lower ``max_running_requests`` (:func:`plan_kv_cache`).
     """
     from sglang_ext.core.drafters.eagle import EagleDrafter
     from sglang_ext.core.drafters.ngram import NgramDrafter
@@ -291,6 +513,7 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
     spec = resolve_speculative(algorithm, num_steps, topk, num_draft_tokens)
     if max_running_requests < 1:
         raise LaunchError(f"--max-running-requests {max_running_requests}: must be >= 1")
+    check_sizing_flags(max_total_tokens, mem_fraction_static)
     max_pos = int(model.config.max_position_embeddings)
     if context_length is None:
         context = min(max_pos, DEFAULT_CONTEXT_CAP)
@@ -321,11 +544,27 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
             draft_model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
         except ValueError as e:
             raise LaunchError(f"--speculative-draft-model-path: {e}") from e
-        # the drafter's cache holds committed pairs plus this step's scratch nodes; a batched absorb of pending pairs
-        # writes every row padded to the longest pending run (a newly admitted prompt) after its own length, so a
-        # long-running request beside a fresh long prompt needs up to twice the context
-        drafter = EagleDrafter(draft_model, num_slots=max_running_requests,
-                               max_len=2 * context + spec.topk * spec.num_steps + 2,
+    # ---- KV cache size: slots of (context + tree nodes + 1) target positions (Engine.__init__), plus the drafter's
+    eagle = draft_model is not None and spec.algorithm in ("EAGLE", "EAGLE3")
+    tree_nodes = max((spec.num_draft_tokens or 0) if spec.topk > 1 else 0, spec.topk * spec.num_steps + 1) \
+        if spec.algorithm != "NONE" else 1
+    # the drafter's cache holds committed pairs plus this step's scratch nodes; a batched absorb of pending pairs
+    # writes every row padded to the longest pending run (a newly admitted prompt) after its own length, so a
+    # long-running request beside a fresh long prompt needs up to twice the context
+    draft_len = 2 * context + spec.topk * spec.num_steps + 2 if eagle else 0
+    plan = plan_kv_cache(
+        max_running_requests=max_running_requests, context_length=context, positions_per_slot=context + tree_nodes + 1,
+        bytes_per_token=kv_bytes_per_token(target.num_layers, target.num_kv_heads, target.head_dim, target.dtype),
+        draft_positions_per_slot=draft_len,
+        draft_bytes_per_token=kv_bytes_per_token(1, draft_model.config.num_kv_heads, draft_model.config.head_dim,
+                                                 target.dtype) if eagle else 0,
+        max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
+        memory_total_bytes=device_memory_bytes(target.device) if mem_fraction_static is not None else None,
+        weight_bytes_total=weight_bytes(model, draft_model if eagle else None) if mem_fraction_static is not None else 0)
+    max_running_requests = plan.slots
+    spec.notes.extend(plan.notes)
+    if eagle:
+        drafter = EagleDrafter(draft_model, num_slots=max_running_requests, max_len=draft_len,
                                topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None)
     config = EngineConfig(max_batch_size=max_running_requests, context_length=context, num_steps=spec.num_steps,
                           topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
@@ -349,6 +588,10 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
     }
     if policy is not None and engine.policy is None:
         spec.notes.append(f"--speculative-policy {policy.name} ignored: speculation is off")
+    info["kv_cache"] = kv_cache_report(engine, plan)
+    info["max_total_tokens"] = info["kv_cache"]["max_total_tokens"]
+    info["mem_fraction_static"] = mem_fraction_static
+    spec.notes.append(kv_cache_note(info["kv_cache"]))
     return engine, info
 
 
@@ -383,6 +626,7 @@ def build_engine(args: argparse.Namespace):
                                       > args.speculative_ngram_max_match_window_size):
         raise LaunchError(f"--speculative-ngram-min-match-window-size {args.speculative_ngram_min_match_window_size} "
                           f"exceeds --speculative-ngram-max-match-window-size {args.speculative_ngram_max_match_window_size}")
+    check_sizing_flags(getattr(args, "max_total_tokens", None), getattr(args, "mem_fraction_static", None))
     policy = policy_from_args(args)
     if args.random_seed is not None:
         import torch
@@ -399,6 +643,8 @@ def build_engine(args: argparse.Namespace):
         max_running_requests=args.max_running_requests, context_length=args.context_length,
         prefill_chunk=args.chunked_prefill_size, ngram_min=args.speculative_ngram_min_match_window_size,
         ngram_max=args.speculative_ngram_max_match_window_size, model_name=name, policy=policy,
+        max_total_tokens=getattr(args, "max_total_tokens", None),
+        mem_fraction_static=getattr(args, "mem_fraction_static", None),
     )
     online = online_from_args(args, engine)
     info["online_learning"] = online.config if online is not None else None
@@ -409,6 +655,7 @@ def build_engine(args: argparse.Namespace):
     return engine, tokenizer, info
 
 
-__all__ = ["ALGORITHMS", "LaunchError", "SpecSettings", "add_engine_args", "build_engine", "build_engine_from_parts",
-           "check_draft_path", "eos_ids", "load_draft_model", "load_target", "normalize_algorithm", "policy_from_args",
-           "resolve_speculative"]
+__all__ = ["ALGORITHMS", "KVPlan", "LaunchError", "SpecSettings", "add_engine_args", "build_engine",
+           "build_engine_from_parts", "check_draft_path", "check_sizing_flags", "device_memory_bytes", "eos_ids",
+           "kv_bytes_per_token", "kv_cache_note", "kv_cache_report", "load_draft_model", "load_target",
+           "normalize_algorithm", "plan_kv_cache", "policy_from_args", "resolve_speculative", "weight_bytes"]
