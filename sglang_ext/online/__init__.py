@@ -65,8 +65,10 @@ class OnlineLearning:
         self.trainer.start()
         return self
 
-    def stop(self) -> None:
-        self.trainer.stop()
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the trainer process and free its queues (idempotent, bounded; may be called from the server's
+        shutdown while the engine thread still steps: see :meth:`OnlineTrainer.stop`)."""
+        self.trainer.stop(timeout)
 
     @property
     def collecting(self) -> bool:
@@ -106,7 +108,12 @@ class OnlineLearning:
         samples = self.buffer.drain(self.control.n_threshold)
         if len(samples) < 2:
             samples += self.buffer.drain(1)
-        self.trainer.submit_round(samples)
+        try:
+            self.trainer.submit_round(samples)
+        except RuntimeError:
+            if self.trainer.started:
+                raise
+            # stopped from another thread (server shutdown) since the check above: the round is not needed
 
     def status(self) -> dict:
         b = self.buffer

@@ -17,19 +17,34 @@ not starve serving.
 
 Faults: a round that raises is reported as an error (the learner's state is rolled back). A child that dies
 (crash, OOM kill, SIGKILL) is noticed by the next :meth:`OnlineTrainer.poll`, logged, counted, and restarted
-with fresh queues; the round in flight is dropped, and serving keeps the last good version, since only
-complete versions are ever published. Learner state (momentum, Hedge experts) lives in the child and restarts
-with it; the drafter weights do not (the new child loads the latest version).
+with fresh queues (the old ones are closed and their semaphores freed at once); the round in flight is dropped,
+and serving keeps the last good version, since only complete versions are ever published. Learner state
+(momentum, Hedge experts) lives in the child and restarts with it; the drafter weights do not (the new child
+loads the latest version).
+
+Shutdown: :meth:`OnlineTrainer.stop` is idempotent, bounded in time (``timeout`` for the child to finish its
+round and exit, then SIGTERM, then SIGKILL) and safe to call from another thread than the one that polls. It
+releases everything *before* it returns: the child is joined, both queues are closed, their feeder threads
+joined and their POSIX semaphores unlinked. Nothing is left for interpreter exit, which matters because
+uvicorn re-raises SIGTERM after its shutdown: the server then dies by the signal, no ``atexit`` handler runs,
+and semaphores left to multiprocessing's exit-time finalizers were reported by the resource tracker as
+"leaked semaphore objects". The child ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the
+server stops the child itself) and exits on its own when the server process is gone.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
 import queue
+import select
+import signal
+import threading
 import time
 import traceback
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,10 +110,17 @@ def _cpu_seconds() -> float:
     return time.process_time()
 
 
+#: how often an idle child checks that the server process is still there (it exits when it is gone)
+PARENT_CHECK_S = 1.0
+
+
 def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: torch.Tensor, expect_target: dict | None,
                 requests, results, round_delay_s: float) -> None:
-    import os
-
+    # Ctrl-C in a terminal signals the whole process group: the server shuts down and stops this process itself
+    # (a KeyboardInterrupt here would only print a traceback and kill the round). SIGTERM keeps its default.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _unblock_sigint()
+    parent = mp.parent_process()
     nice = int(config.get("trainer_nice", 0))
     if nice > 0:
         try:
@@ -117,7 +139,12 @@ def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: to
     version: int | None = None
     results.put({"type": "ready", "pid": os.getpid(), "cpu": _cpu_seconds()})
     while True:
-        msg = requests.get()
+        try:
+            msg = requests.get(timeout=PARENT_CHECK_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                break  # the server was killed without stopping us: nobody will read a result again
+            continue
         if msg is None:
             break
         round_id, packed = msg
@@ -163,8 +190,103 @@ def _proc_cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def _block_sigint() -> bool:
+    """Block SIGINT in this thread while a child is spawned, so the child starts with it blocked (inherited across
+    fork and exec) and a Ctrl-C during its imports cannot interrupt them; True if it was blocked here."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return False
+    try:
+        return signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (OSError, ValueError):
+        return False
+
+
+def _unblock_sigint() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        except (OSError, ValueError):
+            pass
+
+
+def _unblock_feeder(q, feeder: threading.Thread, end: float) -> None:
+    """Empty ``q``'s pipe until its feeder thread exits or ``end`` (monotonic) passes. Only for a queue whose
+    consumer is dead: its feeder can then be blocked for ever on a full pipe (a message larger than the pipe's
+    buffer). Raw reads through our own duplicate of the read end: a consumer killed mid-message leaves no frame
+    boundary, and the feeder may close the queue's descriptor once it is through."""
+    try:
+        fd = os.dup(q._reader.fileno())  # the feeder is blocked in a write: it is not closing the reader now
+    except (AttributeError, OSError, ValueError):
+        return
+    try:
+        while feeder.is_alive() and time.monotonic() < end:
+            if select.select([fd], [], [], 0.02)[0] and not os.read(fd, 1 << 20):
+                feeder.join(0.02)  # end of file: the feeder closed its ends and is exiting
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(fd)
+
+
+def _release_queue(q, timeout: float) -> bool:
+    """Close a multiprocessing queue whose consumer is gone, and wait at most ``timeout`` s for its feeder thread.
+
+    Once the last reference to it is dropped its three semaphores are unlinked there and then (refcounting);
+    nothing is left to interpreter exit. True if the queue was fully released; False if its feeder thread is
+    still stuck (it is then detached, so that exit does not wait on it).
+    """
+    try:
+        q.close()
+    except (OSError, ValueError):
+        pass
+    feeder = getattr(q, "_thread", None)  # CPython's multiprocessing.queues.Queue: None until the first put()
+    if feeder is not None:
+        end = time.monotonic() + timeout
+        feeder.join(min(0.1, timeout))  # with room in the pipe it flushes and exits at once
+        if feeder.is_alive():
+            _unblock_feeder(q, feeder, end)
+        if feeder.is_alive():
+            q.cancel_join_thread()
+            return False
+    try:
+        q.join_thread()  # returns at once (the feeder has exited); drops the exit-time join
+    except (AssertionError, OSError, ValueError):
+        pass
+    return True
+
+
+def _end_process(proc, timeout: float, grace: float = 1.0) -> int | None:
+    """Join ``proc`` for ``timeout`` s, then SIGTERM it, then SIGKILL it (``grace`` s each); its exit code."""
+    proc.join(max(0.0, timeout))
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(grace)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(grace)
+    code = proc.exitcode
+    if code is not None:
+        try:
+            proc.close()  # its sentinel fd
+        except ValueError:
+            pass
+    return code
+
+
+def _semaphores_freed(refs: list[weakref.ref]) -> bool:
+    """True once every queue in ``refs`` was collected (its semaphores unlinked); one gc pass for cycles."""
+    if any(r() is not None for r in refs):
+        gc.collect()
+    return all(r() is None for r in refs)
+
+
 class OnlineTrainer:
-    """Supervisor of the trainer process (see the module docstring). Not thread-safe: call from one thread."""
+    """Supervisor of the trainer process (see the module docstring).
+
+    Call :meth:`submit_round`, :meth:`poll` and :meth:`take_results` from one thread (the engine's);
+    :meth:`stop` and :meth:`status` may come from another (the server's shutdown, /metrics): the lifecycle
+    and both queues are behind one lock.
+    """
 
     def __init__(self, handoff_dir: str | Path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
                  initial_model: EagleDraftModel | None = None, config: dict[str, Any] | None = None,
@@ -189,52 +311,88 @@ class OnlineTrainer:
         self._cpu_dead = 0.0  # CPU seconds of children that exited
         self._cpu_last = 0.0  # last CPU reading of the current child
         self._new_results: list[dict] = []
+        self._ready = False
+        self._lock = threading.RLock()
         self.stats = {"restarts": 0, "rounds_submitted": 0, "rounds": 0, "deployed": 0, "rejected": 0, "errors": 0,
                       "dropped_rounds": 0, "last_started": None, "last_error": None, "last_round": None}
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> OnlineTrainer:
-        if latest_version(self.handoff_dir) is None:
-            if self._initial is None:
-                raise ValueError(f"{self.handoff_dir}: no published drafter and no initial_model to publish")
-            publish(self._initial, self.handoff_dir, extra={"online": {"initial": True}})
-        self._seen_version = latest_version(self.handoff_dir)
-        self._stopping = False
-        self._spawn()
+        with self._lock:
+            if self._proc is not None:
+                return self
+            if latest_version(self.handoff_dir) is None:
+                if self._initial is None:
+                    raise ValueError(f"{self.handoff_dir}: no published drafter and no initial_model to publish")
+                publish(self._initial, self.handoff_dir, extra={"online": {"initial": True}})
+            self._seen_version = latest_version(self.handoff_dir)
+            self._stopping = False
+            self._spawn()
         return self
 
     def _spawn(self) -> None:
         self._requests, self._results = self._ctx.Queue(), self._ctx.Queue()
         self._cpu_last = 0.0
+        self._ready = False  # the child reported "ready" (imports done, waiting for rounds)
         self._proc = self._ctx.Process(
             target=_child_main, name="sglang-ext-online-trainer", daemon=True,
             args=(self.handoff_dir, self.config, self._embed, self._lm_head, self.expect_target,
                   self._requests, self._results, self.round_delay_s))
-        self._proc.start()
+        blocked = _block_sigint()
+        try:
+            self._proc.start()
+        finally:
+            if blocked:
+                _unblock_sigint()
         log.info("online trainer started (pid %s, %d thread(s))", self._proc.pid, self.config["trainer_threads"])
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None:
-            return
-        self._stopping = True
-        try:
-            self._requests.put(None)
-        except (OSError, ValueError):
-            pass
-        self._proc.join(timeout)
-        if self._proc.is_alive():
-            self._proc.terminate()
-            self._proc.join(2.0)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(2.0)
-        self._drain_results()
-        self._cpu_dead += self._cpu_last
-        self._cpu_last = 0.0
-        for q in (self._requests, self._results):
-            q.close()
-            q.cancel_join_thread()
-        self._proc = None
+    def _release_child(self, timeout: float) -> bool:
+        """Take the child and its queues out of the supervisor, end the child (bounded by ``timeout`` + 2 s),
+        close both queues and free their semaphores now; True if everything was freed.
+
+        Only this frame holds them afterwards (the Process keeps the queues in its arguments), so dropping them
+        here unlinks the semaphores at once instead of leaving them to interpreter exit.
+        """
+        proc, requests, results = self._proc, self._requests, self._results
+        self._proc = self._requests = self._results = None
+        code = _end_process(proc, timeout) if proc is not None else None
+        del proc
+        queues = [q for q in (requests, results) if q is not None]
+        del requests, results
+        freed = all([_release_queue(q, timeout=2.0) for q in queues])
+        refs = [weakref.ref(q) for q in queues]
+        del queues
+        freed = _semaphores_freed(refs) and freed
+        if not freed:
+            log.warning("online trainer: the queues of the trainer process (exit code %s) could not all be released",
+                        code)
+        return freed
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the child and free every resource; idempotent; returns within ``timeout`` + 6 s at worst.
+
+        A round in flight may finish for up to ``timeout`` s (a finished round that deploys is published);
+        an idle child exits at once; one still starting up (nothing to lose) is terminated without waiting.
+        Whatever is still alive after that is terminated (nothing partial is ever published).
+        """
+        with self._lock:
+            if self._proc is None:
+                return
+            self._stopping = True
+            try:
+                self._requests.put(None)
+            except (OSError, ValueError):
+                pass
+            self._drain_results()
+            wait = timeout if self._in_flight else min(timeout, 1.0) if self._ready else 0.0
+            self._proc.join(max(0.0, wait))
+            self._drain_results()  # results sent before it exited (a last deployed round is then seen)
+            self._cpu_dead += self._cpu_last
+            self._cpu_last = 0.0
+            if self._in_flight:
+                log.info("online trainer stopped with round(s) %s unfinished", sorted(self._in_flight))
+                self._in_flight.clear()
+            self._release_child(timeout=0.0)
 
     def __enter__(self) -> OnlineTrainer:  # noqa: PYI034
         return self.start()
@@ -244,11 +402,28 @@ class OnlineTrainer:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        proc = self._proc
+        try:
+            return None if proc is None else proc.pid
+        except ValueError:  # closed by a concurrent stop()
+            return None
 
     @property
     def started(self) -> bool:
         return self._proc is not None
+
+    @property
+    def alive(self) -> bool:
+        proc = self._proc
+        try:
+            return proc is not None and proc.is_alive()
+        except ValueError:  # closed by a concurrent stop()
+            return False
+
+    @property
+    def ready(self) -> bool:
+        """The current child has finished starting up (imports, threads) and waits for rounds."""
+        return self._proc is not None and self._ready
 
     @property
     def in_flight(self) -> int:
@@ -257,21 +432,24 @@ class OnlineTrainer:
     # ---- rounds ----------------------------------------------------------------------------------------------
     def submit_round(self, samples: Sequence[CapturedSample]) -> int:
         """Queue a round for the child (non-blocking); returns its id. Needs >= 2 samples (one is held back)."""
-        if self._proc is None:
-            raise RuntimeError("online trainer is not started")
         if len(samples) < 2:
             raise ValueError(f"a round needs at least 2 samples (one is held back for the gate), got {len(samples)}")
-        rid = next(self._ids)
-        self._in_flight[rid] = sum(len(s) for s in samples)
-        self.stats["rounds_submitted"] += 1
-        self._requests.put((rid, pack_samples(samples)))
+        packed = pack_samples(samples)
+        with self._lock:
+            if self._proc is None:
+                raise RuntimeError("online trainer is not started")
+            rid = next(self._ids)
+            self._in_flight[rid] = sum(len(s) for s in samples)
+            self.stats["rounds_submitted"] += 1
+            self._requests.put((rid, packed))
         return rid
 
     def poll(self) -> int | None:
         """Collect results, restart a dead child; return a newly deployed version number (else None). Cheap."""
-        self._drain_results()
-        if self._proc is not None and not self._stopping and not self._proc.is_alive():
-            self._on_child_death()
+        with self._lock:
+            self._drain_results()
+            if self._proc is not None and not self._stopping and not self._proc.is_alive():
+                self._on_child_death()
         v = latest_version(self.handoff_dir)
         if v is not None and (self._seen_version is None or v > self._seen_version):
             self._seen_version = v
@@ -287,9 +465,10 @@ class OnlineTrainer:
         """Poll until no round is in flight (tests, shutdown); True if idle in time. Versions seen are not lost."""
         end = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < end:
-            self._drain_results(block_s=0.05)
-            if self._proc is not None and not self._proc.is_alive():
-                self._on_child_death()
+            with self._lock:
+                self._drain_results(block_s=0.05)
+                if self._proc is not None and not self._stopping and not self._proc.is_alive():
+                    self._on_child_death()
         return not self._in_flight
 
     def _drain_results(self, block_s: float = 0.0) -> None:
@@ -304,7 +483,9 @@ class OnlineTrainer:
             first = False
             self._cpu_last = max(self._cpu_last, float(msg.get("cpu", 0.0)))
             kind = msg.get("type")
-            if kind == "started":
+            if kind == "ready":
+                self._ready = True
+            elif kind == "started":
                 self.stats["last_started"] = msg["round"]
             elif kind == "result":
                 self._in_flight.pop(msg["round"], None)
@@ -332,20 +513,19 @@ class OnlineTrainer:
                     self._proc.pid, code, dropped)
         self._in_flight.clear()
         self._cpu_dead += self._cpu_last
-        for q in (self._requests, self._results):
-            q.close()
-            q.cancel_join_thread()
+        self._cpu_last = 0.0
+        self._release_child(timeout=0.0)  # the old queues closed and their semaphores freed before new ones
         self._spawn()
 
     # ---- reporting -----------------------------------------------------------------------------------------
     def trainer_cpu_seconds(self) -> float:
-        live = _proc_cpu_seconds(self.pid) if self._proc is not None and self._proc.is_alive() else None
+        live = _proc_cpu_seconds(self.pid) if self.alive else None
         if live is not None:
             self._cpu_last = max(self._cpu_last, live)
         return self._cpu_dead + self._cpu_last
 
     def status(self) -> dict:
-        return {"alive": self._proc is not None and self._proc.is_alive(), "pid": self.pid,
+        return {"alive": self.alive, "pid": self.pid,
                 "version": latest_version(self.handoff_dir), "in_flight": self.in_flight,
                 "trainer_cpu_seconds": self.trainer_cpu_seconds(), **self.stats}
 
