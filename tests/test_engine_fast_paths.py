@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from sglang_ext.core.drafters.base import Draft, DraftRequest, StatelessDrafter
+from sglang_ext.core.drafters.base import Draft, StatelessDrafter
 from sglang_ext.core.drafters.eagle import EagleDrafter
 from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel
 from sglang_ext.core.drafters.ngram import NgramDrafter

@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-import torch
 
 from sglang_ext.engine.engine import GenerationRequest
 from sglang_ext.online import OnlineLearning

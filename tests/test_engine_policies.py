@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from sglang_ext.core.policies import LENGTH_POLICIES, ComposedPolicy, make_policy
 from sglang_ext.core.policies.base import BatchView, Decision, Policy

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -20,7 +18,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from sglang_ext.cli import main
 from sglang_ext.engine.launch import (
@@ -31,18 +28,13 @@ from sglang_ext.engine.launch import (
 )
 from sglang_ext.models.provision import model_dir
 from sglang_ext.models.tiny import tiny_llama
+from sglang_ext.testing.http import serve_in_thread
 
 from conftest import require_model
 
 MODEL = "tiny-smollm2"
 CONTEXT = 256
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +49,8 @@ def server():
     engine, info = build_engine_from_parts(model, tok, "NGRAM", num_steps=2, max_running_requests=4,
                                            context_length=CONTEXT, model_name=MODEL)
     runner = EngineRunner(engine, tok, model_name=MODEL, info=info)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(runner), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    yield SimpleNamespace(client=client, url=f"http://127.0.0.1:{port}", runner=runner, engine=engine, tokenizer=tok)
-    client.close()
-    srv.should_exit = True
-    thread.join(15)
+    with serve_in_thread(create_app(runner)) as srv:
+        yield SimpleNamespace(client=srv.client, url=srv.url, runner=runner, engine=engine, tokenizer=tok)
 
 
 def _sse(response) -> list[object]:
@@ -264,17 +245,17 @@ BAD = [
     ("/v1/completions", b'{"prompt": "hi", ', 400, "body"),
     ("/v1/completions", b"[1, 2]", 400, "body"),
     ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ("/generate", {"sampling_params": {"max_new_tokens": 4}}, 400, "text"),
     ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 0}}, 400, "sampling_params.max_new_tokens"),
     ("/generate", {"text": "hi", "sampling_params": {"flavour": 1}}, 400, "sampling_params.flavour"),

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sglang_ext.core.policies import BatchView, Decision, batch_length, make_policy
+from sglang_ext.core.policies import Decision, batch_length, make_policy
 from sglang_ext.flags import FlagError
 from sglang_ext.sglang_plugin import launch_flags
 from sglang_ext.sglang_plugin.steps import CorePolicySteps, read_decision_log, replay_decisions, step_result

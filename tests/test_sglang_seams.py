@@ -5,7 +5,6 @@ Needs the ``sglang`` extra (CI installs it); skipped without it.
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import require_module
 

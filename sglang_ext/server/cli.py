@@ -25,6 +25,30 @@ def _print_notes(info: dict) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _positive_int(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {value}: must be >= 1")
+        return value
+    return parse
+
+
+def _non_negative_float(flag: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a number of seconds") from None
+        if not value >= 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be a finite number >= 0")
+        return value
+    return parse
+
+
 def register(subparsers) -> None:
     """Add ``serve`` and ``generate`` to the top-level ``sglang-ext`` parser's subparsers."""
     serve = subparsers.add_parser("serve", help="OpenAI- and SGLang-compatible HTTP server on the reference engine",
@@ -37,6 +61,16 @@ def register(subparsers) -> None:
     net.add_argument("--served-model-name", metavar="NAME", help="model name in responses and /v1/models (default: --model-path)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                      help="log level of the server and uvicorn (default info)")
+    net.add_argument("--max-request-bytes", type=_positive_int("--max-request-bytes"), default=None, metavar="N",
+                     help="largest request body accepted; a bigger one gets a 413 before it is read "
+                          "(default 8 MiB)")
+    net.add_argument("--shutdown-timeout", type=_non_negative_float("--shutdown-timeout"), default=30.0,
+                     metavar="SECONDS",
+                     help="on SIGTERM/SIGINT, requests in flight get this long to finish; then each is aborted with "
+                          "a 503 (a stream gets an error chunk and [DONE]) and the server exits (default 30)")
+    net.add_argument("--reject-unknown-fields", action="store_true",
+                     help="answer a request field this server does not know with a 400 naming it (default: serve it, "
+                          "log a warning and list the ignored fields in the X-Ignored-Fields response header)")
     serve.set_defaults(func=cmd_serve)
 
     gen = subparsers.add_parser("generate", help="one-shot generation for prompts with the reference engine",
@@ -62,7 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from .app import EngineRunner, create_app
+        from .app import DEFAULT_MAX_REQUEST_BYTES, EngineRunner, ServerOptions, create_app
+        from .graceful import GracefulServer
     except ImportError as e:
         return _error(f"serve needs fastapi, uvicorn and prometheus_client ({e}); pip install -e '.[sglang]'")
     try:
@@ -77,7 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{info.get('speculative_num_steps')}, topk {info.get('speculative_eagle_topk')}, max batch "
           f"{info['max_running_requests']}, context {info['context_length']}; model loaded in {info['load_seconds']} s)",
           file=sys.stderr)
-    uvicorn.run(create_app(runner), host=args.host, port=args.port, log_level=args.log_level)
+    options = ServerOptions(max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
+                            reject_unknown_fields=args.reject_unknown_fields)
+    config = uvicorn.Config(create_app(runner, options), host=args.host, port=args.port, log_level=args.log_level)
+    GracefulServer(config, runner, args.shutdown_timeout).run()
     return 0
 
 
