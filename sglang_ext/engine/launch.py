@@ -38,7 +38,7 @@ class LaunchError(FlagError):
 
 
 # ---- flags --------------------------------------------------------------------------------------------
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -93,28 +93,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-draft-model-path", "--speculative-draft-model", dest="speculative_draft_model_path", metavar="DIR",
                    help="directory of an sglang-ext EAGLE drafter checkpoint (config.json + model.safetensors) trained "
                         "for this target; required for EAGLE/EAGLE3")
-    g.add_argument("--speculative-num-steps", type=_int_at_least(1), metavar="N",
+    g.add_argument("--speculative-num-steps", type=int_at_least(1), metavar="N",
                    help=f"draft depth per step. Default: {DEFAULT_EAGLE_STEPS} for EAGLE (SGLang picks 3 on a GPU; "
                         f"on CPU each extra node costs verify time), {DEFAULT_NGRAM_STEPS} for NGRAM (drafting is free); "
                         "with only --speculative-num-draft-tokens given and topk 1, num_draft_tokens - 1")
-    g.add_argument("--speculative-eagle-topk", type=_int_at_least(1), metavar="K",
+    g.add_argument("--speculative-eagle-topk", type=int_at_least(1), metavar="K",
                    help="branching per draft level: 1 = chain (default, SGLang's default too), > 1 = EAGLE-2 dynamic "
                         "tree (EAGLE only; the n-gram drafter proposes chains)")
-    g.add_argument("--speculative-num-draft-tokens", type=_int_at_least(2), metavar="N",
+    g.add_argument("--speculative-num-draft-tokens", type=int_at_least(2), metavar="N",
                    help="tree node budget including the root. With topk 1 it is forced to num_steps + 1 as in SGLang; "
                         "with topk > 1 the default is the full tree, topk * num_steps + 1")
-    g.add_argument("--speculative-ngram-min-match-window-size", type=_int_at_least(1), default=1, metavar="N",
+    g.add_argument("--speculative-ngram-min-match-window-size", type=int_at_least(1), default=1, metavar="N",
                    help="NGRAM: shortest suffix n-gram to look up (name from earlier SGLang releases; 0.5.23's trie "
                         "drafter has no equivalent). Default 1")
-    g.add_argument("--speculative-ngram-max-match-window-size", type=_int_at_least(1), default=3, metavar="N",
+    g.add_argument("--speculative-ngram-max-match-window-size", type=int_at_least(1), default=3, metavar="N",
                    help="NGRAM: longest suffix n-gram to look up, tried first (default 3)")
-    g.add_argument("--max-running-requests", type=_int_at_least(1), default=DEFAULT_MAX_RUNNING, metavar="N",
+    g.add_argument("--max-running-requests", type=int_at_least(1), default=DEFAULT_MAX_RUNNING, metavar="N",
                    help=f"maximum batch size; further requests wait (default {DEFAULT_MAX_RUNNING}; SGLang uses 48 "
                         "with EAGLE on a GPU)")
-    g.add_argument("--context-length", type=_int_at_least(2), metavar="N",
+    g.add_argument("--context-length", type=int_at_least(2), metavar="N",
                    help=f"prompt + new tokens per request (default: the model's max positions, capped at "
                         f"{DEFAULT_CONTEXT_CAP}); the KV cache is sized for max-running-requests of these")
-    g.add_argument("--max-total-tokens", type=_int_at_least(1), metavar="N",
+    g.add_argument("--max-total-tokens", type=int_at_least(1), metavar="N",
                    help="the KV pool in tokens (SGLang's meaning). The cache here is a rectangle of slots, each holding "
                         "one request's full context (--context-length + draft nodes + 1 positions), so the pool fits "
                         "N // that many requests: --max-running-requests is lowered to fit (a note says so) and a "

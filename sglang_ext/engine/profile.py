@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sglang_ext.engine.launch import _int_at_least
+from sglang_ext.engine.launch import int_at_least
 
 PROFILE_FORMAT = "sglang-ext-profile/1"
 PARTS = ("target", "prefill", "draft", "train")
@@ -499,7 +499,7 @@ def _int_list0(flag: str):
     return _int_list(flag, 0)
 
 
-_positive_int = _int_at_least(1)
+_positive_int = int_at_least(1)
 
 
 def register(sub) -> None:
@@ -539,7 +539,7 @@ def register(sub) -> None:
     p.add_argument("--ttt-steps", type=_positive_int, default=3)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--repeats", type=_positive_int, default=5)
-    p.add_argument("--warmup", type=_int_at_least(0), default=2)
+    p.add_argument("--warmup", type=int_at_least(0), default=2)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-from sglang_ext.engine.launch import LaunchError, add_engine_args, build_engine
+from sglang_ext.engine.launch import LaunchError, add_engine_args, build_engine, int_at_least
 
 
 def _error(message: str) -> int:
@@ -23,18 +23,6 @@ def _error(message: str) -> int:
 def _print_notes(info: dict) -> None:
     for note in info.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
-
-
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} {value}: must be >= 1")
-        return value
-    return parse
 
 
 def _non_negative_float(flag: str):
@@ -61,7 +49,7 @@ def register(subparsers) -> None:
     net.add_argument("--served-model-name", metavar="NAME", help="model name in responses and /v1/models (default: --model-path)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                      help="log level of the server and uvicorn (default info)")
-    net.add_argument("--max-request-bytes", type=_positive_int("--max-request-bytes"), default=None, metavar="N",
+    net.add_argument("--max-request-bytes", type=int_at_least(1), default=None, metavar="N",
                      help="largest request body accepted; a bigger one gets a 413 before it is read "
                           "(default 8 MiB)")
     net.add_argument("--shutdown-timeout", type=_non_negative_float("--shutdown-timeout"), default=30.0,
