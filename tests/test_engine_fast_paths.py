@@ -18,7 +18,6 @@ import torch
 
 from sglang_ext.core.drafters.base import Draft, StatelessDrafter
 from sglang_ext.core.drafters.eagle import EagleDrafter
-from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel
 from sglang_ext.core.drafters.ngram import NgramDrafter
 from sglang_ext.core.greedy import verify_greedy_tree
 from sglang_ext.core.kv_cache import SlotKVCache, StepLayout
@@ -27,6 +26,7 @@ from sglang_ext.core.tree import DraftTree
 from sglang_ext.engine.engine import Engine, EngineConfig, GenerationRequest, _greedy_walk, _TreeShape
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
+from test_engine import random_eagle
 
 VOCAB = 96
 
@@ -133,12 +133,6 @@ class OracleTreeDrafter(StatelessDrafter):
                 right = len(tokens) - 1
             out.append(Draft(tokens=tokens, parents=parents, scheme="topk"))
         return out
-
-
-def random_eagle(target: TargetModel, seed: int = 0) -> EagleDraftModel:
-    torch.manual_seed(seed)
-    cfg = EagleConfig.for_target(target.config, feature_layers=list(target.feature_layers))
-    return EagleDraftModel(cfg).bind_target(target.embed_tokens.weight, target.lm_head.weight)
 
 
 def build(model, kind: str, fast: bool, max_batch: int) -> Engine:

@@ -34,13 +34,13 @@ from hypothesis import strategies as st
 
 from sglang_ext.core.drafters.base import Draft, StatelessDrafter
 from sglang_ext.core.drafters.eagle import EagleDrafter
-from sglang_ext.core.drafters.eagle_model import EagleConfig, EagleDraftModel
 from sglang_ext.core.processing import SamplingParams
 from sglang_ext.engine import engine as engine_mod
 from sglang_ext.engine.engine import (Engine, EngineConfig, GenerationRequest, RequestError, RequestState,
                                       _top_logprobs, token_logprobs)
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
+from test_engine import random_eagle
 
 VOCAB = 96
 TOL = 1e-4
@@ -110,12 +110,6 @@ class DeepTreeOracle(StatelessDrafter):
                 right = len(tokens) - 1
             out.append(Draft(tokens=tokens, parents=parents, scheme="topk"))
         return out
-
-
-def random_eagle(target: TargetModel, seed: int = 0) -> EagleDraftModel:
-    torch.manual_seed(seed)
-    cfg = EagleConfig.for_target(target.config, feature_layers=list(target.feature_layers))
-    return EagleDraftModel(cfg).bind_target(target.embed_tokens.weight, target.lm_head.weight)
 
 
 KINDS = {  # num_steps, topk, num_draft_tokens

@@ -28,7 +28,7 @@ from sglang_ext.engine.launch import (
 )
 from sglang_ext.models.provision import model_dir
 from sglang_ext.models.tiny import tiny_llama
-from sglang_ext.testing.http import serve_in_thread
+from sglang_ext.testing.http import serve_in_thread, sse_events
 
 from conftest import require_model
 
@@ -53,21 +53,11 @@ def server():
         yield SimpleNamespace(client=srv.client, url=srv.url, runner=runner, engine=engine, tokenizer=tok)
 
 
-def _sse(response) -> list[object]:
-    """``data:`` payloads of an SSE response, JSON-decoded (``[DONE]`` kept as the string)."""
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
 def _stream(client, path: str, body: dict) -> list[object]:
     with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        return _sse(r)
+        return sse_events(r)
 
 
 def _metric(text: str, name: str) -> float:

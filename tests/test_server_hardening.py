@@ -24,7 +24,7 @@ from sglang_ext.models.provision import model_dir
 from sglang_ext.models.tiny import tiny_llama
 from sglang_ext.server.app import EngineRunner, ServerOptions, create_app
 from sglang_ext.server.graceful import GracefulServer
-from sglang_ext.testing.http import serve_in_thread
+from sglang_ext.testing.http import serve_in_thread, sse_events
 from test_engine import random_eagle
 
 MODEL = "tiny"
@@ -70,19 +70,10 @@ def servers(tok):
     plain.stop(), spec.stop()
 
 
-def _sse(response) -> list:
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
 def _post_stream(client, path: str, body: dict) -> list:
     with client.stream("POST", path, json=body) as r:
         assert r.status_code == 200, r.read()
-        return _sse(r)
+        return sse_events(r)
 
 
 # ---- body size and the event loop -------------------------------------------------------------------------------

@@ -291,11 +291,11 @@ class EngineRunner:
         if sink is None:
             return
         req = state.request
-        wants = getattr(req, "logprobs", False) or getattr(req, "top_logprobs", 0)
+        wants, tops_wanted = req.logprobs or req.top_logprobs > 0, req.top_logprobs > 0
         if new_tokens:
             n = len(new_tokens)
             lps = list(state.output_token_logprobs[-n:]) if wants else None
-            tops = list(state.output_top_logprobs[-n:]) if wants and getattr(req, "top_logprobs", 0) else None
+            tops = list(state.output_top_logprobs[-n:]) if tops_wanted else None
             _deliver(sink, ("tokens", list(new_tokens), lps, tops))
         if state.finished:
             self._sinks.pop(state.rid, None)
@@ -305,7 +305,7 @@ class EngineRunner:
                 text=state.text or "", output_ids=list(state.output_ids), meta_info=meta,
                 finish_reason=state.finish_reason,
                 token_logprobs=list(state.output_token_logprobs) if wants else None,
-                top_logprobs=list(state.output_top_logprobs) if wants and getattr(req, "top_logprobs", 0) else None)))
+                top_logprobs=list(state.output_top_logprobs) if tops_wanted else None)))
 
     def _fail_in_flight(self, error: Exception) -> None:
         """Fail the requests of the failed step (the running batch) with a 500; waiting ones keep waiting."""

@@ -6,6 +6,7 @@ runner and the uvicorn server object (e.g. to deliver a shutdown signal with ``s
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -21,6 +22,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sse_events(response: httpx.Response) -> list:
+    """``data:`` payloads of a server-sent-events response, JSON-decoded (``[DONE]`` kept as the string)."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
 
 
 @dataclass
@@ -58,4 +69,4 @@ def serve_in_thread(app, server_factory=None, start_timeout: float = 30.0,
         thread.join(15)
 
 
-__all__ = ["ThreadServer", "free_port", "serve_in_thread"]
+__all__ = ["ThreadServer", "free_port", "serve_in_thread", "sse_events"]
