@@ -267,13 +267,14 @@ def check_draft_path(path: str | None) -> Path:
 
 
 def load_draft_model(path: str | None, target_name: str, target_config):
-    """Load an EAGLE checkpoint for this target; every failure names ``--speculative-draft-model-path``."""
-    from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
+    """Load a drafter checkpoint (EAGLE-style or SpecBlock) for this target; every failure names ``--speculative-draft-model-path``."""
+    from sglang_ext.core.drafters.checkpoint import load_draft_model as load_checkpoint
+    from sglang_ext.core.drafters.eagle_model import target_identity
 
     flag = "--speculative-draft-model-path"
     d = check_draft_path(path)
     try:
-        return EagleDraftModel.load(d, expect_target=target_identity(target_name, target_config))
+        return load_checkpoint(d, expect_target=target_identity(target_name, target_config))
     except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:  # bad JSON, wrong target, bad tensors
         raise LaunchError(f"{flag} {path}: {e}") from e
 
@@ -498,13 +499,18 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
                             eos_token_ids: tuple[int, ...] | None = None, model_name: str = "model",
                             policy=None, max_total_tokens: int | None = None,
                             mem_fraction_static: float | None = None) -> tuple[Engine, dict[str, Any]]:
-    """An engine around an in-memory HF Llama (tests, notebooks); ``draft_model`` is an unbound EagleDraftModel.
+    """An engine around an in-memory HF Llama (tests, notebooks); ``draft_model`` is an unbound
+    feature-drafter model (EAGLE-style or SpecBlock).
 
     Returns ``(engine, info)`` where ``info`` holds the resolved settings under SGLang's server-args names, the
     KV pool size (``max_total_tokens``) and the cache report (``kv_cache``, also a line in ``notes``).
     ``max_total_tokens`` / ``mem_fraction_static`` may lower ``max_running_requests`` (:func:`plan_kv_cache`).
     """
-    from sglang_ext.core.drafters.eagle import EagleDrafter
+    from sglang_ext.core.drafters.checkpoint import (
+        drafter_cache_layers,
+        drafter_scratch,
+        make_feature_drafter,
+    )
     from sglang_ext.core.drafters.ngram import NgramDrafter
 
     from .engine import Engine, EngineConfig
@@ -551,12 +557,15 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
     # the drafter's cache holds committed pairs plus this step's scratch nodes; a batched absorb of pending pairs
     # writes every row padded to the longest pending run (a newly admitted prompt) after its own length, so a
     # long-running request beside a fresh long prompt needs up to twice the context
-    draft_len = 2 * context + spec.topk * spec.num_steps + 2 if eagle else 0
+    max_blocks = 2
+    if eagle and spec.topk == 1 and hasattr(draft_model.config, "block_size"):  # SpecBlock chains: enough blocks
+        max_blocks = max(2, -(-spec.num_steps // draft_model.config.block_size))
+    draft_len = 2 * context + drafter_scratch(draft_model, spec.num_steps, spec.topk, max_blocks) if eagle else 0
     plan = plan_kv_cache(
         max_running_requests=max_running_requests, context_length=context, positions_per_slot=context + tree_nodes + 1,
         bytes_per_token=kv_bytes_per_token(target.num_layers, target.num_kv_heads, target.head_dim, target.dtype),
         draft_positions_per_slot=draft_len,
-        draft_bytes_per_token=kv_bytes_per_token(1, draft_model.config.num_kv_heads, draft_model.config.head_dim,
+        draft_bytes_per_token=kv_bytes_per_token(drafter_cache_layers(draft_model), draft_model.config.num_kv_heads, draft_model.config.head_dim,
                                                  target.dtype) if eagle else 0,
         max_total_tokens=max_total_tokens, mem_fraction_static=mem_fraction_static,
         memory_total_bytes=device_memory_bytes(target.device) if mem_fraction_static is not None else None,
@@ -564,8 +573,9 @@ def build_engine_from_parts(model, tokenizer, algorithm: str | None = "NONE", *,
     max_running_requests = plan.slots
     spec.notes.extend(plan.notes)
     if eagle:
-        drafter = EagleDrafter(draft_model, num_slots=max_running_requests, max_len=draft_len,
-                               topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None)
+        drafter = make_feature_drafter(draft_model, num_slots=max_running_requests, max_len=draft_len, topk=spec.topk,
+                                       num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
+                                       max_blocks=max_blocks)
     config = EngineConfig(max_batch_size=max_running_requests, context_length=context, num_steps=spec.num_steps,
                           topk=spec.topk, num_draft_tokens=spec.num_draft_tokens if spec.topk > 1 else None,
                           prefill_chunk=prefill_chunk if prefill_chunk > 0 else context,

@@ -54,6 +54,28 @@ class Draft:
         return Draft(tokens=[int(root), *map(int, drafted)], parents=[-1, *range(n)], scheme=scheme, draft_probs=draft_probs)
 
 
+def prune_to_budget(root: int, nodes: Sequence[tuple[int, int, float, int]], budget: int) -> tuple[list[int], list[int]]:
+    """Keep the ``budget`` best draft nodes by cumulative log-probability, every kept node's ancestors included.
+
+    ``nodes[i] = (token, parent index or -1 for the root, cumulative log-prob, depth)``. Ties are broken by depth
+    then creation order; an ancestor that a tie dropped is put back (the budget may then overflow by a node).
+    Returns the tree as ``(tokens, parents)`` with node 0 the root and nodes in (depth, creation) order, so
+    ``parents[i] < i``.
+    """
+    ranked = sorted(range(len(nodes)), key=lambda n: (-nodes[n][2], nodes[n][3], n))
+    keep = set(ranked[:max(budget, 0)])
+    for n in list(keep):
+        p = nodes[n][1]
+        while p >= 0 and p not in keep:
+            keep.add(p)
+            p = nodes[p][1]
+    order = sorted(keep, key=lambda n: (nodes[n][3], n))
+    new_index = {n: i + 1 for i, n in enumerate(order)}
+    tokens = [int(root)] + [nodes[n][0] for n in order]
+    parents = [-1] + [new_index.get(nodes[n][1], 0) for n in order]
+    return tokens, parents
+
+
 class Drafter(Protocol):
     """``draft`` proposes; the slot hooks keep per-request state aligned with the host's batch slots."""
 

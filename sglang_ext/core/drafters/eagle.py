@@ -31,7 +31,7 @@ import torch
 
 from ..costs import CATCH_UP_SPLIT
 from ..kv_cache import SlotKVCache, StepLayout
-from .base import Draft, DraftRequest
+from .base import Draft, DraftRequest, prune_to_budget
 from .eagle_model import EagleDraftModel
 
 
@@ -290,17 +290,7 @@ class EagleDrafter:
             frontier_g = a.gather(1, (best // k).unsqueeze(-1).expand(B, k, a.shape[-1]))
         out = []
         for b, r in enumerate(requests):
-            ranked = sorted(range(len(nodes[b])), key=lambda n: (-nodes[b][n][2], nodes[b][n][3], n))
-            keep = set(ranked[:budget])
-            for n in list(keep):  # ties could drop an ancestor: put it back (the budget may overflow by a node)
-                p = nodes[b][n][1]
-                while p >= 0 and p not in keep:
-                    keep.add(p)
-                    p = nodes[b][p][1]
-            order = sorted(keep, key=lambda n: (nodes[b][n][3], n))
-            new_index = {n: i + 1 for i, n in enumerate(order)}
-            tokens = [r.tokens[-1]] + [nodes[b][n][0] for n in order]
-            parents = [-1] + [new_index.get(nodes[b][n][1], 0) for n in order]
+            tokens, parents = prune_to_budget(r.tokens[-1], nodes[b], budget)
             out.append(Draft(tokens=tokens, parents=parents, scheme="topk"))
         return out
 
