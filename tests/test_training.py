@@ -134,3 +134,95 @@ def test_the_core_imports_nothing_from_training_or_the_engine():
         mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         bad = {m for m in mods if m.startswith(("sglang_ext.training", "sglang_ext.engine"))}
         assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+# ---- both architectures from one feature cache ------------------------------------------------------------------------
+def progressions(n: int, length: int = 24, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for _ in range(n):
+        start, stride = int(torch.randint(0, 90, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        seqs.append([2 + (start + stride * i) % 90 for i in range(length)])
+    return seqs
+
+
+@pytest.fixture(scope="module")
+def progression_cache(target, tmp_path_factory):
+    from sglang_ext.training.feature_cache import FeatureCache
+
+    return FeatureCache.build(target, progressions(64), tmp_path_factory.mktemp("fc") / "cache", target_name="tiny",
+                              batch_tokens=24 * 8, progress=False, log=lambda *_: None)
+
+
+def test_specblock_trains_from_the_feature_cache(target, progression_cache, tmp_path):
+    """The block drafter learns a learnable language from cached features alone (the target never runs in training),
+    and its checkpoint loads through the one dispatcher."""
+    from sglang_ext.core.drafters.checkpoint import load_draft_model
+    from sglang_ext.core.drafters.specblock_model import SpecBlockDraftModel
+
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=80, batch_tokens=24 * 8, lr=3e-3, warmup_steps=2,
+                      epochs=8, arch="specblock", ttt_blocks=2, rank_start=0.3, eval_depth=6)
+    t = DrafterTrainer(target, "tiny", cfg, tmp_path / "sb")
+    real = t.target.forward
+    t.target.forward = None  # any target forward during training would fail
+    try:
+        report = t.train([], progress=False, log=lambda *_: None, cache=progression_cache)
+    finally:
+        t.target.forward = real
+    hist = __import__("json").loads((tmp_path / "sb" / "history.json").read_text())
+    assert hist[-1]["accept_len"] > hist[0]["accept_len"] + 0.2, (hist[0], hist[-1])
+    assert report["arch"] == "specblock" and report["feature_cache"]
+    heldout = DrafterTrainer(target, "tiny", cfg, tmp_path / "unused")
+    from sglang_ext.training.drafter import evaluate
+
+    model = load_draft_model(tmp_path / "sb", expect_target={"name": "tiny"})
+    assert isinstance(model, SpecBlockDraftModel) and model.config.draft_vocab_size == 80
+    model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
+    ev = evaluate(model, TargetTeacher(target, model.draft_vocab), progressions(8, seed=9), cfg, torch.device("cpu"),
+                  trainer=heldout)
+    assert ev["accept_len"] > 0.1 and len(ev["top1"]) == 6 and 0.0 <= ev["rank_acc"] <= 1.0
+
+
+def test_eagle_from_the_cache_matches_eagle_from_the_target(target, progression_cache, tmp_path):
+    """The cache only saves target forwards: training from it follows the live run (float16 storage aside)."""
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=80, ttt_steps=2, batch_tokens=24 * 8, lr=3e-3,
+                      warmup_steps=2, epochs=2)
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "live").train(progressions(64), progress=False, log=lambda *_: None)
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "cached").train([], progress=False, log=lambda *_: None,
+                                                                   cache=progression_cache)
+    import json
+
+    live = json.loads((tmp_path / "live" / "history.json").read_text())
+    cached = json.loads((tmp_path / "cached" / "history.json").read_text())
+    assert len(live) == len(cached)
+    assert abs(live[-1]["loss"] - cached[-1]["loss"]) < 0.05 * live[-1]["loss"]
+
+
+def test_specblock_resume_is_deterministic(target, progression_cache, tmp_path):
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=None, batch_tokens=24 * 4, epochs=1, checkpoint_every=4,
+                      warmup_steps=1, arch="specblock", block_size=3)
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "full").train([], progress=False, cache=progression_cache)
+    calls = {"n": 0}
+    real = type(progression_cache).batch
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    type(progression_cache).batch = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            DrafterTrainer(target, "tiny", cfg, tmp_path / "part").train([], progress=False, cache=progression_cache)
+    finally:
+        type(progression_cache).batch = real
+    assert (tmp_path / "part" / "trainer_state" / "state.pt").is_file()
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "part").train([], progress=False, log=lambda *_: None,
+                                                                 cache=progression_cache)
+    from sglang_ext.core.drafters.checkpoint import load_draft_model
+
+    a = load_draft_model(tmp_path / "full").state_dict()
+    b = load_draft_model(tmp_path / "part").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])

@@ -1,4 +1,4 @@
-"""``sglang-ext train-drafter``: train the static EAGLE-style drafter for a target on a real conversation corpus."""
+"""``sglang-ext train-drafter``: train a static feature drafter (EAGLE-style or SpecBlock) on a real conversation corpus."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _layers(text: str) -> list[int]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-drafter", help="train an EAGLE-style drafter from the target's hidden states (offline)")
+    p = sub.add_parser("train-drafter", help="train a feature drafter (EAGLE-style or SpecBlock) from the target's hidden states (offline)")
     p.add_argument("--model", default="smollm2-135m", help="target: a registered model name (see `models list`)")
     p.add_argument("--corpus", default="sharegpt", help="conversation corpus: a fetched set name or a JSONL file with `messages`")
     p.add_argument("--max-sequences", type=int, default=4000, help="conversations to train on")
@@ -41,14 +41,31 @@ def register(sub) -> None:
     p.add_argument("--gen-batch", type=int, default=8, help="batch size for self-generation")
     p.add_argument("--max-train-seconds", type=float, default=None,
                    help="fit training into this many seconds (the plan and its LR schedule shrink to fit)")
+    p.add_argument("--arch", choices=("eagle", "specblock"), default="eagle",
+                   help="eagle: one layer per draft depth (EAGLE-3 style); specblock: K positions per forward (SpecBlock)")
+    p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
+                   help="run the target once over the training sequences and keep its features in DIR (reused by later "
+                        "runs on the same sequences, of either --arch); training then reads the cache")
+    p.add_argument("--feature-cache-max-gb", type=float, default=8.0, help="byte budget of --feature-cache")
+    p.add_argument("--cache-only", action="store_true", help="build --feature-cache and exit")
+    g = p.add_argument_group("SpecBlock (--arch specblock)")
+    g.add_argument("--block-size", type=int, default=4, help="K: draft positions per forward")
+    g.add_argument("--drafter-layers", type=int, default=2, help="decoder layers of the block drafter")
+    g.add_argument("--ttt-blocks", type=int, default=2, help="blocks unrolled in training (later blocks start U(1, K) later)")
+    g.add_argument("--rank-start", type=float, default=0.1, metavar="FRACTION",
+                   help="share of training steps before the rank-head loss is switched on")
+    g.add_argument("--no-shift", action="store_true", help="ablation: no layer-wise shift")
+    g.add_argument("--no-inherit", action="store_true", help="ablation: later blocks conditioned on the root's target feature")
+    g.add_argument("--no-rank-head", action="store_true", help="ablation: no rank head (fixed branching, no give-up)")
+    g.add_argument("--no-prefix-mask", action="store_true", help="ablation: train every slot, not only valid prefixes")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_drafter)
 
 
-def default_drafter_dir(model: str) -> Path:
+def default_drafter_dir(model: str, arch: str = "eagle") -> Path:
     from sglang_ext.models.provision import cache_root
 
-    return cache_root() / "drafters" / f"{model}-eagle"
+    return cache_root() / "drafters" / f"{model}-{arch}"
 
 
 def self_generate(model, prompts: list[list[int]], gen_tokens: int, pad_id: int, batch: int, progress: bool = True) -> list[list[int]]:
@@ -168,15 +185,35 @@ def cmd_train_drafter(args) -> int:
             return 0
     console.print(f"{len(train)} training / {len(heldout)} held-out sequences "
                   f"({sum(map(len, train))} tokens) prepared in {time.perf_counter() - t0:.0f} s")
+    cache = None
+    if args.feature_cache:
+        from sglang_ext.training.feature_cache import FeatureCache, FeatureCacheError
+
+        try:
+            cache = FeatureCache.build(target, train, args.feature_cache, target_name=args.model,
+                                       max_bytes=int(args.feature_cache_max_gb * 2**30), batch_tokens=args.batch_tokens,
+                                       progress=not args.no_progress, log=console.print)
+        except (FeatureCacheError, ValueError) as e:
+            err.print(f"[red]error:[/red] --feature-cache: {e}")
+            return 2
+        if args.cache_only:
+            console.print(f"feature cache ready: {args.feature_cache} ({len(cache)} sequences)")
+            return 0
+    elif args.cache_only:
+        err.print("[red]error:[/red] --cache-only needs --feature-cache DIR")
+        return 2
     cfg = TrainConfig(feature_layers=layers, draft_vocab_size=args.draft_vocab_size or None, ttt_steps=args.ttt_steps,
                       max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, lr=args.lr, epochs=args.epochs,
-                      seed=args.seed, max_train_seconds=args.max_train_seconds)
-    out = args.out or default_drafter_dir(args.model)
+                      seed=args.seed, max_train_seconds=args.max_train_seconds, arch=args.arch,
+                      block_size=args.block_size, drafter_layers=args.drafter_layers, ttt_blocks=args.ttt_blocks,
+                      rank_start=args.rank_start, shift=not args.no_shift, inherit=not args.no_inherit,
+                      rank_head=not args.no_rank_head, prefix_mask=not args.no_prefix_mask)
+    out = args.out or default_drafter_dir(args.model, args.arch)
     import torch
 
     torch.manual_seed(args.seed)
     report = DrafterTrainer(target, args.model, cfg, out, device=args.device).train(
-        train, heldout, eos_ids=eos, progress=not args.no_progress, log=console.print)
+        train, heldout, eos_ids=eos, progress=not args.no_progress, log=console.print, cache=cache)
     report["corpus"] = args.corpus
     report["self_generated"] = args.self_generate
     (Path(out) / "report.json").write_text(json.dumps(report, indent=2))

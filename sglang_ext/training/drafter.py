@@ -57,6 +57,25 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # optimiser steps between resumable checkpoints
     max_train_seconds: float | None = None  # shrink the plan (and its LR schedule) to fit this wall-clock budget
+    arch: str = "eagle"  # "eagle" (one layer per draft depth) or "specblock" (K positions per forward)
+    eval_depth: int = 8  # held-out greedy chain depth reported for every architecture (accept_len@depth)
+    # SpecBlock (arch "specblock"), SpecBlock §5.1 and its ablations
+    block_size: int = 4
+    drafter_layers: int = 2
+    ttt_blocks: int = 2
+    rank_start: float = 0.1  # share of the steps before the rank loss is on
+    rank_weight: float = 1.0
+    shift: bool = True
+    inherit: bool = True
+    rank_head: bool = True
+    prefix_mask: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("eagle", "specblock"):
+            raise ValueError(f"arch must be 'eagle' or 'specblock', got {self.arch!r}")
+        for name in ("block_size", "drafter_layers", "ttt_blocks", "ttt_steps", "eval_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def draft_vocabulary(sequences: Sequence[Sequence[int]], size: int | None, vocab_size: int,
@@ -106,6 +125,8 @@ class StepMetrics:
     kl: list[float]
     top1: list[float]
     tokens: int
+    accept_len: float = 0.0  # mean leading run of greedy hits along the unrolled chain (teacher-forced context)
+    rank_acc: float | None = None
 
 
 def ttt_loss(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
@@ -121,6 +142,8 @@ def ttt_loss(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tenso
     pair_valid = valid[:, 1:] & torch.cat([valid[:, 2:], torch.zeros_like(valid[:, :1])], dim=1)
     idx = torch.arange(L, device=tokens.device)
     p_arg = target_logp.argmax(-1)
+    alive = pair_valid.float()
+    accept = torch.zeros_like(alive)
     for j, logits in enumerate(outs, start=1):
         m = pair_valid & (idx >= j - 1).view(1, L)
         n = m.sum().clamp(min=1)
@@ -132,7 +155,14 @@ def ttt_loss(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tenso
             kls.append(float(((ce - ent) * m).sum() / n))
             hit = q_logp.argmax(-1) == p_arg
             accs.append(float((hit & m).sum() / n))
-    return total, StepMetrics(loss=float(total.detach()), kl=kls, top1=accs, tokens=int(pair_valid.sum()))
+            # the chain started at index i drafts step j at index i + j - 1
+            shifted = torch.zeros_like(alive)
+            shifted[:, :L - j + 1] = (hit & pair_valid)[:, j - 1:].float()
+            alive = alive * shifted
+            accept = accept + alive
+    starts = pair_valid.float().sum().clamp(min=1)
+    return total, StepMetrics(loss=float(total.detach()), kl=kls, top1=accs, tokens=int(pair_valid.sum()),
+                              accept_len=float(accept.sum() / starts))
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +176,9 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torc
 
 
 class DrafterTrainer:
-    """Trains an :class:`EagleDraftModel` against a target; resumable from ``out_dir/trainer_state``."""
+    """Trains a feature drafter (``config.arch``: EAGLE-style or SpecBlock) against a target; resumable from
+    ``out_dir/trainer_state``. The target's outputs come from a live :class:`TargetTeacher` or, when ``train`` is
+    given a :class:`~sglang_ext.training.feature_cache.FeatureCache`, from that cache (no target forward)."""
 
     def __init__(self, target: TargetModel, target_name: str, config: TrainConfig, out_dir: str | Path,
                  device: str | torch.device = "cpu") -> None:
@@ -155,28 +187,66 @@ class DrafterTrainer:
         self.device = torch.device(device)
         target.set_feature_layers(tuple(config.feature_layers))
 
-    def new_model(self, vocab: torch.Tensor) -> EagleDraftModel:
-        torch.manual_seed(self.config.seed)
-        cfg = EagleConfig.for_target(self.target.config, self.config.feature_layers, len(vocab) if len(vocab) < self.target.vocab_size else None,
-                                     target_identity(self.target_name, self.target.config))
-        model = EagleDraftModel(cfg).to(self.device)
-        if cfg.draft_vocab_size is not None:
+    def new_model(self, vocab: torch.Tensor):
+        c = self.config
+        torch.manual_seed(c.seed)
+        draft_vocab = len(vocab) if len(vocab) < self.target.vocab_size else None
+        identity = target_identity(self.target_name, self.target.config)
+        if c.arch == "specblock":
+            from sglang_ext.core.drafters.specblock_model import SpecBlockConfig, SpecBlockDraftModel
+
+            cfg = SpecBlockConfig.for_target(self.target.config, c.feature_layers, draft_vocab, identity,
+                                             block_size=c.block_size, num_layers=c.drafter_layers, shift=c.shift,
+                                             inherit=c.inherit, rank_head=c.rank_head)
+            model = SpecBlockDraftModel(cfg).to(self.device)
+        else:
+            model = EagleDraftModel(EagleConfig.for_target(self.target.config, c.feature_layers, draft_vocab,
+                                                           identity)).to(self.device)
+        if draft_vocab is not None:
             model.set_draft_vocab(vocab.to(self.device))
         return model.bind_target(self.target.embed_tokens.weight, self.target.lm_head.weight)
 
-    def train(self, train_seqs: Sequence[Sequence[int]], heldout: Sequence[Sequence[int]] = (),
-              eos_ids: Sequence[int] = (), progress: bool = True, log=print) -> dict:
+    def loss(self, model, tokens: torch.Tensor, valid: torch.Tensor, feats: torch.Tensor, logp: torch.Tensor,
+             step: int, total_steps: int, evaluating: bool = False) -> tuple[torch.Tensor, StepMetrics]:
+        """The architecture's training loss on one batch (evaluation: deterministic, ``eval_depth`` deep)."""
         c = self.config
-        seqs = [list(s)[: c.max_tokens] for s in train_seqs if len(s) >= 3]
-        if not seqs:
+        if c.arch == "eagle":
+            steps = c.eval_depth if evaluating else c.ttt_steps
+            return ttt_loss(model, feats, tokens, logp, valid, steps, c.step_weight)
+        from sglang_ext.core.drafters.specblock_ttt import block_loss
+
+        K = c.block_size
+        if evaluating:  # the serving chain: each next block where the previous one ends
+            offsets = [K] * (max(1, -(-c.eval_depth // K)) - 1)
+        else:  # SpecBlock's multi-block TTT: each later block starts U(1, K) positions later
+            rng = random.Random(c.seed * 1_000_003 + step)
+            offsets = [rng.randint(1, K) for _ in range(c.ttt_blocks - 1)]
+        rank_on = evaluating or step >= c.rank_start * total_steps
+        loss, m = block_loss(model, feats, tokens, logp, valid, offsets, c.step_weight, prefix_mask=c.prefix_mask,
+                             rank_weight=c.rank_weight if rank_on else 0.0,
+                             max_depth=c.eval_depth if evaluating else None)
+        return loss, StepMetrics(loss=m.loss, kl=m.kl, top1=m.top1, tokens=m.tokens, accept_len=m.accept_len,
+                                 rank_acc=m.rank_acc)
+
+    def train(self, train_seqs: Sequence[Sequence[int]], heldout: Sequence[Sequence[int]] = (),
+              eos_ids: Sequence[int] = (), progress: bool = True, log=print, cache=None) -> dict:
+        c = self.config
+        if cache is not None:  # the cache's sequences are the training set (already truncated when it was built)
+            seqs = [cache.sequence(i) for i in range(len(cache))]
+            order = [i for i, s in enumerate(seqs) if len(s) >= 3]
+        else:
+            seqs = [list(s)[: c.max_tokens] for s in train_seqs]
+            order = [i for i, s in enumerate(seqs) if len(s) >= 3]
+        if not order:
             raise ValueError("no training sequence has 3 or more tokens")
+        kept = [seqs[i] for i in order]
         state_dir = self.out_dir / "trainer_state"
         resume = state_dir.joinpath("state.pt").is_file()
-        vocab = draft_vocabulary(seqs, c.draft_vocab_size, self.target.vocab_size, eos_ids)
+        vocab = draft_vocabulary(kept, c.draft_vocab_size, self.target.vocab_size, eos_ids)
         model = self.new_model(vocab)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
-        plan = [b for e in range(c.epochs) for b in batches(seqs, c.batch_tokens, c.seed + e)]
+        plan = [[order[j] for j in b] for e in range(c.epochs) for b in batches(kept, c.batch_tokens, c.seed + e)]
         total_steps = len(plan)
         horizon = [total_steps]  # the cosine schedule's length; shrinks if a time budget cuts the plan
 
@@ -200,26 +270,35 @@ class DrafterTrainer:
             torch.set_rng_state(st["rng"])
             log(f"resuming from step {start}/{total_steps} ({state_dir})")
         teacher = TargetTeacher(self.target, model.draft_vocab)
+
+        def fetch(indices: list[int]):
+            if cache is not None:
+                return cache.batch(indices, teacher.lm_rows, device=self.device)
+            tokens, valid = pad_batch([seqs[i] for i in indices])
+            tokens, valid = tokens.to(self.device), valid.to(self.device)
+            feats, logp = teacher(tokens)
+            return tokens, valid, feats, logp
+
         t0 = time.perf_counter()
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("[bold]train-drafter"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        with Progress(TextColumn(f"[bold]train-drafter {c.arch}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress) as bar:
             task = bar.add_task("train", total=total_steps, completed=start, info="")
             step = start
             while step < total_steps:
-                tokens, valid = pad_batch([seqs[i] for i in plan[step]])
-                tokens, valid = tokens.to(self.device), valid.to(self.device)
-                feats, logp = teacher(tokens)
+                tokens, valid, feats, logp = fetch(plan[step])
                 model.train()
-                loss, m = ttt_loss(model, feats, tokens, logp, valid, c.ttt_steps, c.step_weight)
+                loss, m = self.loss(model, tokens, valid, feats, logp, step, total_steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                 opt.step()
                 sched.step()
-                history.append({"step": step + 1, "loss": m.loss, "top1": m.top1, "kl": m.kl, "tokens": m.tokens})
-                bar.update(task, advance=1, info=f"loss {m.loss:.3f} top1 " + "/".join(f"{a:.2f}" for a in m.top1))
+                history.append({"step": step + 1, "loss": m.loss, "top1": m.top1, "kl": m.kl, "tokens": m.tokens,
+                                "accept_len": m.accept_len, "seconds": time.perf_counter() - t0})
+                bar.update(task, advance=1, info=f"loss {m.loss:.3f} accept {m.accept_len:.2f} top1 "
+                           + "/".join(f"{a:.2f}" for a in m.top1[:4]))
                 step += 1
                 elapsed = time.perf_counter() - t0
                 if c.max_train_seconds and step - start in (20, 50) or (c.max_train_seconds and (step - start) % 100 == 0):
@@ -232,11 +311,12 @@ class DrafterTrainer:
                     self._save_state(state_dir, model, opt, sched, step, history, horizon[0])
         model.eval()
         train_seconds = time.perf_counter() - t0
-        report = {"train_steps": total_steps, "planned_steps": len(plan), "train_sequences": len(seqs),
-                  "train_tokens": sum(map(len, seqs)), "train_seconds": train_seconds,
+        report = {"arch": c.arch, "train_steps": total_steps, "planned_steps": len(plan), "train_sequences": len(kept),
+                  "train_tokens": sum(map(len, kept)), "trained_tokens": sum(h["tokens"] for h in history),
+                  "train_seconds": train_seconds, "feature_cache": str(cache.directory) if cache is not None else None,
                   "final_train_top1": history[-1]["top1"] if history else None}
         if heldout:
-            report["heldout"] = evaluate(model, teacher, heldout, c, self.device)
+            report["heldout"] = evaluate(model, teacher, heldout, c, self.device, trainer=self)
         model.save(self.out_dir, extra={"training": {**asdict(c), **report, "target_name": self.target_name}})
         (self.out_dir / "history.json").write_text(json.dumps(history))
         if state_dir.exists():
@@ -254,20 +334,30 @@ class DrafterTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: EagleDraftModel, teacher: TargetTeacher, sequences: Sequence[Sequence[int]], config: TrainConfig,
-             device: torch.device) -> dict:
-    """Held-out KL and top-1 agreement per draft step (teacher-forced along the sequence, as in training)."""
+def evaluate(model, teacher: TargetTeacher, sequences: Sequence[Sequence[int]], config: TrainConfig,
+             device: torch.device, trainer: DrafterTrainer | None = None) -> dict:
+    """Held-out KL, top-1 agreement per draft depth and the greedy chain's mean accepted length (``accept_len``,
+    ``eval_depth`` deep, teacher-forced context), for either architecture."""
     model.eval()
     seqs = [list(s)[: config.max_tokens] for s in sequences if len(s) >= 3]
-    tot = {"tokens": 0, "kl": [0.0] * config.ttt_steps, "top1": [0.0] * config.ttt_steps}
+    tot: dict = {"tokens": 0, "kl": [], "top1": [], "accept_len": 0.0, "rank_acc": 0.0}
     for group in batches(seqs, config.batch_tokens, 0):
         tokens, valid = pad_batch([seqs[i] for i in group])
         tokens, valid = tokens.to(device), valid.to(device)
         feats, logp = teacher(tokens)
-        _, m = ttt_loss(model, feats, tokens, logp, valid, config.ttt_steps, config.step_weight)
-        for j in range(config.ttt_steps):
-            tot["kl"][j] += m.kl[j] * m.tokens
-            tot["top1"][j] += m.top1[j] * m.tokens
+        if trainer is not None:
+            _, m = trainer.loss(model, tokens, valid, feats, logp, 0, 1, evaluating=True)
+        else:
+            _, m = ttt_loss(model, feats, tokens, logp, valid, config.ttt_steps, config.step_weight)
+        for key in ("kl", "top1"):
+            vals = getattr(m, key)
+            tot[key] = [a + v * m.tokens for a, v in zip(tot[key] or [0.0] * len(vals), vals)]
+        tot["accept_len"] += m.accept_len * m.tokens
+        tot["rank_acc"] += (m.rank_acc or 0.0) * m.tokens
         tot["tokens"] += m.tokens
     n = max(1, tot["tokens"])
-    return {"tokens": tot["tokens"], "kl": [k / n for k in tot["kl"]], "top1": [a / n for a in tot["top1"]]}
+    out = {"tokens": tot["tokens"], "kl": [k / n for k in tot["kl"]], "top1": [a / n for a in tot["top1"]],
+           "accept_len": tot["accept_len"] / n, "depth": config.eval_depth if trainer is not None else config.ttt_steps}
+    if config.arch == "specblock" and config.rank_head:
+        out["rank_acc"] = tot["rank_acc"] / n
+    return out

@@ -138,9 +138,11 @@ class BlockMetrics:
 
 def block_loss(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
                valid: torch.Tensor, offsets: list[int], step_weight: float = 0.8, prefix_mask: bool = True,
-               rank_weight: float = 1.0, label_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockMetrics]:
+               rank_weight: float = 1.0, label_weight: torch.Tensor | None = None,
+               max_depth: int | None = None) -> tuple[torch.Tensor, BlockMetrics]:
     """The loss of the module docstring over a padded batch (``valid [B, S]``; ``logp [B, S, V_d]`` is the target's
-    draft-vocabulary distribution of the token *after* each position; ``label_weight [B, S]`` weighs target rows)."""
+    draft-vocabulary distribution of the token *after* each position; ``label_weight [B, S]`` weighs target rows).
+    ``max_depth`` caps the reported chain (metrics only), to compare with another drafter at the same depth."""
     c = model.config
     K = c.block_size
     B, S = tokens.shape
@@ -188,7 +190,7 @@ def block_loss(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch
             with torch.no_grad():
                 ent = torch.zeros(B, L, device=dev)
                 ent[:, :n] = -(p[:, j0:j0 + n] * logp[:, j0:j0 + n]).sum(-1)
-                if k < M_next:  # on the path that continues into the next block (or the last block's chain)
+                if k < M_next and (max_depth is None or e < max_depth):  # on the path (capped for reporting)
                     depth_top1[e + 1] = (float((hit * ok).sum()), float(ok.sum()))
                     depth_kl[e + 1] = (float(((ce - ent) * ok).sum()), float(ok.sum()))
                     alive = alive * hit * ok
