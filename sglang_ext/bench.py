@@ -9,6 +9,8 @@ Methods (each over the same prompts, greedy, same ``max_new_tokens``, EOS honour
 ``ngram``           our engine + n-gram drafter
 ``eagle-chain``     our engine + the trained EAGLE-style drafter, chain (topk 1)
 ``eagle-tree``      our engine + the trained EAGLE-style drafter, EAGLE-2 dynamic tree
+``specblock-chain`` our engine + a trained SpecBlock drafter, chain (one forward per block of K)
+``specblock-tree``  our engine + a trained SpecBlock drafter, rank-head dynamic tree
 =================== ===========================================================================
 
 With ``--policies``, the EAGLE chain also runs under each speculation-control policy (draft lengths up to
@@ -44,7 +46,7 @@ import torch
 
 from sglang_ext.models.batching import left_pad
 
-METHODS = ("hf", "hf-pld", "off", "ngram", "eagle-chain", "eagle-tree")
+METHODS = ("hf", "hf-pld", "off", "ngram", "eagle-chain", "eagle-tree", "specblock-chain", "specblock-tree")
 DEFAULT_SETS = ("mt-bench", "humaneval", "gsm8k", "multilexsum")
 
 
@@ -134,7 +136,10 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
               max_new_tokens: int, draft_model_path: str | None, num_steps: int = 2, ngram_steps: int = 4,
               tree_topk: int = 2, tree_steps: int = 3, tree_budget: int = 5, model_name: str = "smollm2-135m",
               policies: Sequence[str] = (), policy_max_steps: int = 4, repeats: int = 1,
+              specblock_path: str | None = None, specblock_steps: int = 4, specblock_tree: tuple[int, int, int] = (3, 8, 8),
               log=print) -> list[BenchRow]:
+    """``specblock_tree`` is (topk, steps, draft-token budget) of the ``specblock-tree`` method."""
+    from sglang_ext.core.drafters.checkpoint import load_draft_model
     from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
     from sglang_ext.core.policies import make_policy
     from sglang_ext.engine.launch import build_engine_from_parts, eos_ids
@@ -148,6 +153,11 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
         if not draft_model_path:
             raise ValueError("--speculative-draft-model-path: the eagle methods need a trained drafter checkpoint")
         draft = EagleDraftModel.load(draft_model_path, expect_target=target_identity(model_name, model.config))
+    block_draft = None
+    if any(m.startswith("specblock") for m in methods):
+        if not specblock_path:
+            raise ValueError("--specblock-draft-model-path: the specblock methods need a trained SpecBlock checkpoint")
+        block_draft = load_draft_model(specblock_path, expect_target=target_identity(model_name, model.config))
     rows: list[BenchRow] = []
 
     def arm(method: str, batch: int, algo: str, kw: dict, policy=None) -> _EngineArm:
@@ -182,6 +192,11 @@ def run_bench(model, tokenizer, prompts: list[tuple[str, list[int]]], methods: S
                 kw = {"num_steps": num_steps, "topk": 1, "draft_model": draft}
             elif method == "eagle-tree":
                 kw = {"num_steps": tree_steps, "topk": tree_topk, "num_draft_tokens": tree_budget, "draft_model": draft}
+            elif method == "specblock-chain":
+                kw = {"num_steps": specblock_steps, "topk": 1, "draft_model": block_draft}
+            elif method == "specblock-tree":
+                topk, steps, budget = specblock_tree
+                kw = {"num_steps": steps, "topk": topk, "num_draft_tokens": budget, "draft_model": block_draft}
             arms.append(arm(method, batch, algo, kw))
         if policies:
             arms += [arm(f"static k={k}", batch, "EAGLE", {"num_steps": k, "topk": 1, "draft_model": draft})
@@ -233,7 +248,8 @@ class _EngineArm:
         same = all([s.output_ids for s in st] == outs for _, _, st, _ in self.runs)
         cfg = {k: v for k, v in self.info.items() if k.startswith("speculative_") and v is not None}
         cfg.update(repeats=len(self.runs), run_seconds=[r[0] for r in self.runs],
-                   tokens_per_s_per_round=[r[1] for r in self.runs])
+                   tokens_per_s_per_round=[r[1] for r in self.runs],
+                   draft_ms_per_step=1000 * draft_s / steps if steps else None)
         if self.policy is not None:
             cfg["policy"] = {"name": self.policy.name, **{k: v for k, v in self.policy.config.items() if v is not None}}
         return BenchRow(self.method, self.batch, len(outs), toks, secs, toks / secs, toks / steps if steps else None,
@@ -308,16 +324,17 @@ def markdown_table(rows: Sequence[BenchRow]) -> str:
     oracle_paired = any("ratio_vs_oracle_per_round" in r.config for r in rows)
     lines = ["| batch | method | tok/s | × HF plain | " + ("× off (paired) | " if paired else "")
              + (f"× oracle-static{' (paired)' if oracle_paired else ''} | " if oracle else "")
-             + "accept length | draft time share | identical to HF greedy |",
-             "|---:|---|---:|---:|" + ("---:|" if paired else "") + ("---:|" if oracle else "") + "---:|---:|---:|"]
+             + "accept length | draft time share | draft ms/step | identical to HF greedy |",
+             "|---:|---|---:|---:|" + ("---:|" if paired else "") + ("---:|" if oracle else "") + "---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r.ratio_vs_hf:.2f}×" if r.ratio_vs_hf is not None else "–"
         vs_off = (f"{r.ratio_vs_off:.3f}× | " if r.ratio_vs_off is not None else "– | ") if paired else ""
         vs_oracle = (f"{r.ratio_vs_oracle:.3f}× | " if r.ratio_vs_oracle is not None else "– | ") if oracle else ""
         acc = f"{r.accept_length:.2f}" if r.accept_length else "–"
         share = f"{100 * r.draft_share:.0f}%" if r.draft_share is not None else "–"
+        dms = r.config.get("draft_ms_per_step")
         lines.append(f"| {r.batch} | {r.method} | {r.tokens_per_s:.1f} | {ratio} | {vs_off}{vs_oracle}{acc} | {share} | "
-                     f"{r.identical}/{r.requests} |")
+                     f"{f'{dms:.1f}' if dms else '–'} | {r.identical}/{r.requests} |")
     return "\n".join(lines)
 
 
@@ -378,6 +395,11 @@ def register(sub) -> None:
     p.add_argument("--tree-topk", type=int, default=2)
     p.add_argument("--tree-steps", type=int, default=3)
     p.add_argument("--tree-budget", type=int, default=5, help="--speculative-num-draft-tokens of the tree method")
+    p.add_argument("--specblock-draft-model-path", default=None,
+                   help="trained SpecBlock drafter for the specblock methods (default: drafters/<model>-specblock)")
+    p.add_argument("--specblock-steps", type=int, default=4, help="SpecBlock chain length")
+    p.add_argument("--specblock-tree", default="3,8,8", metavar="TOPK,STEPS,BUDGET",
+                   help="SpecBlock tree: beam/branching cap, depth, draft-token budget")
     p.add_argument("--policies", default="", help="comma-separated speculation-control policies to run with the EAGLE "
                    "chain beside every static k (oracle-static): e.g. dsde,tide-control,sglang-adaptive,goodput,bandit; "
                    "NAME:PARAM=VALUE sets a parameter, e.g. dsde:cost_cap=false (DSDE as published)")
@@ -390,10 +412,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def default_drafter(model: str) -> Path | None:
+def default_drafter(model: str, arch: str = "eagle") -> Path | None:
     from sglang_ext.training.cli import default_drafter_dir
 
-    for cand in (Path(__file__).resolve().parent.parent / "drafters" / f"{model}-eagle", default_drafter_dir(model)):
+    for cand in (Path(__file__).resolve().parent.parent / "drafters" / f"{model}-{arch}", default_drafter_dir(model, arch)):
         if (cand / "config.json").is_file():
             return cand
     return None
@@ -439,6 +461,18 @@ def cmd_bench(args) -> int:
         err.print("[red]error:[/red] --speculative-draft-model-path: no trained drafter found; train one with "
                   "`sglang-ext train-drafter` or drop the eagle methods from --methods")
         return 2
+    block_path = args.specblock_draft_model_path or default_drafter(name, "specblock")
+    if any(m.startswith("specblock") for m in methods) and block_path is None:
+        err.print("[red]error:[/red] --specblock-draft-model-path: no trained SpecBlock drafter found; train one with "
+                  "`sglang-ext train-drafter --arch specblock` or drop the specblock methods from --methods")
+        return 2
+    try:
+        sb_tree = tuple(int(x) for x in args.specblock_tree.split(","))
+        if len(sb_tree) != 3 or min(sb_tree) < 1:
+            raise ValueError
+    except ValueError:
+        err.print(f"[red]error:[/red] --specblock-tree: expected TOPK,STEPS,BUDGET (positive integers), got {args.specblock_tree!r}")
+        return 2
     sets = [s.strip() for s in args.prompt_sets.split(",") if s.strip()]
     try:
         prompts = load_bench_prompts(tokenizer, sets, args.per_set, args.prompts)
@@ -450,13 +484,15 @@ def cmd_bench(args) -> int:
                          str(draft_path) if draft_path else None, num_steps=args.num_steps, ngram_steps=args.ngram_steps,
                          tree_topk=args.tree_topk, tree_steps=args.tree_steps, tree_budget=args.tree_budget,
                          model_name=name, policies=policies, policy_max_steps=args.policy_max_steps, repeats=args.repeats,
-                         log=console.print)
+                         specblock_path=str(block_path) if block_path else None, specblock_steps=args.specblock_steps,
+                         specblock_tree=sb_tree, log=console.print)
     except ValueError as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
     meta = {**machine_meta(), "command": "sglang-ext " + shlex.join(sys.argv[1:]),
             "prompts": f"{len(prompts)} ({', '.join(sorted({c for c, _ in prompts}))})",
-            "max_new_tokens": args.max_new_tokens, "drafter": str(draft_path) if draft_path else None}
+            "max_new_tokens": args.max_new_tokens, "drafter": str(draft_path) if draft_path else None,
+            "specblock_drafter": str(block_path) if block_path and any(m.startswith("specblock") for m in methods) else None}
     out = args.out or Path("analysis") / "results" / f"bench-{time.strftime('%Y%m%d-%H%M')}"
     path = write_report(rows, out, meta)
     console.print(markdown_table(rows))

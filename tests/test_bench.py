@@ -20,9 +20,9 @@ def test_left_pad_right_aligns_prompts():
 
 def test_report_files(tmp_path):
     rows = [BenchRow("hf", 1, 2, 20, 2.0, 10.0, None, None, 2, 1.0),
-            BenchRow("eagle-chain", 1, 2, 20, 1.0, 20.0, 1.6, 0.1, 2, 2.0)]
+            BenchRow("eagle-chain", 1, 2, 20, 1.0, 20.0, 1.6, 0.1, 2, 2.0, config={"draft_ms_per_step": 4.25})]
     table = markdown_table(rows)
-    assert "| 1 | eagle-chain | 20.0 | 2.00× | 1.60 | 10% | 2/2 |" in table
+    assert "| 1 | eagle-chain | 20.0 | 2.00× | 1.60 | 10% | 4.2 | 2/2 |" in table
     path = write_report(rows, tmp_path, {"date": "d", "command": "c", "machine": "m", "torch": "t", "threads": 2,
                                          "prompts": "p", "max_new_tokens": 8})
     assert path.read_text().count("|") > 10 and (tmp_path / "speedup.png").stat().st_size > 1000
