@@ -541,3 +541,49 @@ def test_paused_collection_captures_nothing_and_rounds_wait_for_the_threshold(ta
     online.finish_request("b", 0.5)
     assert online.buffer.num_tokens == 5 and online.buffer.num_samples == 1 and not online.collecting
     assert online.status()["capture_tokens"] == 5 and online.status()["rounds"] == 0
+
+
+# ---- the same machinery with the SpecBlock drafter --------------------------------------------------------------------
+def new_block_drafter(target: TargetModel, seed: int = 0):
+    from sglang_ext.core.drafters.specblock_model import SpecBlockConfig, SpecBlockDraftModel
+
+    torch.manual_seed(seed)
+    m = SpecBlockDraftModel(SpecBlockConfig.for_target(target.config, [0, 2], draft_vocab_size=VD,
+                                                       target_identity={"name": "tiny"}, block_size=3))
+    m.set_draft_vocab(torch.arange(2, 2 + VD))
+    return m.bind_target(target.embed_tokens.weight, target.lm_head.weight)
+
+
+@pytest.mark.parametrize("update", ["full", "head"])
+def test_learners_gate_and_handoff_take_the_block_drafter(target, data, tmp_path, update):
+    """A round trains a SpecBlock drafter (all weights, or only the rank head + last layer: the update bandit's
+    head-only arm), the gate scores its serving chain, and the hand-off publishes and reloads it."""
+    from sglang_ext.core.drafters.specblock_model import SpecBlockDraftModel
+    from sglang_ext.core.learning.learners import head_names, trainable_names
+
+    train, held = data
+    start = new_block_drafter(target)
+    vocab = start.draft_vocab
+    batches = batch_samples(train, 24 * 8, vocab)
+    learner = make_learner(learner="adam", lr=1e-2, epochs=8, ttt_steps=6, update=update)
+    trained, stats = learner.round(start, batches)
+    # (its valid-prefix-masked loss can rise as more rows enter the chain: the gate score below is the judge)
+    assert isinstance(trained, SpecBlockDraftModel) and stats.tokens > 0
+    changed = {k for k, v in trained.state_dict().items() if not torch.equal(v, start.state_dict()[k])}
+    if update == "head":
+        heads = head_names(start)
+        assert changed and all(any(k.startswith(h) for h in heads) for k in changed), changed
+        assert set(trainable_names(start, "head")) < set(trainable_names(start))
+    else:
+        assert any(k.startswith("fc") for k in changed) and any(k.startswith("layers.0") for k in changed)
+    eval_batches = batch_samples(held, 24 * 8, vocab)
+    gate = DeployGate(gate_margin=0.02, gate_z=1.0, gate_steps=6)
+    decision = gate.decide(start, trained, eval_batches)
+    assert decision.candidate_score > decision.current_score and decision.chains == sum(len(s) - 6 for s in held)
+    if update == "full":
+        assert decision.deploy
+    v = publish(trained, tmp_path / "handoff")
+    back = load_version(tmp_path / "handoff", v, expect_target={"name": "tiny"})
+    assert isinstance(back, SpecBlockDraftModel)
+    for k, t in trained.state_dict().items():
+        assert torch.equal(back.state_dict()[k], t)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 from sglang_ext.core.learning import capture, control
 from sglang_ext.core.learning.capture import CaptureBuffer, draft_correct_for_step
 from sglang_ext.core.learning.control import SelectiveTraining, resolve
@@ -47,7 +47,7 @@ def flag(param: Param) -> str:
 class OnlineLearning:
     """Capture buffer + selective-training control + trainer supervisor, behind the engine's four calls."""
 
-    def __init__(self, model: EagleDraftModel, target_embed: torch.Tensor, target_lm_head: torch.Tensor,
+    def __init__(self, model: FeatureDraftModel, target_embed: torch.Tensor, target_lm_head: torch.Tensor,
                  handoff_dir: str | Path, config: dict[str, Any] | None = None, expect_target: dict | None = None,
                  round_delay_s: float = 0.0) -> None:
         c = self.config = resolve(ONLINE_PARAMS, config, "online learning")
@@ -89,7 +89,7 @@ class OnlineLearning:
             self.buffer.discard(rid)
         self._maybe_submit()
 
-    def poll(self) -> EagleDraftModel | None:
+    def poll(self) -> FeatureDraftModel | None:
         """A newly deployed drafter (bound to the target, on the serving device), or None. Call once per step."""
         version = self.trainer.poll()
         for r in self.trainer.take_results():

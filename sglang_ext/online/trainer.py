@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 from sglang_ext.core.learning import gate, learners
 from sglang_ext.core.learning.capture import (
     CapturedSample,
@@ -84,8 +84,8 @@ PARAMS: tuple[Param, ...] = (
 TRAINER_PARAMS: tuple[Param, ...] = learners.PARAMS + gate.PARAMS + PARAMS
 
 
-def train_round(current: EagleDraftModel, samples: Sequence[CapturedSample], learner: Learner, deploy_gate: DeployGate,
-                config: dict[str, Any], round_index: int = 0) -> tuple[EagleDraftModel, RoundStats, GateResult]:
+def train_round(current: FeatureDraftModel, samples: Sequence[CapturedSample], learner: Learner, deploy_gate: DeployGate,
+                config: dict[str, Any], round_index: int = 0) -> tuple[FeatureDraftModel, RoundStats, GateResult]:
     """One round, in process: hold back a slice, train on the rest, gate the candidate against ``current``.
 
     Calls ``learner.commit()`` if the gate deploys and ``learner.rollback()`` otherwise.
@@ -135,7 +135,7 @@ def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: to
     torch.manual_seed(config["seed"])
     learner = make_learner(config)
     deploy_gate = DeployGate(config)
-    current: EagleDraftModel | None = None
+    current: FeatureDraftModel | None = None
     version: int | None = None
     results.put({"type": "ready", "pid": os.getpid(), "cpu": _cpu_seconds()})
     while True:
@@ -289,7 +289,7 @@ class OnlineTrainer:
     """
 
     def __init__(self, handoff_dir: str | Path, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor,
-                 initial_model: EagleDraftModel | None = None, config: dict[str, Any] | None = None,
+                 initial_model: FeatureDraftModel | None = None, config: dict[str, Any] | None = None,
                  expect_target: dict | None = None, round_delay_s: float = 0.0) -> None:
         self.handoff_dir = str(handoff_dir)
         self.config = resolve(TRAINER_PARAMS, config, "online trainer")

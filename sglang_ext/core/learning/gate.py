@@ -37,8 +37,10 @@ from typing import Any
 
 import torch
 
-from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 from sglang_ext.core.drafters.eagle_ttt import ttt_forward
+from sglang_ext.core.drafters.specblock_model import SpecBlockDraftModel
+from sglang_ext.core.drafters.specblock_ttt import block_ttt_forward
 from sglang_ext.core.policies.base import Param
 
 from .capture import CapturedSample, TrainingBatch
@@ -78,9 +80,40 @@ class GateResult:
                 "chains": self.chains, "current_top1": self.current_top1, "candidate_top1": self.candidate_top1}
 
 
+def _chain_hits(model, b: TrainingBatch, steps: int, vocab: torch.Tensor, tgt: torch.Tensor, ok: torch.Tensor
+                ) -> list[torch.Tensor]:
+    """``hits[e][:, c]``: depth ``e + 1`` of the chain rooted at pair index ``c`` drafts the target's top-1 (row
+    ``c + 1 + e``), for ``c = 0 .. L - 1`` (columns past the end are False). EAGLE-style: step ``e + 1`` of the
+    unrolled drafter at index ``c + e``; SpecBlock: block slots along the serving chain (each next block where the
+    previous one ends), fed the target's greedy tokens (teacher forcing, as for the EAGLE-style drafter)."""
+    B, S = b.tokens.shape
+    L = S - 1
+    dev = b.tokens.device
+    hits = []
+    if isinstance(model, SpecBlockDraftModel):
+        K = model.config.block_size
+        offsets = [K] * (-(-steps // K) - 1)
+        outs = block_ttt_forward(model, b.features, b.tokens, b.target_top1.clamp(min=0), offsets)
+        for e in range(steps):
+            out = outs[e // K]
+            pred = vocab[out.logits[:, e % K].float().argmax(-1)]  # [B, L] at root index c
+            row = torch.zeros(B, L, dtype=torch.bool, device=dev)
+            n = L - e
+            if n > 0:
+                row[:, :n] = (pred[:, :n] == tgt[:, e:e + n]) & ok[:, e:e + n]
+            hits.append(row)
+        return hits
+    for e, logits in enumerate(ttt_forward(model, b.features, b.tokens, steps)):
+        h = (vocab[logits.float().argmax(-1)] == tgt) & ok  # at index i = c + e
+        row = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        row[:, :L - e] = h[:, e:]
+        hits.append(row)
+    return hits
+
+
 @torch.no_grad()
-def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: int = 3) -> GateScore:
-    """Expected greedy chain acceptance length and per-step top-1 (see the module docstring)."""
+def acceptance_score(model, batches: Sequence[TrainingBatch], steps: int = 3) -> GateScore:
+    """Expected greedy chain acceptance length and per-step top-1 (see the module docstring); either architecture."""
     was_training = model.training
     model.eval()
     dev, dt = model.fc.weight.device, model.fc.weight.dtype
@@ -94,30 +127,27 @@ def acceptance_score(model: EagleDraftModel, batches: Sequence[TrainingBatch], s
         L = S - 1
         if L < 1:
             continue
-        outs = ttt_forward(model, b.features, b.tokens, steps)
         tgt = b.target_top1[:, 1:]  # index i's target: row i + 1
         ok = (tgt >= 0) & b.valid[:, 1:] & b.valid[:, :-1]
         # chains are scored where serving drafts: target rows captured while decoding (never prompt text)
         gen = b.generated[:, 1:] if b.generated is not None else torch.ones_like(ok)
-        idx = torch.arange(L, device=dev)
-        hit = []
-        for j, logits in enumerate(outs, start=1):
-            h = (vocab[logits.float().argmax(-1)] == tgt) & ok
-            m = ok & (idx >= j - 1).view(1, L)
-            hits_sum[j - 1] += float((h & m).sum())
-            hits_n[j - 1] += float(m.sum())
-            hit.append(h)
-        # chain rooted after index c: step j at index c + j - 1, c = 0 .. L - steps
+        hit = _chain_hits(model, b, steps, vocab, tgt, ok)
+        for e in range(steps):
+            n = L - e
+            if n > 0:
+                hits_sum[e] += float(hit[e][:, :n].sum())
+                hits_n[e] += float(ok[:, e:].sum())
+        # chain rooted after index c: depth e + 1 reads target row c + 1 + e, c = 0 .. L - steps
         C = L - steps + 1
         if C <= 0:
             continue
         run = torch.ones(B, C, dtype=torch.bool, device=dev)
         acc = torch.zeros(B, C, device=dev)
         full = torch.ones(B, C, dtype=torch.bool, device=dev)
-        for j in range(1, steps + 1):
-            sl = slice(j - 1, j - 1 + C)
-            run = run & hit[j - 1][:, sl]
+        for e in range(steps):
+            run = run & hit[e][:, :C]
             acc += run.float()
+            sl = slice(e, e + C)
             full &= ok[:, sl] & gen[:, sl]
         per_chain.append(acc[full].cpu())
     model.train(was_training)
@@ -145,7 +175,7 @@ class DeployGate:
         c = self.config = resolve(PARAMS, {**(config or {}), **overrides}, "deploy gate")
         self.margin, self.z, self.steps = c["gate_margin"], c["gate_z"], c["gate_steps"]
 
-    def decide(self, current: EagleDraftModel, candidate: EagleDraftModel,
+    def decide(self, current: FeatureDraftModel, candidate: FeatureDraftModel,
                eval_batches: Sequence[TrainingBatch]) -> GateResult:
         cur = acceptance_score(current, eval_batches, self.steps)
         cand = acceptance_score(candidate, eval_batches, self.steps)

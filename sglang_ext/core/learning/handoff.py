@@ -2,7 +2,7 @@
 
 Layout::
 
-    DIR/v000007/{model.safetensors, config.json}   one complete checkpoint per version (EagleDraftModel.save)
+    DIR/v000007/{model.safetensors, config.json}   one complete checkpoint per version (``save`` of either architecture)
     DIR/LATEST                                      the newest complete version number, as text
 
 Atomicity (POSIX rename): a version is written into a hidden temp directory beside it and renamed into place
@@ -19,7 +19,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 
 LATEST = "LATEST"
 _VERSION = re.compile(r"^v(\d{6,})$")
@@ -59,7 +59,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(model: EagleDraftModel, directory: str | Path, extra: dict | None = None) -> int:
+def publish(model: FeatureDraftModel, directory: str | Path, extra: dict | None = None) -> int:
     """Write ``model`` as the next version and point ``LATEST`` at it; returns the version number."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -96,9 +96,12 @@ def _set_latest(d: Path, v: int) -> None:
     _fsync_dir(d)
 
 
-def load_version(directory: str | Path, version: int, expect_target: dict | None = None) -> EagleDraftModel:
-    """Load one version (refusing a checkpoint made for another target); unbound: call ``bind_target``."""
-    return EagleDraftModel.load(version_dir(directory, version), expect_target=expect_target)
+def load_version(directory: str | Path, version: int, expect_target: dict | None = None) -> FeatureDraftModel:
+    """Load one version, of either architecture (refusing a checkpoint made for another target); unbound: call
+    ``bind_target``."""
+    from sglang_ext.core.drafters.checkpoint import load_draft_model
+
+    return load_draft_model(version_dir(directory, version), expect_target=expect_target)
 
 
 def prune(directory: str | Path, keep: int = 4) -> list[int]:

@@ -49,8 +49,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from sglang_ext.core.drafters.eagle_model import EagleDraftModel
+from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 from sglang_ext.core.drafters.eagle_ttt import ttt_forward
+from sglang_ext.core.drafters.specblock_model import SpecBlockDraftModel
+from sglang_ext.core.drafters.specblock_ttt import block_loss
 from sglang_ext.core.policies.base import Param
 
 from .capture import TrainingBatch
@@ -83,12 +85,23 @@ PARAMS: tuple[Param, ...] = (
     Param("batch_tokens", 1024, 16, 1_000_000, kind="int",
           doc="padded rows per optimiser step (peak memory ~ rows x draft vocab x 4 B x ~10)"),
     Param("seed", 0, 0, 2**31 - 1, kind="int", doc="batch-order seed"),
+    Param("update", "full", kind="choice", choices=("full", "head"),
+          doc="which weights a round trains: all, or the head only (SpecBlock: rank head + last layer; EAGLE-style: "
+              "the MLP of its layer + final norm); the update bandit's head-only arm"),
 )
 
 
 # ---- loss --------------------------------------------------------------------------------------------------
-def weighted_ttt_loss(model: EagleDraftModel, batch: TrainingBatch, steps: int, step_weight: float) -> torch.Tensor:
-    """``ttt_loss`` with per-row target weights (see the module docstring); equal to it when all weigh 1."""
+def weighted_ttt_loss(model, batch: TrainingBatch, steps: int, step_weight: float) -> torch.Tensor:
+    """``ttt_loss`` with per-row target weights (see the module docstring); equal to it when all weigh 1.
+
+    A SpecBlock drafter trains with its own loss (:func:`~sglang_ext.core.drafters.specblock_ttt.block_loss`,
+    valid-prefix mask and rank loss) on the serving chain ``steps`` deep (each next block where the last ends)."""
+    if isinstance(model, SpecBlockDraftModel):
+        K = model.config.block_size
+        loss, _ = block_loss(model, batch.features, batch.tokens, batch.logp, batch.valid, [K] * (-(-steps // K) - 1),
+                             step_weight, label_weight=batch.label_weight)
+        return loss
     outs = ttt_forward(model, batch.features, batch.tokens, steps)
     valid = batch.valid
     L = batch.tokens.shape[1] - 1
@@ -105,7 +118,7 @@ def weighted_ttt_loss(model: EagleDraftModel, batch: TrainingBatch, steps: int, 
 
 
 @torch.no_grad()
-def mean_loss(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: int = 3, step_weight: float = 0.8) -> float:
+def mean_loss(model: FeatureDraftModel, batches: Sequence[TrainingBatch], steps: int = 3, step_weight: float = 0.8) -> float:
     """Token-weighted mean of :func:`weighted_ttt_loss` over batches (no grad)."""
     dev, dt = model.fc.weight.device, model.fc.weight.dtype
     tot = n = 0.0
@@ -116,15 +129,28 @@ def mean_loss(model: EagleDraftModel, batches: Sequence[TrainingBatch], steps: i
 
 
 # ---- models as named float32 tensors -------------------------------------------------------------------------
-def trainable_names(model: EagleDraftModel) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+def trainable_names(model, scope: str = "full") -> list[str]:
+    """Names a round trains: every parameter, or (``scope="head"``) :func:`head_names` only."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if scope == "head":
+        head = head_names(model)
+        names = [n for n in names if any(n == h or n.startswith(h + ".") for h in head)]
+    return names
 
 
-def clone_model(model: EagleDraftModel, params: dict[str, torch.Tensor] | None = None,
-                dtype: torch.dtype | None = None) -> EagleDraftModel:
+def head_names(model) -> list[str]:
+    """The cheap-to-update part (SpecBlock's head-only update: the rank head and the last layer; EAGLE-style: its
+    layer's MLP and the final norm), as parameter-name prefixes."""
+    if isinstance(model, SpecBlockDraftModel):
+        return ["rank_head", f"layers.{model.config.num_layers - 1}", "final_norm"]
+    return ["post_norm", "gate_proj", "up_proj", "down_proj", "final_norm"]
+
+
+def clone_model(model: FeatureDraftModel, params: dict[str, torch.Tensor] | None = None,
+                dtype: torch.dtype | None = None) -> FeatureDraftModel:
     """A fresh drafter with ``model``'s weights (or ``params``), bound to the same frozen target tensors."""
     dev, dt = model.fc.weight.device, dtype or model.fc.weight.dtype
-    m = EagleDraftModel(copy.deepcopy(model.config))
+    m = type(model)(copy.deepcopy(model.config))
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if params:
         state.update({k: v.detach() for k, v in params.items()})
@@ -138,9 +164,10 @@ def clone_model(model: EagleDraftModel, params: dict[str, torch.Tensor] | None =
     return m.train(model.training)
 
 
-def named_params(model: EagleDraftModel) -> dict[str, torch.Tensor]:
-    """Trainable parameters as detached float32 copies."""
-    return {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+def named_params(model, scope: str = "full") -> dict[str, torch.Tensor]:
+    """Trainable parameters (of ``scope``, see :func:`trainable_names`) as detached float32 copies."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().float().clone() for n in trainable_names(model, scope)}
 
 
 # ---- update rules (in place on float32 tensors, state keyed by parameter name) ------------------------------
@@ -291,18 +318,18 @@ class Learner:
             self._set_state(self._undo)
             self._undo = None
 
-    def _begin(self, model: EagleDraftModel) -> tuple[dict[str, torch.Tensor], bool]:
+    def _begin(self, model: FeatureDraftModel) -> tuple[dict[str, torch.Tensor], bool]:
         """Snapshot the state; return the float32 start point and whether it continues our own trajectory."""
         self._undo = copy.deepcopy(self._state())
         params = dict(model.named_parameters())
         last = self._last
-        continuing = last is not None and set(last) == set(trainable_names(model)) and all(
+        continuing = last is not None and set(last) == set(trainable_names(model, self.config["update"])) and all(
             torch.equal(last[n].to(params[n].dtype), params[n].detach()) for n in last)
-        start = {n: t.clone() for n, t in last.items()} if continuing else named_params(model)
+        start = {n: t.clone() for n, t in last.items()} if continuing else named_params(model, self.config["update"])
         return start, continuing
 
     # the round -----------------------------------------------------------------------------------------------
-    def round(self, model: EagleDraftModel, batches: Sequence[TrainingBatch]) -> tuple[EagleDraftModel, RoundStats]:
+    def round(self, model: FeatureDraftModel, batches: Sequence[TrainingBatch]) -> tuple[FeatureDraftModel, RoundStats]:
         raise NotImplementedError
 
     def _order(self, n: int, epoch: int) -> list[int]:
@@ -310,12 +337,12 @@ class Learner:
         random.Random(self.config["seed"] * 1_000_003 + self.rounds * 1009 + epoch).shuffle(order)
         return order
 
-    def _train(self, model: EagleDraftModel, start: dict[str, torch.Tensor], rule: UpdateRule,
+    def _train(self, model: FeatureDraftModel, start: dict[str, torch.Tensor], rule: UpdateRule,
                batches: Sequence[TrainingBatch]) -> tuple[dict[str, torch.Tensor], list[float]]:
         """Run the epochs from ``start`` with ``rule``; returns the final float32 params and per-epoch mean losses."""
         c = self.config
         work = clone_model(model, start, dtype=torch.float32).train()
-        names = trainable_names(work)
+        names = trainable_names(work, c["update"])
         params = dict(work.named_parameters())
         dev = work.fc.weight.device
         moved = [b.to(dev) for b in batches]
@@ -337,7 +364,7 @@ class Learner:
             epoch_losses.append(tot / max(n, 1.0))
         return {k: params[k].detach().clone() for k in names}, epoch_losses
 
-    def _finish(self, model: EagleDraftModel, out: dict[str, torch.Tensor], stats: RoundStats) -> EagleDraftModel:
+    def _finish(self, model: FeatureDraftModel, out: dict[str, torch.Tensor], stats: RoundStats) -> FeatureDraftModel:
         self._last = out
         self.rounds += 1
         return clone_model(model, out).eval()
