@@ -285,3 +285,23 @@ def test_sampling_is_lossless_monte_carlo(topk, budget):
         if exp[-1] < 1e-9:
             exp, obs = exp[:-1], obs[:-1]
         assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-4
+
+
+def test_launch_serves_a_specblock_checkpoint(tiny, tmp_path):
+    """``--speculative-draft-model-path`` pointing at a SpecBlock checkpoint: the launcher picks the block drafter,
+    sizes its multi-layer cache, and serves it losslessly."""
+    from sglang_ext.core.drafters.eagle_model import target_identity
+    from sglang_ext.engine.launch import build_engine_from_parts, load_draft_model as launch_load
+
+    target = TargetModel(tiny, feature_layers=(0, 1))
+    m = random_specblock(target)
+    m.config.target = target_identity("tiny", tiny.config)
+    m.save(tmp_path / "sb")
+    dm = launch_load(str(tmp_path / "sb"), "tiny", tiny.config)
+    engine, info = build_engine_from_parts(tiny, None, "EAGLE", num_steps=9, draft_model=dm, max_running_requests=2,
+                                           context_length=128, eos_token_ids=())
+    assert isinstance(engine.drafter, SpecBlockDrafter) and engine.drafter.max_blocks == 3  # ceil(9 / 4)
+    assert engine.drafter.cache.keys.__len__() == m.config.num_layers
+    p = prompts(seed=8, count=1)[0]
+    (s,) = engine.run([GenerationRequest(p, max_new_tokens=20)])
+    assert s.output_ids == hf_greedy(tiny, p, 20) and s.spec_verify_ct > 0
