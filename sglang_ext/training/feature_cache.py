@@ -158,6 +158,9 @@ class FeatureCache:
                 if old.get(key) != meta[key]:
                     raise FeatureCacheError(f"{directory}: holds a feature cache made for another {key} "
                                             f"({old.get(key)!r}, now {meta[key]!r}); use another directory or delete it")
+            intact = all(_shard_path(directory, sh["name"], a).is_file() for sh in old["shards"] for a in ARRAYS)
+            if old.get("complete") and intact:  # finished: open it without rewriting (trainers may share one cache)
+                return FeatureCache.open(directory)
             for shard in old["shards"]:  # keep the finished shards whose files are all there
                 if all(_shard_path(directory, shard["name"], a).is_file() for a in ARRAYS):
                     meta["shards"].append(shard)
