@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from ..costs import CATCH_UP_SPLIT
 from ..tree import DraftTree, Scheme
 
 
@@ -112,3 +113,68 @@ class StatelessDrafter:
 
     def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
         pass
+
+
+class FeatureDrafterSlots:
+    """Slot hooks of a drafter that keeps its own KV cache of committed ``(h_t, x_{t+1})`` pairs (EAGLE-style and
+    SpecBlock): pairs the host hands over wait in ``pending`` until the next :meth:`draft` absorbs them.
+
+    Subclasses set ``self.model`` (with an ``fc`` projection: its device and dtype are the pairs'), ``self.cache``
+    (a :class:`~sglang_ext.core.kv_cache.SlotKVCache`), ``self.pending = {}`` and ``self.version = 0``.
+    """
+
+    name: str
+    needs_features = True
+    model: torch.nn.Module
+    pending: dict[int, tuple[list[torch.Tensor], list[int]]]
+    version: int
+
+    def admit(self, slot: int) -> None:
+        self.cache.reset(slot)
+        self.pending[slot] = ([], [])
+
+    def release(self, slot: int) -> None:
+        self.cache.reset(slot)
+        self.pending.pop(slot, None)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+        self.pending[dst] = self.pending.pop(src, ([], []))
+
+    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
+        if features is None or features.shape[0] != len(next_tokens):
+            raise ValueError(f"slot {slot}: need one feature row per next token, got "
+                             f"{None if features is None else tuple(features.shape)} for {len(next_tokens)} tokens")
+        feats, toks = self.pending.setdefault(slot, ([], []))
+        feats.append(features.detach().to(self.model.fc.weight.device, self.model.fc.weight.dtype))
+        toks.extend(int(t) for t in next_tokens)
+
+    def swap_model(self, model: torch.nn.Module) -> None:
+        """Serve new weights from the next step on (the cached pairs were made by the old ones: a small, lossless mismatch)."""
+        self.model = model.eval()
+        self.version += 1
+
+    #: a request with more pending pairs than this catches up alone first; the steady backlog after a speculative
+    #: step is ``accepted + 1 <= num_steps + 1``, well below it
+    catch_up_split = CATCH_UP_SPLIT
+
+    def _absorb_alone(self, slot: int, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """Run ``tokens [1, n]`` / ``features [1, n, F]`` (committed pairs) through the drafter for ``slot`` only,
+        writing its cache at the committed length (the caller commits)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def _catch_up(self, first_slot: int, B: int) -> None:
+        """Absorb all but the last pending pair of every request holding more than ``catch_up_split``, each alone
+        (no padding to the batch's longest backlog), so the batched absorb that follows is short."""
+        dev = self.model.fc.weight.device
+        for b in range(B):
+            slot = first_slot + b
+            feats, toks = self.pending.get(slot, ([], []))
+            n = len(toks)
+            if n <= self.catch_up_split:
+                continue
+            f = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
+            self._absorb_alone(slot, torch.tensor([toks[:n - 1]], dtype=torch.long, device=dev), f[:n - 1].unsqueeze(0))
+            self.cache.commit(slot, list(range(n - 1)))
+            self.pending[slot] = ([f[n - 1:]], toks[n - 1:])

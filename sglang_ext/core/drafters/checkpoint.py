@@ -8,10 +8,9 @@ the matching serving drafter with :func:`make_feature_drafter`, so adding an arc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .eagle_model import EagleDraftModel
+from .eagle_model import EagleDraftModel, read_checkpoint_meta
 from .specblock_model import ARCHITECTURE as SPECBLOCK
 from .specblock_model import SpecBlockDraftModel
 
@@ -22,21 +21,12 @@ FeatureDraftModel = EagleDraftModel | SpecBlockDraftModel
 
 def load_draft_model(directory: str | Path, expect_target: dict | None = None) -> FeatureDraftModel:
     """Load a drafter checkpoint of any architecture; errors name the file (and the target key that differs)."""
-    d = Path(directory)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{d}: not a drafter checkpoint (no config.json)")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    arch = meta.get("architecture") if isinstance(meta, dict) else None
+    meta, cfg_path = read_checkpoint_meta(directory)
+    arch = meta.get("architecture")
     if arch == EAGLE:
-        return EagleDraftModel.load(d, expect_target=expect_target)
+        return EagleDraftModel.load(directory, expect_target=expect_target)
     if arch == SPECBLOCK:
-        from safetensors.torch import load_file
-
-        return SpecBlockDraftModel.from_meta(meta, load_file(str(d / "model.safetensors")), cfg_path, expect_target)
+        return SpecBlockDraftModel.load(directory, expect_target=expect_target)
     raise ValueError(f"{cfg_path}: architecture {arch!r} is not an sglang-ext drafter (expected one of "
                      f"{', '.join(ARCHITECTURES)})")
 

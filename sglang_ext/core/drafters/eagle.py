@@ -29,18 +29,13 @@ from typing import Sequence
 
 import torch
 
-from ..costs import CATCH_UP_SPLIT
 from ..kv_cache import SlotKVCache, StepLayout
-from .base import Draft, DraftRequest, prune_to_budget
+from .base import Draft, DraftRequest, FeatureDrafterSlots, prune_to_budget
 from .eagle_model import EagleDraftModel
 
 
-class EagleDrafter:
+class EagleDrafter(FeatureDrafterSlots):
     name = "eagle"
-    needs_features = True
-    #: a request with more pending pairs than this catches up alone first (module docstring); the steady backlog
-    #: after a speculative step is ``accepted + 1 <= num_steps + 1``, well below it
-    catch_up_split = CATCH_UP_SPLIT
 
     def __init__(self, model: EagleDraftModel, num_slots: int, max_len: int, topk: int = 1,
                  num_draft_tokens: int | None = None) -> None:
@@ -58,32 +53,6 @@ class EagleDrafter:
         self.version = 0  # bumped by `swap_model`; a step is verified against the version that proposed it
         self.last_catch_up_seconds = 0.0  # time the last `draft` spent on split catch-ups (module docstring)
         self._masks: dict[tuple, torch.Tensor] = {}
-
-    # ---- slot hooks ----------------------------------------------------------------------------------
-    def admit(self, slot: int) -> None:
-        self.cache.reset(slot)
-        self.pending[slot] = ([], [])
-
-    def release(self, slot: int) -> None:
-        self.cache.reset(slot)
-        self.pending.pop(slot, None)
-
-    def move(self, src: int, dst: int) -> None:
-        self.cache.move(src, dst)
-        self.pending[dst] = self.pending.pop(src, ([], []))
-
-    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
-        if features is None or features.shape[0] != len(next_tokens):
-            raise ValueError(f"slot {slot}: need one feature row per next token, got "
-                             f"{None if features is None else tuple(features.shape)} for {len(next_tokens)} tokens")
-        feats, toks = self.pending.setdefault(slot, ([], []))
-        feats.append(features.detach().to(self.model.fc.weight.device, self.model.fc.weight.dtype))
-        toks.extend(int(t) for t in next_tokens)
-
-    def swap_model(self, model: EagleDraftModel) -> None:
-        """Serve new weights from the next step on (the cached pairs were made by the old ones: a small, lossless mismatch)."""
-        self.model = model.eval()
-        self.version += 1
 
     # ---- drafting ------------------------------------------------------------------------------------
     def _attend(self, layout: StepLayout):
@@ -107,25 +76,12 @@ class EagleDrafter:
             vis = self._masks[key] = torch.ones(B, 1, S, dtype=torch.bool, device=dev)
         return vis
 
-    @torch.inference_mode()
-    def _catch_up(self, first_slot: int, B: int) -> None:
-        """Absorb all but the last pending pair of every request holding more than ``catch_up_split``, each alone
-        (no padding to the batch's longest backlog), so the batched absorb that follows is short."""
+    def _absorb_alone(self, slot: int, tokens: torch.Tensor, features: torch.Tensor) -> None:
         m = self.model
-        dev = m.fc.weight.device
-        for b in range(B):
-            slot = first_slot + b
-            feats, toks = self.pending.get(slot, ([], []))
-            n = len(toks)
-            if n <= self.catch_up_split:
-                continue
-            f = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
-            tokens = torch.tensor([toks[:n - 1]], dtype=torch.long, device=dev)
-            layout = StepLayout(self.cache, 1, self._causal(1, n - 1, dev), first_slot=slot)
-            positions = layout.lengths.view(1, 1) + 1 + torch.arange(n - 1, device=dev).view(1, n - 1)
-            m.layer(tokens, m.project_features(f[:n - 1].unsqueeze(0)), positions, self._attend(layout))
-            self.cache.commit(slot, list(range(n - 1)))
-            self.pending[slot] = ([f[n - 1:]], toks[n - 1:])
+        n = tokens.shape[1]
+        layout = StepLayout(self.cache, 1, self._causal(1, n, tokens.device), first_slot=slot)
+        positions = layout.lengths.view(1, 1) + 1 + torch.arange(n, device=tokens.device).view(1, n)
+        m.layer(tokens, m.project_features(features), positions, self._attend(layout))
 
     @torch.inference_mode()
     def _absorb_pending(self, first_slot: int, B: int) -> torch.Tensor:

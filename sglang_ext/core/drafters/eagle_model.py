@@ -76,7 +76,85 @@ class RMSNorm(nn.Module):
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> [B, T, H*D]
 
 
-class EagleDraftModel(nn.Module):
+class TargetBoundDrafter(nn.Module):
+    """What every feature drafter shares: the target's frozen embedding and draft-vocabulary LM-head rows (bound,
+    never saved), RoPE, the feature projection ``fc`` and the logits. Subclasses create ``fc``, ``final_norm``,
+    the ``draft_vocab`` buffer and the ``inv_freq`` buffer."""
+
+    config: "EagleConfig"
+    embed_weight: torch.Tensor | None
+    lm_weight: torch.Tensor | None
+
+    def bind_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
+        """Share the target's embedding and (draft-vocabulary rows of the) LM head, frozen."""
+        if embed_weight.shape[1] != self.config.hidden_size or lm_head_weight.shape[0] != self.config.vocab_size:
+            raise ValueError(f"target embedding {tuple(embed_weight.shape)} / LM head {tuple(lm_head_weight.shape)} do not "
+                             f"match the drafter config (hidden {self.config.hidden_size}, vocab {self.config.vocab_size})")
+        self.embed_weight = embed_weight.detach()
+        self.lm_weight = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)].contiguous()
+        return self
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        self.draft_vocab = token_ids.to(torch.long).clone()
+        self.config.draft_vocab_size = int(token_ids.numel())
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # [B, 1, T, hd]
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
+    def logits(self, a: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits ``[..., V_d]``."""
+        return torch.nn.functional.linear(self.final_norm(a), self.lm_weight)
+
+    @property
+    def scale(self) -> float:
+        return self.config.head_dim ** -0.5
+
+    #: ``config.json``'s ``architecture`` (which model class a checkpoint is)
+    ARCHITECTURE: str = ""
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """``model.safetensors`` + ``config.json`` (architecture, config with the target's identity), written atomically."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / "model.safetensors.tmp"))
+        (out / "model.safetensors.tmp").replace(out / "model.safetensors")
+        meta = {"architecture": self.ARCHITECTURE, **asdict(self.config), **(extra or {})}
+        (out / "config.json.tmp").write_text(json.dumps(meta, indent=2))
+        (out / "config.json.tmp").replace(out / "config.json")
+        return out
+
+    def load_weights(self, directory: Path):
+        """The weights of ``directory/model.safetensors`` (the draft vocabulary's size comes from the file)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        if "draft_vocab" in state:
+            self.draft_vocab = torch.empty_like(state["draft_vocab"])
+        self.load_state_dict(state)
+        return self
+
+    def _init_buffers(self) -> None:
+        c = self.config
+        hd = c.head_dim
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        vocab = torch.arange(c.vocab_size) if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size, dtype=torch.long)
+        self.register_buffer("draft_vocab", vocab)  # draft index -> target token id (saved)
+        self.embed_weight = None
+        self.lm_weight = None
+
+
+class EagleDraftModel(TargetBoundDrafter):
+    ARCHITECTURE = "sglang-ext-eagle"
+
     def __init__(self, config: EagleConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -93,37 +171,9 @@ class EagleDraftModel(nn.Module):
         self.up_proj = nn.Linear(d, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, d, bias=False)
         self.final_norm = RMSNorm(d, c.rms_norm_eps)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        vocab = torch.arange(c.vocab_size) if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size, dtype=torch.long)
-        self.register_buffer("draft_vocab", vocab)  # draft index -> target token id (saved)
-        # frozen target parts, bound by `bind_target` (not parameters, not saved)
-        self.embed_weight: torch.Tensor | None = None
-        self.lm_weight: torch.Tensor | None = None
-
-    # ---- target binding -------------------------------------------------------------------------
-    def bind_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> "EagleDraftModel":
-        """Share the target's embedding and (draft-vocabulary rows of the) LM head, frozen."""
-        if embed_weight.shape[1] != self.config.hidden_size or lm_head_weight.shape[0] != self.config.vocab_size:
-            raise ValueError(f"target embedding {tuple(embed_weight.shape)} / LM head {tuple(lm_head_weight.shape)} do not "
-                             f"match the drafter config (hidden {self.config.hidden_size}, vocab {self.config.vocab_size})")
-        self.embed_weight = embed_weight.detach()
-        self.lm_weight = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)].contiguous()
-        return self
-
-    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
-        self.draft_vocab = token_ids.to(torch.long).clone()
-        self.config.draft_vocab_size = int(token_ids.numel())
+        self._init_buffers()  # RoPE, the draft vocabulary; the frozen target parts come with `bind_target`
 
     # ---- arithmetic -----------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, hd/2]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # [B, 1, T, hd]
-
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
     def layer(self, tokens: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """``tokens [B, T]``, ``g [B, T, d]`` (projected target feature or previous drafter state) → ``a [B, T, d]``."""
         from sglang_ext.core.kv_cache import apply_rope
@@ -140,59 +190,41 @@ class EagleDraftModel(nn.Module):
         x = self.post_norm(h)
         return h + self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def logits(self, a: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits ``[..., V_d]``."""
-        return torch.nn.functional.linear(self.final_norm(a), self.lm_weight)
-
-    @property
-    def scale(self) -> float:
-        return self.config.head_dim ** -0.5
-
     # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """``model.safetensors`` + ``config.json`` (with the target's identity), written atomically."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "model.safetensors.tmp"
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp))
-        tmp.replace(out / "model.safetensors")
-        meta = {"architecture": "sglang-ext-eagle", **asdict(self.config), **(extra or {})}
-        (out / "config.json.tmp").write_text(json.dumps(meta, indent=2))
-        (out / "config.json.tmp").replace(out / "config.json")
-        return out
-
     @staticmethod
     def load(directory: str | Path, expect_target: dict | None = None) -> "EagleDraftModel":
         """Load a checkpoint; refuse one trained for another target (``expect_target`` keys must match)."""
-        from safetensors.torch import load_file
-
-        d = Path(directory)
-        cfg_path = d / "config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{d}: not a drafter checkpoint (no config.json)")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
+        meta, cfg_path = read_checkpoint_meta(directory)
         if meta.get("architecture") != "sglang-ext-eagle":
             raise ValueError(f"{cfg_path}: architecture {meta.get('architecture')!r} is not an sglang-ext EAGLE drafter")
-        fields = EagleConfig.__dataclass_fields__
-        config = EagleConfig(**{k: v for k, v in meta.items() if k in fields})
-        if expect_target:
-            have = config.target
-            for key, want in expect_target.items():
-                if key in have and have[key] != want:
-                    raise ValueError(f"{cfg_path}: drafter was trained for target {key}={have[key]!r}, "
-                                     f"but the server runs {key}={want!r}")
-        model = EagleDraftModel(config)
-        state = load_file(str(d / "model.safetensors"))
-        if "draft_vocab" in state:
-            model.draft_vocab = torch.empty_like(state["draft_vocab"])
-        model.load_state_dict(state)
-        return model
+        return EagleDraftModel(EagleConfig(**config_fields(EagleConfig, meta, cfg_path, expect_target))).load_weights(
+            Path(directory))
+
+
+def read_checkpoint_meta(directory: str | Path) -> tuple[dict, Path]:
+    """``(config.json as a dict, its path)`` of a drafter checkpoint directory; errors name the file."""
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{d}: not a drafter checkpoint (no config.json)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta, cfg_path
+
+
+def config_fields(config_cls, meta: dict, cfg_path: Path, expect_target: dict | None) -> dict:
+    """The dataclass fields of ``meta``; refuse a checkpoint trained for another target (``expect_target``)."""
+    fields = {k: v for k, v in meta.items() if k in config_cls.__dataclass_fields__}
+    have = fields.get("target") or {}
+    for key, want in (expect_target or {}).items():
+        if key in have and have[key] != want:
+            raise ValueError(f"{cfg_path}: drafter was trained for target {key}={have[key]!r}, "
+                             f"but the server runs {key}={want!r}")
+    return fields
 
 
 def target_identity(name: str, config) -> dict:

@@ -32,19 +32,16 @@ from typing import Sequence
 
 import torch
 
-from ..costs import CATCH_UP_SPLIT
 from ..kv_cache import SlotKVCache, StepLayout
-from .base import Draft, DraftRequest, prune_to_budget
+from .base import Draft, DraftRequest, FeatureDrafterSlots, prune_to_budget
 from .specblock_model import RANK_SLOT_TOPK, SpecBlockDraftModel
 
 GIVE_UP = 3
 FIXED_BRANCHING = 2  # children per slot k >= 1 without a rank head (the "no rank head" ablation)
 
 
-class SpecBlockDrafter:
+class SpecBlockDrafter(FeatureDrafterSlots):
     name = "specblock"
-    needs_features = True
-    catch_up_split = CATCH_UP_SPLIT
 
     def __init__(self, model: SpecBlockDraftModel, num_slots: int, max_len: int, topk: int = 1,
                  num_draft_tokens: int | None = None, max_blocks: int = 2) -> None:
@@ -69,56 +66,20 @@ class SpecBlockDrafter:
         later = (max_blocks - 1) * block_size if topk == 1 else (min(max_blocks, 2) - 1) * block_size * topk
         return block_size - 1 + later
 
-    # ---- slot hooks (as EagleDrafter) ------------------------------------------------------------------------
-    def admit(self, slot: int) -> None:
-        self.cache.reset(slot)
-        self.pending[slot] = ([], [])
-
-    def release(self, slot: int) -> None:
-        self.cache.reset(slot)
-        self.pending.pop(slot, None)
-
-    def move(self, src: int, dst: int) -> None:
-        self.cache.move(src, dst)
-        self.pending[dst] = self.pending.pop(src, ([], []))
-
-    def observe(self, slot: int, features: torch.Tensor | None, next_tokens: Sequence[int]) -> None:
-        if features is None or features.shape[0] != len(next_tokens):
-            raise ValueError(f"slot {slot}: need one feature row per next token, got "
-                             f"{None if features is None else tuple(features.shape)} for {len(next_tokens)} tokens")
-        feats, toks = self.pending.setdefault(slot, ([], []))
-        feats.append(features.detach().to(self.model.fc.weight.device, self.model.fc.weight.dtype))
-        toks.extend(int(t) for t in next_tokens)
-
-    def swap_model(self, model: SpecBlockDraftModel) -> None:
-        self.model = model.eval()
-        self.version += 1
-
     # ---- forwards ------------------------------------------------------------------------------------------------
     def _attend(self, layout: StepLayout):
         scale = self.model.scale
         return lambda layer, q, k, v: layout.attend(layer, q, k, v, scale)
 
-    @torch.inference_mode()
-    def _catch_up(self, first_slot: int, B: int) -> None:
-        """Absorb all but the last pending pair of every long backlog alone (see :mod:`.eagle`)."""
+    def _absorb_alone(self, slot: int, tokens: torch.Tensor, features: torch.Tensor) -> None:
         m = self.model
-        dev = m.fc.weight.device
-        for b in range(B):
-            slot = first_slot + b
-            feats, toks = self.pending.get(slot, ([], []))
-            n = len(toks)
-            if n <= self.catch_up_split:
-                continue
-            f = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)
-            tokens = torch.tensor([toks[:n - 1]], dtype=torch.long, device=dev)
-            vis = torch.ones(n - 1, n - 1, dtype=torch.bool, device=dev).tril().unsqueeze(0)
-            layout = StepLayout(self.cache, 1, vis, first_slot=slot)
-            positions = layout.lengths.view(1, 1) + 1 + torch.arange(n - 1, device=dev).view(1, n - 1)
-            u = m.token_inputs(tokens, m.project_features(f[:n - 1].unsqueeze(0)))
-            m.forward_stack(u, positions, torch.arange(n - 1, device=dev), self._attend(layout))
-            self.cache.commit(slot, list(range(n - 1)))
-            self.pending[slot] = ([f[n - 1:]], toks[n - 1:])
+        n = tokens.shape[1]
+        dev = tokens.device
+        layout = StepLayout(self.cache, 1, torch.ones(n, n, dtype=torch.bool, device=dev).tril().unsqueeze(0),
+                            first_slot=slot)
+        positions = layout.lengths.view(1, 1) + 1 + torch.arange(n, device=dev).view(1, n)
+        m.forward_stack(m.token_inputs(tokens, m.project_features(features)), positions, torch.arange(n, device=dev),
+                        self._attend(layout))
 
     @torch.inference_mode()
     def _first_block(self, s0: int, B: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -36,15 +36,14 @@ target's, frozen, never saved (as in :mod:`.eagle_model`).
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .eagle_model import RMSNorm
+from .eagle_model import RMSNorm, TargetBoundDrafter, config_fields, read_checkpoint_meta
 
 ARCHITECTURE = "sglang-ext-specblock"
 #: branching per predicted rank bucket (SpecBlock's ``RANK_SLOT_TOPK``): rank 1 → 2 children, 2–4 → 4, 5–10 → 10,
@@ -137,7 +136,9 @@ def rank_labels(draft_logits: torch.Tensor, target_token: torch.Tensor) -> torch
     return torch.bucketize(rank, torch.tensor([1, 4, 10], device=rank.device), right=False)
 
 
-class SpecBlockDraftModel(nn.Module):
+class SpecBlockDraftModel(TargetBoundDrafter):
+    ARCHITECTURE = ARCHITECTURE
+
     def __init__(self, config: SpecBlockConfig) -> None:
         super().__init__()
         c = self.config = config
@@ -159,35 +160,9 @@ class SpecBlockDraftModel(nn.Module):
         self.final_norm = RMSNorm(d, c.rms_norm_eps)
         self.rank_head = nn.Sequential(nn.Linear(d + NUM_RANK_FEATURES, c.rank_hidden), nn.SiLU(),
                                        nn.Linear(c.rank_hidden, NUM_RANK_CLASSES)) if c.rank_head else None
-        hd = c.head_dim
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        vocab = torch.arange(c.vocab_size) if c.draft_vocab_size is None else torch.zeros(c.draft_vocab_size, dtype=torch.long)
-        self.register_buffer("draft_vocab", vocab)
-        self.embed_weight: torch.Tensor | None = None
-        self.lm_weight: torch.Tensor | None = None
-
-    # ---- target binding (same contract as EagleDraftModel) --------------------------------------------------------
-    def bind_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> "SpecBlockDraftModel":
-        if embed_weight.shape[1] != self.config.hidden_size or lm_head_weight.shape[0] != self.config.vocab_size:
-            raise ValueError(f"target embedding {tuple(embed_weight.shape)} / LM head {tuple(lm_head_weight.shape)} do not "
-                             f"match the drafter config (hidden {self.config.hidden_size}, vocab {self.config.vocab_size})")
-        self.embed_weight = embed_weight.detach()
-        self.lm_weight = lm_head_weight.detach()[self.draft_vocab.to(lm_head_weight.device)].contiguous()
-        return self
-
-    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
-        self.draft_vocab = token_ids.to(torch.long).clone()
-        self.config.draft_vocab_size = int(token_ids.numel())
-
-    @property
-    def scale(self) -> float:
-        return self.config.head_dim ** -0.5
+        self._init_buffers()  # RoPE, the draft vocabulary; the frozen target parts come with `bind_target`
 
     # ---- inputs ---------------------------------------------------------------------------------------------------
-    def project_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features)
-
     def token_inputs(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Slot-0 / context inputs ``u = W_in[norm_e(E x); norm_c(c)]`` for ``tokens [...]`` and ``cond [..., d]``."""
         emb = torch.nn.functional.embedding(tokens, self.embed_weight)
@@ -200,11 +175,6 @@ class SpecBlockDraftModel(nn.Module):
         return self.in_proj(torch.cat([self.embed_norm(s).expand_as(c), self.cond_norm(c)], dim=-1))
 
     # ---- the stack --------------------------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
-
     def forward_stack(self, u: torch.Tensor, positions: torch.Tensor, shift_src: torch.Tensor | None,
                       attend: LayerAttend) -> torch.Tensor:
         """``u [B, T, d]`` through every layer → final states ``a [B, T, d]`` (before the final norm).
@@ -233,10 +203,6 @@ class SpecBlockDraftModel(nn.Module):
             x = x + layer.down_proj(torch.nn.functional.silu(layer.gate_proj(h)) * layer.up_proj(h))
         return x
 
-    def logits(self, a: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary logits ``[..., V_d]``."""
-        return torch.nn.functional.linear(self.final_norm(a), self.lm_weight)
-
     def rank_logits(self, a: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         """Rank-bucket logits ``[..., 4]`` from the detached state and the slot's distribution features."""
         if self.rank_head is None:
@@ -245,32 +211,14 @@ class SpecBlockDraftModel(nn.Module):
         return self.rank_head(x)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(out / "model.safetensors.tmp"))
-        (out / "model.safetensors.tmp").replace(out / "model.safetensors")
-        meta = {"architecture": ARCHITECTURE, **asdict(self.config), **(extra or {})}
-        (out / "config.json.tmp").write_text(json.dumps(meta, indent=2))
-        (out / "config.json.tmp").replace(out / "config.json")
-        return out
-
     @staticmethod
-    def from_meta(meta: dict, state: dict, cfg_path: Path, expect_target: dict | None = None) -> "SpecBlockDraftModel":
-        fields = SpecBlockConfig.__dataclass_fields__
-        config = SpecBlockConfig(**{k: v for k, v in meta.items() if k in fields})
-        for key, want in (expect_target or {}).items():
-            if key in config.target and config.target[key] != want:
-                raise ValueError(f"{cfg_path}: drafter was trained for target {key}={config.target[key]!r}, "
-                                 f"but the server runs {key}={want!r}")
-        model = SpecBlockDraftModel(config)
-        if "draft_vocab" in state:
-            model.draft_vocab = torch.empty_like(state["draft_vocab"])
-        model.load_state_dict(state)
-        return model
+    def load(directory: str | Path, expect_target: dict | None = None) -> "SpecBlockDraftModel":
+        """Load a checkpoint; refuse one trained for another target (``expect_target`` keys must match)."""
+        meta, cfg_path = read_checkpoint_meta(directory)
+        if meta.get("architecture") != ARCHITECTURE:
+            raise ValueError(f"{cfg_path}: architecture {meta.get('architecture')!r} is not an sglang-ext SpecBlock drafter")
+        config = SpecBlockConfig(**config_fields(SpecBlockConfig, meta, cfg_path, expect_target))
+        return SpecBlockDraftModel(config).load_weights(Path(directory))
 
 
 __all__ = ["ARCHITECTURE", "RANK_SLOT_TOPK", "SpecBlockConfig", "SpecBlockDraftModel", "rank_features", "rank_labels"]
