@@ -1,6 +1,7 @@
-"""The reference engine on the real SmolLM2-135M-Instruct with the shipped trained drafter (marked slow; CI runs it).
+"""The reference engine on the real SmolLM2-135M-Instruct with the shipped trained drafters (marked slow; CI runs it).
 
-* greedy output of every method (speculation off, n-gram, EAGLE chain, EAGLE tree) is token-identical to HF
+* greedy output of every method (speculation off, n-gram, EAGLE chain and tree, SpecBlock chain and tree) is
+  token-identical to HF
   ``generate`` on 40 Spec-Bench prompts, at batch 1 and at batch 8 with requests of different lengths
   arriving mid-run;
 * stochastic decoding is lossless: the joint distribution of the first three tokens after a fixed prefix,
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sglang_ext.core.drafters.checkpoint import load_draft_model
 from sglang_ext.core.drafters.eagle_model import EagleDraftModel, target_identity
 from sglang_ext.core.lossless import chi_square_check
 from sglang_ext.core.processing import SamplingParams, process_logits
@@ -26,11 +28,14 @@ from sglang_ext.models.chat import encode_chat
 
 pytestmark = pytest.mark.slow
 DRAFTER = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-eagle"
+BLOCK_DRAFTER = Path(__file__).resolve().parents[1] / "drafters" / "smollm2-135m-specblock"
 METHODS = {
     "off": ("NONE", {}),
     "ngram": ("NGRAM", {"num_steps": 3}),
     "eagle-chain": ("EAGLE", {"num_steps": 2, "topk": 1}),
     "eagle-tree": ("EAGLE", {"num_steps": 3, "topk": 2, "num_draft_tokens": 5}),
+    "specblock-chain": ("EAGLE", {"num_steps": 6, "topk": 1}),  # two blocks
+    "specblock-tree": ("EAGLE", {"num_steps": 8, "topk": 3, "num_draft_tokens": 8}),
 }
 
 
@@ -43,13 +48,16 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def drafter(smollm2):
-    return EagleDraftModel.load(DRAFTER, expect_target=target_identity("smollm2-135m", smollm2[0].config))
+    """The shipped drafters by method prefix: ``eagle`` and ``specblock``."""
+    identity = target_identity("smollm2-135m", smollm2[0].config)
+    return {"eagle": EagleDraftModel.load(DRAFTER, expect_target=identity),
+            "specblock": load_draft_model(BLOCK_DRAFTER, expect_target=identity)}
 
 
 def engine_for(smollm2, drafter, method: str, batch: int):
     algo, kw = METHODS[method]
     if algo == "EAGLE":
-        kw = {**kw, "draft_model": drafter}
+        kw = {**kw, "draft_model": drafter[method.split("-")[0]]}
     engine, _ = build_engine_from_parts(*smollm2, algo, max_running_requests=batch, context_length=1024,
                                         model_name="smollm2-135m", **kw)
     return engine
@@ -88,9 +96,13 @@ def test_greedy_identical_to_hf_on_40_prompts_batch_1_and_8(smollm2, drafter, wo
         assert not mismatched, f"{method} at batch {batch}: prompts {mismatched} differ from HF greedy"
         if method != "off":
             assert sum(s.spec_verify_ct for s in states) > 0
-        if method.startswith("eagle"):  # the trained drafter must be doing real work
+        if algo_of(method) == "EAGLE":  # the trained drafter must be doing real work
             accept = sum(len(s.output_ids) for s in states) / sum(s.spec_verify_ct for s in states)
             assert accept > 1.3, f"{method}: accept length {accept:.2f}"
+
+
+def algo_of(method: str) -> str:
+    return METHODS[method][0]
 
 
 def exact_first_tokens(model, prefix: list[int], sp: SamplingParams, depth: int) -> dict:
@@ -108,7 +120,7 @@ def exact_first_tokens(model, prefix: list[int], sp: SamplingParams, depth: int)
     return out
 
 
-@pytest.mark.parametrize("method", ["ngram", "eagle-chain", "eagle-tree"])
+@pytest.mark.parametrize("method", ["ngram", "eagle-chain", "eagle-tree", "specblock-chain", "specblock-tree"])
 def test_stochastic_decoding_is_lossless_on_the_real_model(smollm2, drafter, method):
     model, tok = smollm2
     prefix = tok("the cat sat on the mat. the cat sat on the mat. the cat sat on the").input_ids

@@ -120,6 +120,41 @@ def test_valid_prefix_mask_drops_rows_after_a_miss(tiny):
     assert mm.accept_len == 0.0 and mm.top1[0] == 0.0
 
 
+def test_logits_only_for_needed_rows_change_nothing(tiny):
+    """The loss computes logits only on rows still on a correct prefix (or the rank chain): the loss, its gradient
+    and the accepted length equal those of computing every row."""
+    target = TargetModel(tiny, feature_layers=(0, 1))
+    m = random_specblock(target).train()
+    tokens = torch.randint(2, 96, (3, 18), generator=torch.Generator().manual_seed(4))
+    feats = target_features(target, tokens)
+    with torch.no_grad():
+        # a teacher the drafter agrees with on every other row (its own slot-0 choice) and misses elsewhere, and a
+        # rank head that predicts "give up": on the missed rows the draft chain ends but the rank chain goes on
+        outs = block_ttt_forward(m, feats, tokens, torch.zeros_like(tokens), [])
+        choice = outs[0].logits[:, 0].argmax(-1)
+        miss = (torch.arange(17).view(1, -1) + torch.arange(3).view(-1, 1)) % 2 == 1
+        choice = torch.where(miss, (choice + 7) % 96, choice)
+        logp = torch.full((3, 18, 96), -20.0)
+        logp[:, 1:].scatter_(-1, choice.unsqueeze(-1), 0.0)
+        logp[:, :, 5] = -1.0  # and a second token that later slots may rank first
+        logp = torch.log_softmax(logp, -1)
+        m.rank_head[2].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 8.0]))
+    valid = torch.ones(3, 18, dtype=torch.bool)
+    valid[2, 12:] = False
+    results = []
+    for only in (True, False):
+        m.zero_grad()
+        loss, met = block_loss(m, feats, tokens, logp, valid, [2], only_needed_rows=only)
+        loss.backward()
+        results.append((float(loss.detach()), met.accept_len, {n: p.grad.clone() for n, p in m.named_parameters()
+                                                              if p.grad is not None}))
+    (l1, a1, g1), (l2, a2, g2) = results
+    assert a1 >= 0.5 and l1 == pytest.approx(l2, rel=1e-5) and a1 == a2
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-5, rtol=1e-4)
+
+
 def test_training_step_lowers_the_loss_and_trains_the_rank_head(tiny):
     target = TargetModel(tiny, feature_layers=(0, 1))
     m = random_specblock(target).train()

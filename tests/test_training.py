@@ -14,6 +14,7 @@ from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
 from sglang_ext.core.drafters.eagle_ttt import ttt_forward
 from sglang_ext.training.drafter import DrafterTrainer, TargetTeacher, TrainConfig, draft_vocabulary
+from test_online_learning import progressions  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 @pytest.fixture(scope="module")
@@ -137,20 +138,11 @@ def test_the_core_imports_nothing_from_training_or_the_engine():
 
 
 # ---- both architectures from one feature cache ------------------------------------------------------------------------
-def progressions(n: int, length: int = 24, seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for _ in range(n):
-        start, stride = int(torch.randint(0, 90, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-        seqs.append([2 + (start + stride * i) % 90 for i in range(length)])
-    return seqs
-
-
 @pytest.fixture(scope="module")
 def progression_cache(target, tmp_path_factory):
     from sglang_ext.training.feature_cache import FeatureCache
 
-    return FeatureCache.build(target, progressions(64), tmp_path_factory.mktemp("fc") / "cache", target_name="tiny",
+    return FeatureCache.build(target, progressions(64, 1), tmp_path_factory.mktemp("fc") / "cache", target_name="tiny",
                               batch_tokens=24 * 8, progress=False, log=lambda *_: None)
 
 
@@ -178,7 +170,7 @@ def test_specblock_trains_from_the_feature_cache(target, progression_cache, tmp_
     model = load_draft_model(tmp_path / "sb", expect_target={"name": "tiny"})
     assert isinstance(model, SpecBlockDraftModel) and model.config.draft_vocab_size == 80
     model.bind_target(target.embed_tokens.weight, target.lm_head.weight)
-    ev = evaluate(model, TargetTeacher(target, model.draft_vocab), progressions(8, seed=9), cfg, torch.device("cpu"),
+    ev = evaluate(model, TargetTeacher(target, model.draft_vocab), progressions(8, 9), cfg, torch.device("cpu"),
                   trainer=heldout)
     assert ev["accept_len"] > 0.1 and len(ev["top1"]) == 6 and 0.0 <= ev["rank_acc"] <= 1.0
 
@@ -187,7 +179,7 @@ def test_eagle_from_the_cache_matches_eagle_from_the_target(target, progression_
     """The cache only saves target forwards: training from it follows the live run (float16 storage aside)."""
     cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=80, ttt_steps=2, batch_tokens=24 * 8, lr=3e-3,
                       warmup_steps=2, epochs=2)
-    DrafterTrainer(target, "tiny", cfg, tmp_path / "live").train(progressions(64), progress=False, log=lambda *_: None)
+    DrafterTrainer(target, "tiny", cfg, tmp_path / "live").train(progressions(64, 1), progress=False, log=lambda *_: None)
     DrafterTrainer(target, "tiny", cfg, tmp_path / "cached").train([], progress=False, log=lambda *_: None,
                                                                    cache=progression_cache)
     import json

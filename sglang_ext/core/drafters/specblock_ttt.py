@@ -28,6 +28,7 @@ under-branching, costs more), a distance weight ``1 + |t-\hat t| + max(t-\hat t,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,7 +43,12 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
 class BlockOutput:
     offset: int  # depth of slot 0 minus one (block 1: 0)
     states: torch.Tensor  # [B, K, L, d] final states
-    logits: torch.Tensor  # [B, K, L, V_d]
+    head: Callable[[torch.Tensor], torch.Tensor]  # states -> draft logits (the model's LM head)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``[B, K, L, V_d]`` for every slot and row (the loss computes only the rows it needs)."""
+        return self.head(self.states)
 
 
 def block_ttt_forward(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch.Tensor,
@@ -116,7 +122,7 @@ def block_ttt_forward(model: SpecBlockDraftModel, features: torch.Tensor, tokens
             return o.reshape(B, H, K * L, D).transpose(1, 2).reshape(B, K * L, H * D)
 
         a = model.forward_stack(u.reshape(B, K * L, -1), positions, shift_src, attend).view(B, K, L, -1)
-        outs.append(BlockOutput(offset, a, model.logits(a)))
+        outs.append(BlockOutput(offset, a, model.logits))
         if b < len(offsets):  # the next block's ancestors: this block's streams before its start
             M = offsets[b]
             lo = 1 if first_block else 0
@@ -139,10 +145,15 @@ class BlockMetrics:
 def block_loss(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor,
                valid: torch.Tensor, offsets: list[int], step_weight: float = 0.8, prefix_mask: bool = True,
                rank_weight: float = 1.0, label_weight: torch.Tensor | None = None,
-               max_depth: int | None = None) -> tuple[torch.Tensor, BlockMetrics]:
+               max_depth: int | None = None, only_needed_rows: bool = True) -> tuple[torch.Tensor, BlockMetrics]:
     """The loss of the module docstring over a padded batch (``valid [B, S]``; ``logp [B, S, V_d]`` is the target's
     draft-vocabulary distribution of the token *after* each position; ``label_weight [B, S]`` weighs target rows).
-    ``max_depth`` caps the reported chain (metrics only), to compare with another drafter at the same depth."""
+    ``max_depth`` caps the reported chain (metrics only), to compare with another drafter at the same depth.
+
+    Logits cost most (a ``d × V_d`` product per slot and row), and under the valid-prefix mask a slot's rows past
+    a miss weigh nothing: only rows still on a correct prefix (or on the rank head's chain) get logits
+    (``only_needed_rows``; the loss and its gradient are the same either way, ``top1`` is then per depth given a
+    correct prefix). Without the mask every valid row is needed."""
     c = model.config
     K = c.block_size
     B, S = tokens.shape
@@ -173,44 +184,48 @@ def block_loss(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch
             e = out.offset + k  # depth - 1
             j0 = 1 + e  # target row of index i is i + 1 + e
             ok = row_ok[:, j0:j0 + L].float()
-            w = weight[:, j0:j0 + L] * ok
-            tgt = torch.zeros(B, L, logp.shape[-1], device=dev)
             n = max(0, min(L, S - j0))
             if n == 0:
                 break
-            tgt[:, :n] = p[:, j0:j0 + n]
-            logits = out.logits[:, k].float()
+            rank_on = rank_weight > 0 and model.rank_head is not None
+            need = ok > 0
+            if prefix_mask and only_needed_rows:
+                need = need & ((chain > 0) | (rchain > 0)) if rank_on else need & (chain > 0)
+            rows, cols = need.nonzero(as_tuple=True)  # the rows that get logits; ok rows have j0 + col < S
+            logits = model.logits(out.states[:, k][rows, cols]).float()  # [N, V_d]
             q_logp = torch.log_softmax(logits, dim=-1)
-            ce = -(tgt * q_logp).sum(-1)
+            ce = torch.zeros(B, L, device=dev).index_put((rows, cols), -(p[rows, cols + j0] * q_logp).sum(-1))
+            w = weight[:, j0:j0 + L] * ok
             m = w * (chain if prefix_mask else 1.0)
             total = total + (step_weight ** e) * (ce * m).sum() / m.sum().clamp(min=1e-8)
-            g = torch.zeros(B, L, dtype=torch.long, device=dev)
-            g[:, :n] = greedy_idx[:, j0:j0 + n]
-            hit = (logits.argmax(-1) == g).float()
+            g = greedy_idx[rows, cols + j0]
+            hit_rows = logits.argmax(-1) == g
+            hit = torch.zeros(B, L, device=dev).index_put((rows, cols), hit_rows.float())
             with torch.no_grad():
-                ent = torch.zeros(B, L, device=dev)
-                ent[:, :n] = -(p[:, j0:j0 + n] * logp[:, j0:j0 + n]).sum(-1)
+                ent = torch.zeros(B, L, device=dev).index_put(
+                    (rows, cols), -(p[rows, cols + j0] * logp[rows, cols + j0]).sum(-1))
                 if k < M_next and (max_depth is None or e < max_depth):  # on the path (capped for reporting)
-                    depth_top1[e + 1] = (float((hit * ok).sum()), float(ok.sum()))
-                    depth_kl[e + 1] = (float(((ce - ent) * ok).sum()), float(ok.sum()))
+                    counted = need.float()
+                    depth_top1[e + 1] = (float((hit * counted).sum()), float(counted.sum()))
+                    depth_kl[e + 1] = (float(((ce.detach() - ent) * counted).sum()), float(counted.sum()))
                     alive = alive * hit * ok
                     accept = accept + alive
-            if rank_weight > 0 and model.rank_head is not None:
-                r_logits = model.rank_logits(out.states[:, k], logits).float()
+            if rank_on:
+                r_logits = model.rank_logits(out.states[:, k][rows, cols], logits).float()
                 t = rank_labels(logits.detach(), g)
                 pred = r_logits.argmax(-1)
-                cls = torch.arange(NUM_RANK_CLASSES, device=dev).view(1, 1, -1)
+                cls = torch.arange(NUM_RANK_CLASSES, device=dev).view(1, -1)
                 tt = t.unsqueeze(-1)
                 soft = 1.0 / (1 + (cls - tt).abs() + (tt - cls).clamp(min=0)).float() ** 2
                 soft = soft / soft.sum(-1, keepdim=True)
                 rce = -(soft * torch.log_softmax(r_logits, dim=-1)).sum(-1)
                 dist_w = 1 + (t - pred).abs() + (t - pred).clamp(min=0)
-                rm = ok * rchain
+                rm = (ok * rchain)[rows, cols]
                 rank_terms.append((rce, dist_w.float(), t, rm))
                 with torch.no_grad():
                     rank_hits += float(((pred == t).float() * rm).sum())
                     rank_rows += float(rm.sum())
-                rchain = rchain * (pred == t).float()
+                rchain = torch.zeros(B, L, device=dev).index_put((rows, cols), rchain[rows, cols] * (pred == t).float())
             chain = chain * hit
             if k == M_next - 1:
                 base, rank_base = chain.clone(), rchain.clone()

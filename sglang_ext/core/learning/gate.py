@@ -96,7 +96,7 @@ def _chain_hits(model, b: TrainingBatch, steps: int, vocab: torch.Tensor, tgt: t
         outs = block_ttt_forward(model, b.features, b.tokens, b.target_top1.clamp(min=0), offsets)
         for e in range(steps):
             out = outs[e // K]
-            pred = vocab[out.logits[:, e % K].float().argmax(-1)]  # [B, L] at root index c
+            pred = vocab[model.logits(out.states[:, e % K]).float().argmax(-1)]  # [B, L] at root index c
             row = torch.zeros(B, L, dtype=torch.bool, device=dev)
             n = L - e
             if n > 0:
