@@ -30,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--ttt-steps", type=int, default=3, help="draft steps unrolled in training (training-time test)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear LR warm-up before the cosine decay")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -205,6 +206,7 @@ def cmd_train_drafter(args) -> int:
     cfg = TrainConfig(feature_layers=layers, draft_vocab_size=args.draft_vocab_size or None, ttt_steps=args.ttt_steps,
                       max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, lr=args.lr, epochs=args.epochs,
                       seed=args.seed, max_train_seconds=args.max_train_seconds, arch=args.arch,
+                      warmup_steps=args.warmup_steps,
                       block_size=args.block_size, drafter_layers=args.drafter_layers, ttt_blocks=args.ttt_blocks,
                       rank_start=args.rank_start, shift=not args.no_shift, inherit=not args.no_inherit,
                       rank_head=not args.no_rank_head, prefix_mask=not args.no_prefix_mask)
