@@ -245,6 +245,10 @@ class DrafterTrainer:
         vocab = draft_vocabulary(kept, c.draft_vocab_size, self.target.vocab_size, eos_ids)
         model = self.new_model(vocab)
         params = [p for p in model.parameters() if p.requires_grad]
+        head = getattr(model, "rank_head", None)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        clip_groups = [g for g in ([p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids])
+                       if g]
         opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
         plan = [[order[j] for j in b] for e in range(c.epochs) for b in batches(kept, c.batch_tokens, c.seed + e)]
         total_steps = len(plan)
@@ -292,7 +296,8 @@ class DrafterTrainer:
                 loss, m = self.loss(model, tokens, valid, feats, logp, step, total_steps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                for group in clip_groups:  # the rank head's loss is its own: its gradient must not shrink the drafter's
+                    torch.nn.utils.clip_grad_norm_(group, c.grad_clip)
                 opt.step()
                 sched.step()
                 history.append({"step": step + 1, "loss": m.loss, "top1": m.top1, "kl": m.kl, "tokens": m.tokens,

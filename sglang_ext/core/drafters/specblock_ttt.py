@@ -16,10 +16,13 @@ plus a few "diagonal" scores, never a ``[KL, KL]`` mask.
 
 Loss (SpecBlock §5.1), with ``p`` the target's distribution and ``q`` the slot's, at global depth ``j`` (0-based):
 
-.. math:: \mathcal L = \sum_j 0.8^j\ \overline{\mathrm{CE}(p, q_j)}^{\,\mathrm{chain}_j} + \lambda\,\mathcal L_{rank}
+.. math:: \mathcal L = \sum_j 0.8^j\ \frac{\sum_i \mathrm{chain}_{j,i}\,\mathrm{CE}(p_i, q_{j,i})}{\#\{i \text{ valid}\}}
+          + \lambda\,\mathcal L_{rank}
 
 where ``chain_j`` (the *valid-prefix mask*) keeps a row only while every earlier depth on its path had
-``argmax q = argmax p``: a position after the first greedy miss is never reached when serving. The rank loss is
+``argmax q = argmax p``: a position after the first greedy miss is never reached when serving. Each depth is
+normalised by its valid rows (not by the rows its mask keeps), so it weighs in proportion to how often a chain
+reaches it. The rank loss is
 an ordinal cross-entropy with soft labels ``y_c ∝ 1/(1 + |c-t| + max(t-c, 0))^2`` (under-predicting the bucket, i.e.
 under-branching, costs more), a distance weight ``1 + |t-\hat t| + max(t-\hat t, 0)`` and a class weight
 ``min(1, 10 / count_t)``, on rows whose earlier rank predictions were all right (its own chain).
@@ -197,7 +200,9 @@ def block_loss(model: SpecBlockDraftModel, features: torch.Tensor, tokens: torch
             ce = torch.zeros(B, L, device=dev).index_put((rows, cols), -(p[rows, cols + j0] * q_logp).sum(-1))
             w = weight[:, j0:j0 + L] * ok
             m = w * (chain if prefix_mask else 1.0)
-            total = total + (step_weight ** e) * (ce * m).sum() / m.sum().clamp(min=1e-8)
+            # normalised by the slot's valid rows, not by the rows the mask keeps: a slot weighs as often as a chain
+            # reaches it (a mean over the few rows that reach a late slot early in training is mostly noise)
+            total = total + (step_weight ** e) * (ce * m).sum() / w.sum().clamp(min=1e-8)
             g = greedy_idx[rows, cols + j0]
             hit_rows = logits.argmax(-1) == g
             hit = torch.zeros(B, L, device=dev).index_put((rows, cols), hit_rows.float())
