@@ -61,7 +61,7 @@ def report_markdown(ctx) -> str:
     L += ["## 1. Profile of this machine", "",
           f"{prof['summary']}. " + ("Reused from the cache (same hardware, versions, model and grid)."
                                     if prof["reused_cache"] else f"Measured in {prof['profile_seconds']:.0f} s."),
-          f"The profile is `profile.json`; the simulator below prices every step with its fitted cost model.", ""]
+          "The profile is `profile.json`; the simulator below prices every step with its fitted cost model.", ""]
     summ = srv["summary"]
     segs = list(summ["segments"])
     L += ["## 2. Serving a stream that shifts chat → code → maths", "",

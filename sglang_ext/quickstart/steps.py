@@ -21,7 +21,6 @@ import math
 import platform
 import shutil
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
