@@ -52,7 +52,9 @@ engine's attention reads every row of the padded batch that far)::
 
     decode  = draft_seconds(B, K) + verify_seconds(B, K + 1, C̄)      if K > 0   (ragged drafts pad to the max)
             = verify_seconds(B, 1, C̄)                                if K = 0   (a plain decode step)
-    prefill = prefill_seconds(T, P̄)  or, without it, verify_seconds(1, T, P̄)   (T chunk tokens, P̄ mean prefix)
+    prefill = prefill_batch_seconds([(P_i, c_i), ...])   (each chunk P_i with its own prefix c_i: the token-linear
+              part once for T = Σ P_i, attention per chunk; a cost model without it: Σ prefill_seconds(P_i, c_i),
+              and without that verify_seconds(1, P_i, c_i))
     step    = decode + prefill + overhead + train slice (``trainer="shared"``)
     overhead = overhead_s + overhead_per_request_s · B + overhead_per_admit_s · A
                (B: requests in the decode step, A: requests admitted by the iteration)
@@ -269,6 +271,10 @@ class Replica:
         self.draft = cost.draft_seconds
         pre = getattr(cost, "prefill_seconds", None)
         self.prefill_cost: Callable[[int, int], float] = pre if callable(pre) else (lambda t, c: self.verify(1, t, c))
+        batch = getattr(cost, "prefill_batch_seconds", None)
+        # a step's prefill is priced from its chunk list: each chunk with its own prefix (module docstring)
+        self.prefill_batch_cost: Callable[[list[tuple[int, int]]], float] = batch if callable(batch) else (
+            lambda chunks: sum(self.prefill_cost(t, c) for t, c in chunks))
         # what the current iteration will commit when its timeout fires
         self._chunks: list[tuple[_Req, int]] = []
         self._decode: list[tuple[_Req, int, int]] = []
@@ -378,9 +384,7 @@ class Replica:
             budget -= c
         if not chunks:
             return 0.0
-        total = sum(c for _, c in chunks)
-        prefix = round(sum(r.done for r, _ in chunks) / len(chunks))
-        return float(self.prefill_cost(total, prefix))
+        return float(self.prefill_batch_cost([(c, r.done) for r, c in chunks]))
 
     def _plan_admit_whole(self) -> float:
         """Reference schedule: admit what fits the batch and prefill each whole prompt (module docstring)."""

@@ -119,6 +119,27 @@ def test_chunked_prefill_costs_one_iteration_per_chunk():
     assert res.summary["time_share"]["prefill"] == pytest.approx(1.0)
 
 
+def test_prefill_step_prices_each_chunk_with_its_own_prefix():
+    """Two fresh 2,048-token prompts in one step cost about two prefills (one fixed cost), not one 4,096-token
+    prompt (whose attention pairs grow as T^2); a long prompt's later chunk pays attention to its own prefix, not the
+    mean prefix of the step's chunks."""
+    from sglang_ext.core.costs import CostModel
+
+    cost = CostModel.fit(CPU_PROFILE)
+    one = cost.prefill_seconds(2048, 0)
+    two = cost.prefill_batch_seconds([(2048, 0), (2048, 0)])
+    assert cost.prefill_batch_seconds([(2048, 0)]) == pytest.approx(one)
+    assert one * 1.5 < two <= 2 * one * (1 + 1e-9)
+    assert cost.prefill_seconds(4096, 0) > 1.1 * two  # the old pricing: the batch as one prompt
+    long, short = 7219, 100
+    res = simulate(Trace((Request(0.0, long, 1, id="long"), Request(0.0, short, 1, id="short"))), cost,
+                   make_policy("static", k=0), SimConfig(max_prefill_tokens=4096), acceptance=perfect())
+    step1 = cost.prefill_batch_seconds([(4096, 0)])
+    step2 = cost.prefill_batch_seconds([(long - 4096, 4096), (short, 0)])
+    assert res.requests["first_token"][0] == pytest.approx(step1 + step2, rel=1e-9)
+    assert step2 > cost.prefill_seconds(long - 4096 + short, round(4096 / 2))  # own prefix > mean prefix
+
+
 # ---- determinism and conservation ------------------------------------------------------------------------------------
 def test_same_seed_identical_result_different_seed_differs():
     trace = small_trace(60)

@@ -608,6 +608,35 @@ class CostModel:
         return f.curve_at(P) + c.get("per_kv_token", 0.0) * ctx + \
             c.get("per_attention_pair", 0.0) * (P * ctx + P * (P + 1) / 2)
 
+    def prefill_batch_seconds(self, chunks: Sequence[tuple[int, int]]) -> float:
+        """One prefill forward over several requests' chunks ``[(P_i tokens, c_i committed before it), ...]``.
+
+        The token-linear part of the forward (its GEMMs and its fixed cost) is paid once, for the batch's total
+        tokens; attention is each chunk's own, since a chunk attends only to its own request's ``c_i`` cached
+        positions and its own tokens::
+
+            T = sum_i P_i
+            cost = curve(T) + sum_i [per_kv_token * c_i + per_attention_pair * (P_i * c_i + P_i * (P_i + 1) / 2)]
+
+        One chunk gives :meth:`prefill_seconds`. Pricing the batch as one prompt of ``T`` tokens after the mean
+        prefix instead would charge ``T^2 / 2`` attention pairs for chunks that never attend to each other, and give
+        a long prompt's later chunk the mean prefix rather than its own. Without prefill entries the verify formula
+        stands in the same way (its ``per_request`` term once per chunk).
+        """
+        chunks = [(int(p), int(c)) for p, c in chunks if p > 0]
+        if not chunks:
+            return 0.0
+        total = float(sum(p for p, _ in chunks))
+        f = self.prefill
+        if f is None:
+            v = self.verify.coefficients
+            return self.verify.curve_at(total) + sum(
+                v.get("per_request", 0.0) + (v.get("per_kv_token", 0.0) + v.get("per_attention_pair", 0.0) * p) * c
+                for p, c in chunks)
+        co = f.coefficients
+        kv, pair = co.get("per_kv_token", 0.0), co.get("per_attention_pair", 0.0)
+        return f.curve_at(total) + sum(kv * c + pair * (p * c + p * (p + 1) / 2) for p, c in chunks)
+
     def draft_seconds(self, batch_size: int, depth: int) -> float:
         """``depth`` sequential draft steps for ``batch_size`` requests (0 for depth 0)."""
         if depth <= 0 or batch_size <= 0:
