@@ -190,6 +190,18 @@ def test_eagle_from_the_cache_matches_eagle_from_the_target(target, progression_
     assert abs(live[-1]["loss"] - cached[-1]["loss"]) < 0.05 * live[-1]["loss"]
 
 
+def test_max_steps_cuts_the_plan_and_its_schedule(target, progression_cache, tmp_path):
+    """--max-steps: equal work for comparisons, whatever the machine's speed; the LR schedule ends at the cut."""
+    import json
+
+    cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=None, batch_tokens=24 * 4, epochs=2, warmup_steps=1,
+                      max_steps=3)
+    report = DrafterTrainer(target, "tiny", cfg, tmp_path / "cut").train([], progress=False, log=lambda *_: None,
+                                                                          cache=progression_cache)
+    assert report["train_steps"] == 3 and report["planned_steps"] > 3
+    assert len(json.loads((tmp_path / "cut" / "history.json").read_text())) == 3
+
+
 def test_specblock_resume_is_deterministic(target, progression_cache, tmp_path):
     cfg = TrainConfig(feature_layers=[0, 2], draft_vocab_size=None, batch_tokens=24 * 4, epochs=1, checkpoint_every=4,
                       warmup_steps=1, arch="specblock", block_size=3)

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--gen-batch", type=int, default=8, help="batch size for self-generation")
     p.add_argument("--max-train-seconds", type=float, default=None,
                    help="fit training into this many seconds (the plan and its LR schedule shrink to fit)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train at most this many steps (the LR schedule shrinks to fit): equal work for comparisons on "
+                        "a machine whose speed varies")
     p.add_argument("--arch", choices=("eagle", "specblock"), default="eagle",
                    help="eagle: one layer per draft depth (EAGLE-3 style); specblock: K positions per forward (SpecBlock)")
     p.add_argument("--feature-cache", type=Path, default=None, metavar="DIR",
@@ -205,7 +208,7 @@ def cmd_train_drafter(args) -> int:
         return 2
     cfg = TrainConfig(feature_layers=layers, draft_vocab_size=args.draft_vocab_size or None, ttt_steps=args.ttt_steps,
                       max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, lr=args.lr, epochs=args.epochs,
-                      seed=args.seed, max_train_seconds=args.max_train_seconds, arch=args.arch,
+                      seed=args.seed, max_train_seconds=args.max_train_seconds, max_steps=args.max_steps, arch=args.arch,
                       warmup_steps=args.warmup_steps,
                       block_size=args.block_size, drafter_layers=args.drafter_layers, ttt_blocks=args.ttt_blocks,
                       rank_start=args.rank_start, shift=not args.no_shift, inherit=not args.no_inherit,

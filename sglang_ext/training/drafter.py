@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100  # optimiser steps between resumable checkpoints
     max_train_seconds: float | None = None  # shrink the plan (and its LR schedule) to fit this wall-clock budget
+    max_steps: int | None = None  # cut the plan (and its LR schedule) to this many steps: equal work on a busy machine
     arch: str = "eagle"  # "eagle" (one layer per draft depth) or "specblock" (K positions per forward)
     eval_depth: int = 8  # held-out greedy chain depth reported for every architecture (accept_len@depth)
     # SpecBlock (arch "specblock"), SpecBlock §5.1 and its ablations
@@ -251,7 +252,7 @@ class DrafterTrainer:
                        if g]
         opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
         plan = [[order[j] for j in b] for e in range(c.epochs) for b in batches(kept, c.batch_tokens, c.seed + e)]
-        total_steps = len(plan)
+        total_steps = min(len(plan), c.max_steps) if c.max_steps else len(plan)
         horizon = [total_steps]  # the cosine schedule's length; shrinks if a time budget cuts the plan
 
         def lr_factor(s: int) -> float:
