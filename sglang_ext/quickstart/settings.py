@@ -59,7 +59,7 @@ class Settings:
     max_trace_output: int = 128
     loads: tuple[float, ...] = (0.3, 0.6, 0.9, 1.2)  # offered load as a fraction of plain decoding's capacity
     tune_load: float = 0.6
-    slo_tpot_factor: float = 1.5  # p90 TPOT SLO = this x a plain decode step at full batch (from the profile)
+    slo_tpot_ms: float | None = None  # p90 TPOT SLO; None: speculation off's simulated p90 TPOT at the tuning load
     slo_ttft_s: float = 30.0
     tune_maxiter: int = 6
     tune_popsize: int = 5

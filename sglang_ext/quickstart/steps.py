@@ -289,7 +289,7 @@ def sim_inputs(ctx: Context):
     cost = CostModel.fit(ctx.out / "profile.json")
     acc = acceptance_model(ctx.rundir.result("serve")["acceptance"])
     decode_step = cost.verify_seconds(s.batch, 1, s.max_trace_prompt // 2)
-    slo_tpot = s.slo_tpot_factor * decode_step
+    slo_tpot = s.slo_tpot_ms / 1e3 if s.slo_tpot_ms else 10.0  # the default is set after the sweep (simulate)
     config = SimConfig(max_batch_size=s.batch, max_prefill_tokens=512, max_draft_tokens=s.num_steps,
                        slo_ttft_s=s.slo_ttft_s, slo_tpot_s=slo_tpot)
     # plain decoding's capacity (output tokens/s at full batch, prefill included) against the trace's offered rate
@@ -301,8 +301,8 @@ def sim_inputs(ctx: Context):
     capacity_req_s = 1.0 / per_request
     offered_req_s = len(reqs) / duration
     scales = {load: offered_req_s / (capacity_req_s * load) for load in s.loads}
-    return trace, cost, acc, config, scales, {"decode_step_s": decode_step, "slo_tpot_s": slo_tpot,
-                                              "capacity_req_s": capacity_req_s, "offered_req_s": offered_req_s}
+    return trace, cost, acc, config, scales, {"decode_step_s": decode_step, "capacity_req_s": capacity_req_s,
+                                              "offered_req_s": offered_req_s}
 
 
 def policy_point(name: str, num_steps: int) -> tuple[str, dict[str, Any]]:
@@ -316,12 +316,15 @@ def policy_point(name: str, num_steps: int) -> tuple[str, dict[str, Any]]:
 
 
 def simulate(ctx: Context) -> dict[str, Any]:
+    from dataclasses import replace as dc_replace
+
     from simulator.tune import save_tuned, score, sweep, tune
 
     s = ctx.settings
     trace, cost, acc, config, scales, derived = sim_inputs(ctx)
     objective = "throughput-p90-tpot"
     rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
     with _bar(ctx, f"simulating {len(SIM_POLICIES)} policies x {len(scales)} loads", len(SIM_POLICIES)) as advance:
         for name in SIM_POLICIES:
             policy, params = policy_point(name, s.num_steps)
@@ -329,12 +332,20 @@ def simulate(ctx: Context) -> dict[str, Any]:
             for load, row in zip(scales, sweep(trace, cost, policy, grid, base_params=params, config=config,
                                                acceptance=acc, seed=s.seed, jobs=2, give_costs=False)):
                 sm = row.summary
+                summaries.append(sm)
                 rows.append({"policy": name, "load": load, "time_scale": scales[load],
-                             "throughput_tok_s": sm["throughput_tok_s"], "goodput_req_s": sm["goodput_req_s"],
+                             "throughput_tok_s": sm["throughput_tok_s"],
                              "tpot_p50_s": sm["tpot_s"]["p50"], "tpot_p90_s": sm["tpot_s"]["p90"],
                              "e2e_p50_s": sm["e2e_s"]["p50"], "e2e_p90_s": sm["e2e_s"]["p90"],
-                             "accept_length": sm["mean_acceptance_length"], "score": score(sm, objective)})
+                             "accept_length": sm["mean_acceptance_length"]})
             advance()
+    # the SLO: given, or "no worse than speculation off": off's simulated p90 TPOT at the tuning load
+    off_p90 = next(r["tpot_p90_s"] for r in rows if r["policy"] == "off" and r["load"] == s.tune_load)
+    slo_tpot = s.slo_tpot_ms / 1e3 if s.slo_tpot_ms else off_p90
+    config = dc_replace(config, slo_tpot_s=slo_tpot)
+    derived.update(slo_tpot_s=slo_tpot, slo_source="given" if s.slo_tpot_ms else "speculation off's p90 TPOT")
+    for r, sm in zip(rows, summaries):
+        r["score"] = score({**sm, "slo_tpot_s": slo_tpot}, objective)
     at = [r for r in rows if r["load"] == s.tune_load]
     adaptive = [r for r in at if r["policy"] in TUNE_PARAMS]
     best = max(adaptive, key=lambda r: r["score"])["policy"]
