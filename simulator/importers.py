@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.trace import OnError, Request, Trace, TraceError, TraceMeta
+from simulator.trace import OnError, Request, Trace, TraceError, TraceMeta, numbered_lines
 
 _TS = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?\s*$")
 
@@ -127,16 +127,21 @@ class _Rows:
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs; checks the header names the required columns (exact spelling)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise TraceError(path, 1, f"missing column(s) {', '.join(map(repr, missing))}; header is {header}",
-                             missing[0])
-        reader.fieldnames = header
-        for row in reader:
-            yield reader.line_num, row
+    def texts() -> Iterator[str]:
+        for _, text in numbered_lines(path):
+            if isinstance(text, TraceError):  # not UTF-8: named by line (a CSV row cannot be skipped safely)
+                raise text
+            yield text
+
+    reader = csv.DictReader(texts())
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise TraceError(path, 1, f"missing column(s) {', '.join(map(repr, missing))}; header is {header}",
+                         missing[0])
+    reader.fieldnames = header
+    for row in reader:
+        yield reader.line_num, row
 
 
 def _meta(path: Path, fmt: str, licence: str, **extra: Any) -> TraceMeta:
@@ -203,27 +208,33 @@ def import_mooncake(path: str | Path, *, category: str | None = None, on_error: 
         raise ValueError(f"jitter_s={jitter_s} must be a finite number >= 0")
     path = Path(path)
     rows = _Rows(path, on_error)
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    for line, text in numbered_lines(path):
+        if isinstance(text, str) and not text.strip():
+            continue
+        try:
+            if isinstance(text, TraceError):
+                raise text
             try:
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise TraceError(path, line, f"not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise TraceError(path, line, f"expected a JSON object, got {type(row).__name__}")
-                for col in ("timestamp", "input_length", "output_length"):
-                    if col not in row:
-                        raise TraceError(path, line, f"missing field {col!r}", col)
-                t = rows.seconds(row, "timestamp", line, scale=1e-3)
-                rows.raw.append((t, rows.positive_int(row, "input_length", line),
-                                 rows.positive_int(row, "output_length", line)))
-            except TraceError as e:
-                rows.error(e.line or line, e.message, e.field)
-    jitter = np.random.default_rng(seed).uniform(0.0, jitter_s, size=len(rows.raw)) if jitter_s > 0 else None
-    meta = _meta(path, "mooncake", licence, jitter_s=jitter_s, jitter_seed=seed)
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TraceError(path, line, f"not valid JSON (column {e.colno}: {e.msg})") from None
+            if not isinstance(row, dict):
+                raise TraceError(path, line, f"expected a JSON object, got {type(row).__name__}")
+            for col in ("timestamp", "input_length", "output_length"):
+                if col not in row:
+                    raise TraceError(path, line, f"missing field {col!r}", col)
+            t = rows.seconds(row, "timestamp", line, scale=1e-3)
+            rows.raw.append((t, rows.positive_int(row, "input_length", line),
+                             rows.positive_int(row, "output_length", line)))
+        except TraceError as e:
+            rows.error(e.line or line, e.message, e.field)
+    # only binned timestamps are spread over their bin: a trace whose arrivals are not all on bin boundaries (Mooncake's
+    # own synthetic traces) keeps them as they are
+    binned = bool(rows.raw) and jitter_s > 0 and all(
+        abs(t / jitter_s - round(t / jitter_s)) < 1e-9 for t, _, _ in rows.raw)
+    jitter = np.random.default_rng(seed).uniform(0.0, jitter_s, size=len(rows.raw)) if binned else None
+    meta = _meta(path, "mooncake", licence, jitter_s=jitter_s if binned else 0.0, jitter_seed=seed,
+                 binned=binned)
     return rows.trace(meta, category, jitter)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 #: per-request columns of a result (all the same length, one entry per finished request, in finish order)
 REQUEST_COLUMNS = ("index", "replica", "arrival", "first_token", "finish", "prompt_tokens", "output_tokens",
                    "preemptions", "spec_steps", "accepted")
+LATENCY_COLUMNS = ("ttft", "tpot", "e2e")
 PERCENTILES = (50, 90, 99)
 TIME_PARTS = ("prefill", "draft", "verify", "train", "overhead")
 
@@ -48,7 +49,8 @@ def latencies(req: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def summarize(req: dict[str, np.ndarray], busy: dict[str, float], *, iterations: int, slo_ttft_s: float,
-              slo_tpot_s: float, unfinished: int = 0, train_rounds: int = 0) -> dict[str, Any]:
+              slo_tpot_s: float, unfinished: int = 0, train_rounds: int = 0, rejected: int = 0,
+              beyond_profile: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary numbers of one run (module docstring has the definitions)."""
     n = len(req["arrival"])
     lat = latencies(req) if n else {"ttft": np.zeros(0), "tpot": np.zeros(0), "e2e": np.zeros(0)}
@@ -61,6 +63,7 @@ def summarize(req: dict[str, np.ndarray], busy: dict[str, float], *, iterations:
     return {
         "requests": n,
         "unfinished": unfinished,
+        "rejected": rejected,
         "output_tokens": out_tokens,
         "makespan_s": makespan,
         "throughput_tok_s": out_tokens / makespan if makespan > 0 else 0.0,
@@ -80,6 +83,7 @@ def summarize(req: dict[str, np.ndarray], busy: dict[str, float], *, iterations:
         "busy_s": {k: float(busy.get(k, 0.0)) for k in TIME_PARTS},
         "time_share": {k: (float(busy.get(k, 0.0)) / total_busy if total_busy > 0 else 0.0) for k in TIME_PARTS},
         "train_rounds": train_rounds,
+        "beyond_profile": dict(beyond_profile or {}),  # cost lookups beyond the profile's range (simulator.ranges)
     }
 
 
@@ -96,6 +100,7 @@ class SimResult:
     complete: bool = True
     error: str | None = None
     steps: dict[str, list] | None = None
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # requests that could never be served, and why
 
     def latencies(self) -> dict[str, np.ndarray]:
         return latencies(self.requests)
@@ -114,6 +119,8 @@ class SimResult:
             out["requests"] = {k: v.tolist() for k, v in self.requests.items()}
         if self.steps is not None:
             out["steps"] = self.steps
+        if self.rejected:
+            out["rejected"] = self.rejected
         return out
 
     def save(self, path: str | Path, per_request: bool = True) -> Path:
@@ -126,7 +133,7 @@ class SimResult:
     def from_json(cls, obj: dict[str, Any]) -> SimResult:
         reqs = {k: np.asarray(v) for k, v in obj.get("requests", {}).items()}
         return cls(obj["summary"], reqs, obj.get("perf", {}), obj.get("config", {}), obj.get("complete", True),
-                   obj.get("error"), obj.get("steps"))
+                   obj.get("error"), obj.get("steps"), obj.get("rejected", []))
 
     @classmethod
     def load(cls, path: str | Path) -> SimResult:
@@ -148,10 +155,12 @@ def write_requests_csv(result: SimResult, path: str | Path) -> Path:
     """Per-request columns plus TTFT/TPOT/E2E as CSV."""
     path = Path(path)
     cols = dict(result.requests) | result.latencies() if len(result.requests.get("arrival", ())) else {}
-    names = list(cols)
+    names = list(cols) or [*REQUEST_COLUMNS, *LATENCY_COLUMNS]  # the same 13 columns with no rows
     with open(path, "w", encoding="utf-8") as f:
-        f.write(",".join(names or list(REQUEST_COLUMNS)) + "\n")
-        f.writelines(",".join(repr(v) if isinstance(v, float) else str(v) for v in row) + "\n" for row in zip(*(cols[n].tolist() for n in names)))
+        f.write(",".join(names) + "\n")
+        if cols:
+            f.writelines(",".join(repr(v) if isinstance(v, float) else str(v) for v in row) + "\n"
+                         for row in zip(*(cols[n].tolist() for n in names)))
     return path
 
 
@@ -181,6 +190,12 @@ def print_result(result: SimResult, console: Any = None, title: str = "simulated
     if s.get("train_rounds"):
         t.add_row("training rounds", f"{s['train_rounds']}")
     t.add_row("iterations", f"{s['iterations']}")
+    if s.get("rejected"):
+        reasons = sorted({r["reason"].split(">")[-1].strip() for r in result.rejected})
+        t.add_row("[yellow]rejected[/yellow]", f"{s['rejected']} request(s) that can never fit ({'; '.join(reasons)})")
+    for name, b in (s.get("beyond_profile") or {}).items():
+        t.add_row("[yellow]beyond the profile[/yellow]", f"{name}: {b['lookups']} lookup(s) up to {b['largest']:g} "
+                  f"(measured up to {b['measured_max']:g}; --strict-profile makes this an error)")
     p = result.perf
     if p:
         t.add_row("simulator", f"{p.get('events', 0)} events in {p.get('wall_s', 0):.3f} s = "

@@ -90,6 +90,7 @@ from sglang_ext.core.signals import RequestStep, StepResult
 from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance
 from simulator.cluster import arrivals, make_router
 from simulator.metrics import REQUEST_COLUMNS, SimResult, summarize
+from simulator.ranges import ProfileRangeError, RangeGuard
 from simulator.trace import Request, Trace, TraceError
 
 Schedule = Literal["prefill_first", "mixed", "reference"]
@@ -120,6 +121,10 @@ class SimConfig:
     slo_ttft_s: float = 2.0
     slo_tpot_s: float = 0.1
     record_steps: bool = False
+    #: the model's position limit: a request with prompt + output beyond it is rejected (counted, not simulated)
+    max_context_len: int | None = None
+    #: a cost lookup beyond the profile's measured range is an error (:mod:`simulator.ranges`), not a counted warning
+    strict_profile: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -141,6 +146,8 @@ class SimConfig:
             raise ValueError(f"max_draft_tokens={self.max_draft_tokens} must be >= 0 (or None: no cap)")
         if self.replicas < 1:
             raise ValueError(f"replicas={self.replicas} must be >= 1")
+        if self.max_context_len is not None and self.max_context_len < 2:
+            raise ValueError(f"max_context_len={self.max_context_len} must be >= 2 tokens (or None: unlimited)")
         if self.trainer not in ("none", "separate", "shared"):
             raise ValueError(f"trainer={self.trainer!r} must be 'none', 'separate' or 'shared'")
         if not 0 < self.train_share < 1:
@@ -250,6 +257,8 @@ class Replica:
         self.max_bs = c.max_batch_size
         self.max_prefill = c.max_prefill_tokens
         self.kv_cap = c.kv_capacity
+        self.max_context = c.max_context_len
+        self.guard = sim.guard
         self.mixed = c.schedule == "mixed"
         self.reference = c.schedule == "reference"
         self.overhead = c.overhead_s
@@ -292,9 +301,13 @@ class Replica:
         return sum(r.need - r.done for r in reqs) + sum(r.out - r.gen for r in reqs)
 
     def add(self, index: int, request: Request) -> None:
-        if self.kv_cap is not None and request.prompt_tokens + request.output_tokens > self.kv_cap:
-            raise ValueError(f"request {index} ({request.id or 'no id'}) needs {request.prompt_tokens} + "
-                             f"{request.output_tokens} KV tokens > kv_capacity={self.kv_cap}")
+        need = request.prompt_tokens + request.output_tokens
+        if self.max_context is not None and need > self.max_context:  # the model's limit first: no server fits it
+            self.sim.reject(index, request, f"needs {need} positions > max_context_len={self.max_context}")
+            return
+        if self.kv_cap is not None and need > self.kv_cap:
+            self.sim.reject(index, request, f"needs {need} KV tokens > kv_capacity={self.kv_cap}")
+            return
         self.waiting.append(_Req(index, request, self.sim.acceptance.start(request), self.idx))
         if self.wake is not None:
             self.wake.succeed()
@@ -384,6 +397,9 @@ class Replica:
             budget -= c
         if not chunks:
             return 0.0
+        now = self.env.now
+        for r, c in chunks:
+            self.guard.prefill(c, r.done, now)
         return float(self.prefill_batch_cost([(c, r.done) for r, c in chunks]))
 
     def _plan_admit_whole(self) -> float:
@@ -403,6 +419,7 @@ class Replica:
                 self.policy.admit(r.rid)
             body = r.need - 1  # the last prompt token is the first decode step's root
             for start in range(0, body, chunk):
+                self.guard.prefill(min(chunk, body - start), start, self.env.now)
                 seconds += float(cost(min(chunk, body - start), start))
             self._prefilled += body
             self._admitted += 1
@@ -460,7 +477,9 @@ class Replica:
         # the reference engine's attention reads every row up to the longest committed context (padded batch)
         ctx_mean = ctx_max - 1 if self.reference else round(ctx_sum / B)
         catch_up_s = 0.0
+        self.guard.verify(B, K + 1, ctx_mean, self.env.now)
         if K > 0:
+            self.guard.draft(B, K, self.env.now)
             draft_s = float(self.draft(B, K))
             verify_s = float(self.verify(B, K + 1, ctx_mean))
             if self.absorb:  # split catch-ups on long backlogs, then the batch's padded rest (module docstring)
@@ -590,6 +609,11 @@ class Simulation:
         self.error: str | None = None
         self.steps: list[tuple] | None = [] if config.record_steps else None
         self._rows: list[tuple] = []
+        self.rejected: list[dict[str, Any]] = []
+        source = getattr(cost_model, "source", None)
+        ranges = source.get("ranges") if isinstance(source, dict) else None
+        self.guard = RangeGuard(ranges, config.strict_profile,
+                                f"profile {source.get('profile')}" if isinstance(source, dict) else "the profile")
         self.wall_s = 0.0
         self.cpu_s = 0.0
         self.policies = _policies(policy, config.replicas)
@@ -606,6 +630,13 @@ class Simulation:
 
     def _on_arrival(self, index: int, request: Request) -> None:
         self.arrived += 1
+
+    def reject(self, index: int, request: Request, reason: str) -> None:
+        """A request that can never be served (too long for the KV pool or the model): counted, as a server
+        answering 4xx would be, and kept out of the latency statistics."""
+        self.rejected.append({"index": index, "id": request.id, "arrival": request.arrival,
+                              "prompt_tokens": request.prompt_tokens, "output_tokens": request.output_tokens,
+                              "reason": reason})
 
     def record(self, r: _Req, now: float) -> None:
         self._rows.append((r.index, r.replica, r.arrival, r.first, now, r.prompt, r.out, r.preempt, r.spec_steps,
@@ -629,6 +660,8 @@ class Simulation:
         except KeyboardInterrupt:
             self.error = "interrupted (KeyboardInterrupt)"
             raise
+        except ProfileRangeError as e:  # --strict-profile: stop here; what ran so far is the partial result
+            self.error = str(e)
         finally:
             self.wall_s += time.perf_counter() - t0
             self.cpu_s += time.process_time() - c0  # CPU time: the cost on one core even when others compete
@@ -647,8 +680,9 @@ class Simulation:
                 busy[k] = busy.get(k, 0.0) + v
         c = self.config
         summary = summarize(cols, busy, iterations=sum(r.iterations for r in self.replicas), slo_ttft_s=c.slo_ttft_s,
-                            slo_tpot_s=c.slo_tpot_s, unfinished=self.arrived - len(rows),
-                            train_rounds=self.trainer.rounds)
+                            slo_tpot_s=c.slo_tpot_s, unfinished=self.arrived - len(rows) - len(self.rejected),
+                            train_rounds=self.trainer.rounds, rejected=len(self.rejected),
+                            beyond_profile=self.guard.report())
         sim_s = float(self.env.now)
         perf = {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "sim_s": sim_s,
                 "request_steps": self.request_steps,
@@ -661,7 +695,8 @@ class Simulation:
         if self.steps is not None:
             names = ("time", "replica", "batch_size", "depth", "prefill_tokens", "seconds")
             steps = {n: [s[i] for s in self.steps] for i, n in enumerate(names)}
-        return SimResult(summary, cols, perf, config, complete=self.error is None, error=self.error, steps=steps)
+        return SimResult(summary, cols, perf, config, complete=self.error is None, error=self.error, steps=steps,
+                         rejected=list(self.rejected))
 
 
 def _policy_json(policy: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ def register(sub) -> None:
     va.set_defaults(func=_guard(validate.cmd_validate))
 
 
+def _positive(flag: str, kind=float):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected a {kind.__name__}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: must be a finite number > 0")
+        return v
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", type=Path, required=True)
     p.add_argument("--format", choices=FORMATS, default="jsonl")
@@ -75,13 +88,21 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="acceptance model: JSON file, or spec alpha=0.7,conc=20,decay=0.95,drift=0:1;600:0.6 "
                         "(CATEGORY.alpha=...; prefix replay: to replay recorded acceptance first). "
                         "Default: replay recorded acceptance, parametric defaults elsewhere")
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply arrivals (0.5 = twice the rate)")
+    p.add_argument("--time-scale", type=_positive("--time-scale"), default=1.0,
+                   help="multiply arrivals (0.5 = twice the rate)")
     p.add_argument("--head", type=int, default=None, help="only the first N requests")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--router", default="round-robin", choices=["round-robin", "least-loaded", "least-tokens"])
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prefill tokens per iteration (chunk)")
-    p.add_argument("--kv-capacity", type=int, default=None, help="KV cache size in tokens (default: unlimited)")
+    p.add_argument("--kv-capacity", type=int, default=None, help="KV cache size in tokens (default: unlimited); "
+                   "a request larger than it is rejected (counted in the results)")
+    p.add_argument("--max-context-len", type=_positive("--max-context-len", int), default=None,
+                   help="the model's position limit: longer requests are rejected (default: the profile's model's "
+                        "max_position_embeddings, when it records one)")
+    p.add_argument("--strict-profile", action="store_true",
+                   help="a cost lookup beyond the profile's measured range (batch, context, prefill chunk, depth) is "
+                        "an error; by default it is counted and reported")
     p.add_argument("--schedule", choices=["prefill_first", "mixed"], default="prefill_first")
     p.add_argument("--overhead", type=float, default=0.0, help="fixed seconds per iteration (scheduler, CPU)")
     p.add_argument("--trainer", choices=["none", "separate", "shared"], default="none")
@@ -111,10 +132,12 @@ def _guard(func):
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
 def load_trace(args) -> Trace:
-    """The whole trace (sweep, tune), scaled and cut as asked."""
+    """The whole trace (sweep, tune), scaled and cut as asked; an empty one is an error naming the file."""
     from simulator.importers import import_trace
 
     trace = import_trace(args.format, args.trace)
+    if not len(trace):
+        raise TraceError(args.trace, None, "no requests in this trace")
     if args.head is not None:
         trace = trace.head(args.head)
     if args.time_scale != 1.0:
@@ -133,10 +156,13 @@ def load_cost_model(args) -> Any:
     return CostModel.load(args.cost_model)
 
 
-def sim_config(args, **extra: Any):
+def sim_config(args, cost: Any = None, **extra: Any):
     from simulator.model import SimConfig
 
-    return SimConfig(max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
+    max_ctx = args.max_context_len
+    if max_ctx is None and isinstance(getattr(cost, "source", None), dict):
+        max_ctx = cost.source.get("max_positions")
+    return SimConfig(max_context_len=max_ctx, strict_profile=args.strict_profile,max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens,
                      kv_capacity=args.kv_capacity, schedule=args.schedule, overhead_s=args.overhead,
                      replicas=args.replicas, router=args.router, trainer=args.trainer, train_share=args.train_share,
                      train_round_tokens=args.train_round_tokens, train_gain=args.train_gain,
@@ -180,7 +206,7 @@ def cmd_replay(args) -> int:
     policy = build_policy(args.policy, _policy_params(args), cost, args.policy_config,
                           give_costs=args.policy_costs == "given")
     acceptance = parse_acceptance(args.acceptance)
-    config = sim_config(args, record_steps=args.record_steps)
+    config = sim_config(args, cost, record_steps=args.record_steps)
     requests = stream_trace(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,8 +216,12 @@ def cmd_replay(args) -> int:
     except KeyboardInterrupt:
         result = sim.result()
         path = result.save(out / "partial.json")
-        console.print(f"[yellow]interrupted at t={sim.env.now:.1f} s: partial results in {path}[/yellow]")
+        write_requests_csv(result, out / "requests.partial.csv")
+        console.print(f"[yellow]interrupted at t={sim.env.now:.1f} s: partial results in {path} and "
+                      f"{out / 'requests.partial.csv'}[/yellow]")
         return 130
+    if result.complete and sim.arrived == 0:
+        raise TraceError(args.trace, None, "no requests in this trace (nothing to replay)")
     if not result.complete:
         path = result.save(out / "partial.json")
         write_requests_csv(result, out / "requests.partial.csv")
@@ -252,7 +282,7 @@ def cmd_sweep(args) -> int:
     cost = load_cost_model(args)
     trace = load_trace(args)
     grid = _parse_grid(args.grid, args.policy)
-    rows = sweep(trace, cost, args.policy, grid, base_params=_policy_params(args), config=sim_config(args),
+    rows = sweep(trace, cost, args.policy, grid, base_params=_policy_params(args), config=sim_config(args, cost),
                  acceptance=parse_acceptance(args.acceptance), seed=args.seed, jobs=args.jobs or default_jobs(),
                  give_costs=args.policy_costs == "given", progress=True)
     csv_path, json_path = write_sweep(rows, args.out)
@@ -283,7 +313,7 @@ def cmd_tune(args) -> int:
     trace = load_trace(args)
     names = [n.strip() for n in args.params.split(",") if n.strip()] if args.params else None
     res = tune(trace, cost, args.policy, objective=args.objective, params=names, fixed=_policy_params(args),
-               config=sim_config(args), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
+               config=sim_config(args, cost), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
                maxiter=args.maxiter, popsize=args.popsize, jobs=args.jobs, give_costs=args.policy_costs == "given",
                progress=True)
     path = save_tuned(res, args.out, cost)

@@ -280,6 +280,19 @@ def _open_text(path: Path, mode: str) -> IO[str]:
     return open(path, mode, encoding="utf-8")
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str | TraceError]]:
+    """``(line number, text)`` of a UTF-8 text file (``.gz`` too), decoded line by line: a line that is not UTF-8
+    comes as a :class:`TraceError` naming its line instead of its text (the caller raises or skips it), so the
+    good lines around it are still read."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, TraceError(path, lineno, f"not UTF-8 text (byte {e.start} of the line: {e.reason})")
+
+
 class TraceReader:
     """One pass over a JSONL trace (``.gz`` too), a request at a time: :func:`read_trace` collects it, replays
     stream it (:func:`stream_trace`). After the pass, ``meta`` holds the header and ``skipped`` the bad lines
@@ -302,34 +315,35 @@ class TraceReader:
         path = self.path
         seen_content = False
         prev = -math.inf
-        with _open_text(path, "r") as f:
-            for lineno, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
+        for lineno, text in numbered_lines(path):
+            if isinstance(text, str) and not text.strip():
+                continue
+            try:
+                if isinstance(text, TraceError):  # a line that is not UTF-8
+                    raise text
                 try:
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        raise TraceError(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
-                    if isinstance(obj, dict) and HEADER_KEY in obj:
-                        if seen_content:
-                            raise TraceError(path, lineno, "a trace header is allowed only on the first line",
-                                             HEADER_KEY)
-                        seen_content = True
-                        self.meta = self._header(obj, lineno)
-                        continue
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise TraceError(path, lineno, f"not valid JSON (column {e.colno}: {e.msg})") from None
+                if isinstance(obj, dict) and HEADER_KEY in obj:
+                    if seen_content:
+                        raise TraceError(path, lineno, "a trace header is allowed only on the first line",
+                                         HEADER_KEY)
                     seen_content = True
-                    req = parse_request(obj, path, lineno)
-                    if req.arrival < prev:
-                        raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
-                                         "(arrivals must be non-decreasing: sort the file, or import it)", "arrival")
-                except TraceError as e:
-                    if self.on_error == "raise":
-                        raise
-                    self.skipped.append(e)
+                    self.meta = self._header(obj, lineno)
                     continue
-                prev = req.arrival
-                yield req
+                seen_content = True
+                req = parse_request(obj, path, lineno)
+                if req.arrival < prev:
+                    raise TraceError(path, lineno, f"arrival={req.arrival} is before the previous arrival {prev} "
+                                     "(arrivals must be non-decreasing: sort the file, or import it)", "arrival")
+            except TraceError as e:
+                if self.on_error == "raise":
+                    raise
+                self.skipped.append(e)
+                continue
+            prev = req.arrival
+            yield req
 
     def _header(self, obj: dict, lineno: int) -> TraceMeta:
         head = obj[HEADER_KEY]

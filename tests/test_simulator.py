@@ -170,8 +170,15 @@ def test_kv_capacity_forces_preemption_and_everything_finishes():
     assert res.summary["requests"] == 6 and res.summary["output_tokens"] == 6 * 200
     free = simulate(trace, LinearCost(), make_policy("static", k=4), SimConfig(max_batch_size=8), acceptance=acc())
     assert free.summary["preemptions"] == 0
-    with pytest.raises(ValueError, match="kv_capacity"):
-        simulate(Trace((Request(0.0, 1000, 300),)), LinearCost(), make_policy("static"), cfg)
+    # a request that can never fit is rejected (counted, like a server's 4xx), not a crash; the others are served
+    mixed = Trace((Request(0.0, 300, 20, id="a"), Request(0.1, 1000, 300, id="big"), Request(0.2, 300, 20, id="b")))
+    res = simulate(mixed, LinearCost(), make_policy("static"), cfg)
+    assert res.complete and res.summary["requests"] == 2 and res.summary["rejected"] == 1
+    assert res.summary["unfinished"] == 0
+    assert res.rejected == [{"index": 1, "id": "big", "arrival": 0.1, "prompt_tokens": 1000, "output_tokens": 300,
+                             "reason": "needs 1300 KV tokens > kv_capacity=1200"}]
+    ctx = simulate(mixed, LinearCost(), make_policy("static"), SimConfig(max_context_len=512))
+    assert ctx.summary["rejected"] == 1 and "max_context_len=512" in ctx.rejected[0]["reason"]
 
 
 def test_mixed_schedule_and_prefill_first_both_conserve():

@@ -203,13 +203,21 @@ MOONCAKE = "\n".join(json.dumps(r) for r in [
 ]) + "\n"
 
 
+def test_import_mooncake_keeps_arrivals_that_are_not_binned(tmp_path):
+    """Mooncake's own synthetic traces have millisecond arrivals: jittering them would invent burstiness."""
+    rows = [{"timestamp": t, "input_length": 10, "output_length": 5} for t in (0, 1234, 3000, 4517)]
+    trace = import_mooncake(_write(tmp_path / "s.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n"), seed=7)
+    assert [r.arrival for r in trace] == [0.0, 1.234, 3.0, 4.517]
+    assert trace.meta.extra["binned"] is False and trace.meta.extra["jitter_s"] == 0.0
+
+
 def test_import_mooncake_jitters_within_bins(tmp_path):
     path = _write(tmp_path / "m.jsonl", MOONCAKE)
     binned = import_mooncake(path, jitter_s=0)
     assert [r.arrival for r in binned] == [0.0, 0.0, 3.0, 3.0, 9.0]
     a, b, c = import_mooncake(path, seed=7), import_mooncake(path, seed=7), import_mooncake(path, seed=8)
     assert a.requests == b.requests and a.requests != c.requests
-    assert a[0].arrival == 0.0 and a.meta.extra == {"jitter_s": 3.0, "jitter_seed": 7}
+    assert a[0].arrival == 0.0 and a.meta.extra == {"jitter_s": 3.0, "jitter_seed": 7, "binned": True}
     # each request is its 3 s bin's start plus a uniform offset in [0, 3): the first arrival is then shifted to 0
     t = np.array([0.0, 0.0, 3.0, 3.0, 9.0]) + np.random.default_rng(7).uniform(0, 3, 5)
     expected = sorted(zip(np.round(t - t.min(), 6), [6955, 6472, 1000, 2000, 512]))

@@ -167,9 +167,11 @@ def load_profile(path: str | Path) -> dict:
     """Read and validate a profile JSON file; errors name the file and the entry (``p.json: target[3].seconds ...``)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ProfileError(f"{p}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); a profile is JSON") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -562,7 +564,8 @@ class CostModel:
         source = {"profile": src_name, "model": meta.get("model"),
                   "hardware": hw.get("summary", hw) if isinstance(hw, dict) else hw,
                   "device": meta.get("device"), "dtype": meta.get("dtype"), "date": meta.get("date"),
-                  "statistic": statistic, "ranges": _ranges(prof)}
+                  "statistic": statistic, "ranges": _ranges(prof),
+                  "max_positions": (meta.get("architecture") or {}).get("max_position_embeddings")}
         return cls(verify, draft, train, source, prefill)
 
     @classmethod

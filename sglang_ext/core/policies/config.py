@@ -111,7 +111,10 @@ def save_policy_config(path: str | Path, policy: Policy, include_state: bool = T
 def load_policy_config(path: str | Path, **extra: Any) -> Policy:
     """The policy a config file describes (state restored when present); errors name the file and key."""
     where = str(path)
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); a policy config is JSON") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
