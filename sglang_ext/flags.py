@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -84,19 +85,67 @@ def policy_spec_from_args(args: argparse.Namespace) -> dict | None:
             policy = load_policy_config(path)
             if name and name != policy.name:
                 raise FlagError(f"--speculative-policy {name} disagrees with {path} (policy {policy.name!r})")
+            file_params = dict(policy.config)
+            check_deployment(policy, path, json.loads(Path(path).read_text(encoding="utf-8")), overrides, args)
             if overrides:
                 policy = make_policy(policy.name, **{**policy.config, **overrides})
+                check_order(policy, file_params, overrides, path)
         else:
             if name not in LENGTH_POLICIES:
                 raise FlagError(f"--speculative-policy {name!r}: unknown; choose from "
                                 f"{', '.join(sorted(LENGTH_POLICIES))}")
             policy = make_policy(name, **overrides)
+            check_deployment(policy, None, None, overrides, args)
+            check_order(policy, {}, overrides, None)
     except FlagError:
         raise
     except (OSError, ValueError) as e:
         flag = "--speculative-policy-config" if path else "--speculative-policy-param"
         raise FlagError(f"{flag}: {e}") from e
     return policy_to_dict(policy, include_state=bool(path))
+
+
+DEPLOY_FLAGS = (("speculative_num_steps", "--speculative-num-steps"), ("speculative_eagle_topk", "--speculative-eagle-topk"),
+                ("max_running_requests", "--max-running-requests"))
+
+
+def check_deployment(policy, path: str | None, file_dict: dict | None, overrides: dict, args) -> None:
+    """The policy's settings must fit the server they launch on: a config tuned for other serving flags (its
+    ``meta.deploy``) is refused naming both values, and so is an explicit depth parameter (a tuned config's, or a
+    ``--speculative-policy-param``) beyond ``--speculative-num-steps``. Defaults beyond it are fine: the server caps
+    lengths there."""
+    meta = (file_dict or {}).get("meta") or {}
+    for key, flag in DEPLOY_FLAGS:
+        want, have = (meta.get("deploy") or {}).get(key), getattr(args, key, None)
+        if want is not None and have is not None and want != have:
+            raise FlagError(f"--speculative-policy-config {path} was tuned for {flag} {want}, but this launch has "
+                            f"{flag} {have}: tune again with the serving flags, or launch with {flag} {want}")
+    steps = getattr(args, "speculative_num_steps", None)
+    if steps is None:
+        return
+    tuned = bool(meta)  # a config written by the tuner carries its meta; every one of its values was chosen
+    for p in type(policy).params:
+        if not p.depth:
+            continue
+        if p.name in overrides:
+            v, source = overrides[p.name], f"--speculative-policy-param {p.name}"
+        elif tuned and p.name in policy.config:
+            v, source = policy.config[p.name], f"--speculative-policy-config {path}: {p.name}"
+        else:
+            continue
+        if v is not None and v > steps:
+            raise FlagError(f"{source}={v} exceeds --speculative-num-steps {steps} (the deepest draft this server runs)")
+
+
+def check_order(policy, file_params: dict, overrides: dict, path: str | None) -> None:
+    """An override must not contradict the other depth parameters (DSDE: min_k <= init_k <= max_k): say which two."""
+    merged = {**file_params, **overrides}
+    for group in type(policy).ordered_params:
+        vals = [(n, merged.get(n)) for n in group if merged.get(n) is not None]
+        for (a, va), (b, vb) in zip(vals, vals[1:]):
+            if va > vb and (a in overrides or b in overrides):
+                where = lambda n: "--speculative-policy-param" if n in overrides else (path or "the defaults")  # noqa: E731
+                raise FlagError(f"{where(a)} {a}={va} contradicts {where(b)} {b}={vb} ({a} must be <= {b})")
 
 
 def policy_from_spec(spec: dict, **extra: Any):

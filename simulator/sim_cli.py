@@ -50,6 +50,13 @@ def register(sub) -> None:
     tu.add_argument("--popsize", type=int, default=8, help="population per searched parameter")
     tu.add_argument("--jobs", type=int, default=1, help="worker processes")
     tu.add_argument("--out", type=Path, required=True, help="policy config JSON to write (+ .tune.json report)")
+    g = tu.add_argument_group("the serving flags the result will be deployed with (recorded in the config; a launch "
+                              "with other values is refused)")
+    g.add_argument("--speculative-num-steps", type=_positive("--speculative-num-steps", int), default=None,
+                   help="depth parameters are searched up to this many steps (SGLang caps draft steps there)")
+    g.add_argument("--speculative-eagle-topk", type=_positive("--speculative-eagle-topk", int), default=None)
+    g.add_argument("--max-running-requests", type=_positive("--max-running-requests", int), default=None,
+                   help="the server's batch limit (sets --max-batch-size)")
     tu.set_defaults(func=_guard(cmd_tune))
 
     from simulator import validate
@@ -312,10 +319,18 @@ def cmd_tune(args) -> int:
     cost = load_cost_model(args)
     trace = load_trace(args)
     names = [n.strip() for n in args.params.split(",") if n.strip()] if args.params else None
+    deploy = {"speculative_num_steps": args.speculative_num_steps, "speculative_eagle_topk": args.speculative_eagle_topk,
+              "max_running_requests": args.max_running_requests}
+    if args.max_running_requests is not None:
+        args.max_batch_size = args.max_running_requests
+    extra = {"max_draft_tokens": args.speculative_num_steps} if args.speculative_num_steps else {}
+    if args.speculative_num_steps is None:
+        console.print("[yellow]no --speculative-num-steps: depth parameters are searched over the policy's own bounds; "
+                      "give the serving flags so the result fits the server it is deployed on[/yellow]")
     res = tune(trace, cost, args.policy, objective=args.objective, params=names, fixed=_policy_params(args),
-               config=sim_config(args, cost), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
+               config=sim_config(args, cost, **extra), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
                maxiter=args.maxiter, popsize=args.popsize, jobs=args.jobs, give_costs=args.policy_costs == "given",
-               progress=True)
+               progress=True, deploy=deploy)
     path = save_tuned(res, args.out, cost)
     report = Path(str(args.out) + ".tune.json") if not str(args.out).endswith(".json") else \
         Path(str(args.out)[:-5] + ".tune.json")

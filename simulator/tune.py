@@ -321,9 +321,11 @@ class Dim:
         return float(min(max(x, self.low), self.high))
 
 
-def search_space(policy: str, names: Sequence[str] | None = None, fixed: dict[str, Any] | None = None) -> list[Dim]:
+def search_space(policy: str, names: Sequence[str] | None = None, fixed: dict[str, Any] | None = None,
+                 max_depth: int | None = None) -> list[Dim]:
     """The dimensions to search: the registry's tunables of ``policy`` (or just ``names``), minus ``fixed`` ones and
-    RNG seeds; numeric parameters need both bounds."""
+    RNG seeds; numeric parameters need both bounds. ``max_depth`` (the deployment's ``--speculative-num-steps``)
+    caps every depth parameter: a length the server can never draft is not worth searching."""
     from sglang_ext.core.policies import tunables
 
     params = {p.name: p for p in tunables(policy)}
@@ -340,12 +342,42 @@ def search_space(policy: str, names: Sequence[str] | None = None, fixed: dict[st
             if len(p.choices) > 1:
                 dims.append(Dim(p.name, 0, len(p.choices) - 1, "choice", tuple(p.choices)))
         elif p.low is not None and p.high is not None and p.high > p.low:
-            dims.append(Dim(p.name, float(p.low), float(p.high), p.kind))
+            high = min(p.high, max_depth) if (p.depth and max_depth is not None) else p.high
+            if high > p.low:
+                dims.append(Dim(p.name, float(p.low), float(high), p.kind))
         elif names:
             raise ValueError(f"policy {policy!r}: parameter {p.name!r} has no bounds to search")
     if not dims:
         raise ValueError(f"policy {policy!r}: nothing to tune")
     return dims
+
+
+def ordered(params: dict[str, Any], policy: str) -> dict[str, Any]:
+    """``params`` with the policy's ordered depth groups made consistent (DSDE: ``init_k`` clamped to ``max_k``, then
+    ``min_k`` to ``init_k``): the values the policy would use anyway, so a tuned config never holds a contradiction."""
+    from sglang_ext.core.policies import policy_class
+
+    out = dict(params)
+    for group in policy_class(policy).ordered_params:
+        ceiling = None
+        for name in reversed(group):
+            v = out.get(name)
+            if v is None:
+                continue
+            if ceiling is not None and v > ceiling:
+                out[name] = v = ceiling
+            ceiling = v
+    return out
+
+
+def check_depths(policy: str, params: dict[str, Any], max_depth: int, source: str) -> None:
+    """A depth parameter beyond the deployment's ``--speculative-num-steps`` is a contradiction, named."""
+    from sglang_ext.core.policies import policy_class
+
+    for p in policy_class(policy).params:
+        v = params.get(p.name)
+        if p.depth and v is not None and v > max_depth:
+            raise ValueError(f"{source}: {p.name}={v} exceeds --speculative-num-steps {max_depth}")
 
 
 @dataclass
@@ -358,6 +390,7 @@ class TuneResult:
     evaluations: int
     history: list[dict[str, Any]] = field(default_factory=list)
     default_score: float | None = None
+    deploy: dict[str, int] = field(default_factory=dict)  # the serving flags it was tuned for
 
     def meta(self) -> dict[str, Any]:
         from simulator.metrics import _finite
@@ -366,7 +399,7 @@ class TuneResult:
                 "score": self.best_score, "default_score": self.default_score, "evaluations": self.evaluations,
                 "throughput_tok_s": self.best_summary.get("throughput_tok_s"),
                 "goodput_req_s": self.best_summary.get("goodput_req_s"),
-                "tpot_p90_s": self.best_summary.get("tpot_s", {}).get("p90")})
+                "tpot_p90_s": self.best_summary.get("tpot_s", {}).get("p90"), "deploy": self.deploy})
 
 
 class _Evaluator:
@@ -381,7 +414,7 @@ class _Evaluator:
         self.history: list[dict[str, Any]] = []
 
     def params(self, x: Sequence[float]) -> dict[str, Any]:
-        return {**self.fixed, **{d.name: d.value(v) for d, v in zip(self.dims, x)}}
+        return ordered({**self.fixed, **{d.name: d.value(v) for d, v in zip(self.dims, x)}}, self.policy)
 
     def _key(self, params: dict[str, Any]) -> tuple:
         return tuple(sorted((k, repr(v)) for k, v in params.items()))
@@ -413,15 +446,25 @@ class _Evaluator:
 def tune(trace: Trace, cost_model: Any, policy: str, *, objective: str = "goodput",
          params: Sequence[str] | None = None, fixed: dict[str, Any] | None = None, config: SimConfig | None = None,
          acceptance: AcceptanceModel | None = None, seed: int = 0, maxiter: int = 10, popsize: int = 8,
-         jobs: int = 1, give_costs: bool = True, progress: bool = False) -> TuneResult:
-    """Maximise ``objective`` over the policy's tunables by differential evolution (module docstring)."""
+         jobs: int = 1, give_costs: bool = True, progress: bool = False,
+         deploy: dict[str, int] | None = None) -> TuneResult:
+    """Maximise ``objective`` over the policy's tunables by differential evolution (module docstring).
+
+    ``deploy``: the serving flags the result will run under (``speculative_num_steps``, ``speculative_eagle_topk``,
+    ``max_running_requests``): depth parameters are searched only up to the number of steps, fixed depths beyond it
+    are refused, and the written config records them so a launch with other flags is refused.
+    """
     from scipy.optimize import differential_evolution
 
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
     fixed = dict(fixed or {})
     config = config or SimConfig()
-    dims = search_space(policy, params, fixed)
+    deploy = {k: v for k, v in (deploy or {}).items() if v is not None}
+    max_depth = deploy.get("speculative_num_steps")
+    if max_depth is not None:
+        check_depths(policy, fixed, max_depth, "--policy-param")
+    dims = search_space(policy, params, fixed, max_depth)
     acc = acceptance.to_json() if acceptance is not None else None
     point = {"policy": policy, "config": config.to_json(), "time_scale": 1.0, "seed": seed, "give_costs": give_costs}
     pool = _pool(jobs, trace, cost_model, acc) if jobs > 1 else None
@@ -445,7 +488,7 @@ def tune(trace: Trace, cost_model: Any, policy: str, *, objective: str = "goodpu
     finally:
         if pool is not None:
             pool.shutdown()
-    return TuneResult(policy, objective, best, best_s, best_summary, len(ev.cache), ev.history, -default)
+    return TuneResult(policy, objective, best, best_s, best_summary, len(ev.cache), ev.history, -default, deploy)
 
 
 def _default_x(policy: str, d: Dim) -> float:

@@ -355,7 +355,9 @@ def simulate(ctx: Context) -> dict[str, Any]:
             f"tokens/s under a p90 TPOT SLO of {1e3 * derived['slo_tpot_s']:.0f} ms")
     res = tune(tuning_trace, cost, policy, objective=objective, params=list(TUNE_PARAMS[best]), fixed=fixed,
                config=config, acceptance=acc, seed=s.seed, maxiter=s.tune_maxiter, popsize=s.tune_popsize,
-               jobs=2, give_costs=False, progress=True)
+               jobs=2, give_costs=False, progress=True,
+               deploy={"speculative_num_steps": s.num_steps, "speculative_eagle_topk": 1,
+                       "max_running_requests": s.batch})
     save_tuned(res, ctx.out / "tuned-policy.json")
     _plot_simulation(ctx, rows, res, best)
     return {"objective": objective, "rows": rows, "scales": scales, **derived, "best_policy": best,

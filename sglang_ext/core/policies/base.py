@@ -35,6 +35,8 @@ class Param:
     kind: str = "float"
     choices: tuple = ()
     doc: str = ""
+    #: a draft length in steps: a deployment caps it at ``--speculative-num-steps`` (the tuner searches below that)
+    depth: bool = False
 
     def check(self, value: Any, where: str = "") -> Any:
         """Coerce and bounds-check ``value``; raise a ValueError naming the parameter (and ``where``)."""
@@ -104,6 +106,9 @@ class Policy:
     role: ClassVar[str] = "length"
     #: constructor keywords that are objects, not config (e.g. a cost model): never saved, passed at load time
     extra_args: ClassVar[tuple[str, ...]] = ()
+    #: groups of depth parameters that must not decrease in the order given (DSDE: min_k <= init_k <= max_k); the
+    #: policy clamps a violation, but a deployment's flags and the tuner treat one as a contradiction
+    ordered_params: ClassVar[tuple[tuple[str, ...], ...]] = ()
     #: True: the policy reads ``RequestStep.kl`` / entropies, so a host should record the drafter's q for every
     #: proposed position (greedy requests included); False: the host can skip that work
     needs_kl: ClassVar[bool] = False

@@ -237,13 +237,15 @@ class DSDEPolicy(Policy):
 
     name = "dsde"
     needs_kl = True
+    ordered_params = (("min_k", "init_k", "max_k"),)
     extra_args = ("cost_model", "verify_cost", "draft_cost")
     params = (
         Param("variant", "code", kind="choice", choices=("code", "paper"),
               doc="constants of the authors' code (default) or of the paper; see the module docstring"),
-        Param("min_k", None, 1, 32, "int", doc="floor of every length (None: 1 for code, 2 = SL_min for paper)"),
-        Param("max_k", 10, 1, 32, "int", doc="ceiling of every length and of warm-up doubling"),
-        Param("init_k", 4, 1, 32, "int", doc="first length of a new request (warm-up starts here)"),
+        Param("min_k", None, 1, 32, "int", doc="floor of every length (None: 1 for code, 2 = SL_min for paper)",
+              depth=True),
+        Param("max_k", 10, 1, 32, "int", doc="ceiling of every length and of warm-up doubling", depth=True),
+        Param("init_k", 4, 1, 32, "int", doc="first length of a new request (warm-up starts here)", depth=True),
         Param("window", 30, 2, 1024, "int", doc="W: KL history length in tokens; warm-up lasts until it is full"),
         Param("decay", None, 0.5, 0.999, doc="δ, weight decay per token of age in WVIR (None: variant)"),
         Param("max_factor", None, 0.0, 4.0, doc="f in the dynamic k_max' (None: variant)"),

@@ -89,9 +89,10 @@ class GoodputPolicy(Policy):
 
     name = "goodput"
     extra_args = ("cost_model", "verify_cost", "draft_cost")
+    ordered_params = (("min_k", "max_k"),)
     params = (
-        Param("min_k", 0, 0, 32, "int", doc="smallest depth considered (0 allows plain steps)"),
-        Param("max_k", 8, 1, 32, "int", doc="largest depth considered"),
+        Param("min_k", 0, 0, 32, "int", doc="smallest depth considered (0 allows plain steps)", depth=True),
+        Param("max_k", 8, 1, 32, "int", doc="largest depth considered", depth=True),
         Param("alpha_decay", 0.9, 0.5, 0.9999, doc="discount per step of each request's α ratio-of-sums"),
         Param("alpha_prior", 0.5, 0.0, 1.0, doc="α assumed before any acceptance was observed"),
         Param("forget", 0.99, 0.5, 1.0, doc="forgetting factor of the online linear cost fit"),

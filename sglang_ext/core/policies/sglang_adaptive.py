@@ -129,7 +129,8 @@ class SGLangAdaptivePolicy(Policy):
 
     name = "sglang-adaptive"
     params = (
-        Param("initial_steps", 3, 0, 64, "int", doc="starting steps (the middle candidate if not a candidate)"),
+        Param("initial_steps", 3, 0, 64, "int", doc="starting steps (the middle candidate if not a candidate)",
+              depth=True),
         Param("ema_alpha", 0.2, 0.01, 1.0, doc="λ: EMA weight of a new batch mean of accepted drafts"),
         Param("update_interval", 5, 1, 1000, "int", doc="batches between recomputations"),
         Param("warmup", 10, 0, 10000, "int", doc="batches before the first recomputation"),

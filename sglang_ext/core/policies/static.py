@@ -16,7 +16,7 @@ class StaticPolicy(Policy):
     """Draft ``k`` tokens for every request at every step (``k = 0``: never speculate)."""
 
     name = "static"
-    params = (Param("k", 4, 0, 64, "int", doc="draft depth for every request (0: plain decoding)"),)
+    params = (Param("k", 4, 0, 64, "int", doc="draft depth for every request (0: plain decoding)", depth=True),)
 
     def decide(self, batch: BatchView) -> Decision:
         k = self.config["k"]

@@ -82,7 +82,8 @@ class TideControlPolicy(Policy):
     name = "tide-control"
     extra_args = ("cost_model", "verify_cost", "draft_cost")
     params = (
-        Param("gamma", 3, 1, 16, "int", doc="draft depth when speculating (TIDE: 3); the deepest with depth=best"),
+        Param("gamma", 3, 1, 16, "int", doc="draft depth when speculating (TIDE: 3); the deepest with depth=best",
+              depth=True),
         Param("depth", "best", kind="choice", choices=("best", "fixed"),
               doc="best: speculate at the depth <= gamma with the highest predicted rate; fixed: TIDE, always gamma"),
         Param("threshold", 1.0, 0.5, 2.0, doc="speculate iff predicted speedup > threshold (TIDE: 1)"),
