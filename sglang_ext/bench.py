@@ -42,10 +42,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from sglang_ext.models.batching import left_pad
-
 METHODS = ("hf", "hf-pld", "off", "ngram", "eagle-chain", "eagle-tree", "specblock-chain", "specblock-tree")
 DEFAULT_SETS = ("mt-bench", "humaneval", "gsm8k", "multilexsum")
 
@@ -98,6 +94,10 @@ def load_bench_prompts(tokenizer, sets: Sequence[str], per_set: int, prompts_fil
 
 
 def _hf_generate(model, prompts: list[list[int]], max_new: int, batch: int, eos: Sequence[int], pld: int = 0) -> tuple[list[list[int]], float]:
+    import torch  # here, not at the top: `sglang-ext` builds every subcommand's parser, and torch takes seconds
+
+    from sglang_ext.models.batching import left_pad
+
     pad = eos[0] if eos else 0
     outs: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
@@ -373,6 +373,8 @@ def write_report(rows: Sequence[BenchRow], out_dir: Path, meta: dict) -> Path:
 
 
 def machine_meta() -> dict:
+    import torch
+
     import os
 
     return {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
@@ -422,6 +424,8 @@ def default_drafter(model: str, arch: str = "eagle") -> Path | None:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     import shlex
     import sys
 

@@ -205,7 +205,17 @@ def cmd_export_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: subcommands registered by other modules: ``(names, module with register(sub))``. A command line names one, and
+#: only its module is imported (some import torch, which takes seconds); ``--help`` and the overview import all.
+EXTERNAL_COMMANDS = ((("train-drafter",), "sglang_ext.training.cli"), (("bench",), "sglang_ext.bench"),
+                     (("profile",), "sglang_ext.engine.profile"), (("serve", "generate"), "sglang_ext.server.cli"),
+                     (("trace",), "simulator.trace_cli"), (("sim",), "simulator.sim_cli"),
+                     (("replay",), "sglang_ext.engine.replay"))
+BUILTIN_COMMANDS = ("quickstart", "demo", "lossless", "models", "data", "export-drafter")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (``only``) the built-in commands plus that one external subcommand."""
     parser = argparse.ArgumentParser(prog="sglang-ext", description="Adaptive speculative decoding for SGLang.")
     sub = parser.add_subparsers(dest="command")
 
@@ -258,33 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace OUT if it exists")
     exp.set_defaults(func=cmd_export_drafter)
 
-    from sglang_ext.training.cli import register as register_training
+    import importlib
 
-    register_training(sub)
-
-    from sglang_ext.bench import register as register_bench
-
-    register_bench(sub)
-    from sglang_ext.engine.profile import register as register_profile
-    register_profile(sub)
-    from sglang_ext.server.cli import register as register_server
-    register_server(sub)
-    from simulator.trace_cli import register as register_trace
-    register_trace(sub)
-    from simulator.sim_cli import register as register_sim
-    register_sim(sub)
-    from sglang_ext.engine.replay import register as register_replay
-    register_replay(sub)
+    for names, module in EXTERNAL_COMMANDS:
+        if only is None or only in names:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = set(subcommand_help())
+    commands = set(BUILTIN_COMMANDS) | {n for names, _ in EXTERNAL_COMMANDS for n in names}
     first = next((a for a in argv if not a.startswith("-")), None)
     if first not in commands and not {"-h", "--help"} & set(argv[:1]):
         argv = ["quickstart", *argv]  # no subcommand: the quickstart, with whatever options were given
+        first = "quickstart"
+    parser = build_parser(only=first if first in commands and not {"-h", "--help"} & set(argv[:1]) else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
