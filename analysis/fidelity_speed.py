@@ -55,7 +55,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from sglang_ext.core.costs import CostModel
     from simulator.acceptance import ParametricAcceptance
     from simulator.model import simulate
-    from simulator.trace import read_trace
+    from sglang_ext.formats.trace import read_trace
     from simulator.validate import CalibratedCost, RunConfig, derive_trace, estimate_capacity, sim_config, time_scale_for
 
     cost = CostModel.fit(args.profile)

@@ -29,7 +29,7 @@ def _mpl():
 
 
 def plot_latency_cdfs(results: dict[str, Any], out: str | Path) -> Path:
-    """TTFT, TPOT and E2E empirical CDFs, one line per labelled :class:`~simulator.metrics.SimResult`."""
+    """TTFT, TPOT and E2E empirical CDFs, one line per labelled :class:`~sglang_ext.formats.results.SimResult`."""
     plt = _mpl()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for label, res in results.items():
@@ -80,7 +80,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], x: str, out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simulator.metrics import SimResult
+    from sglang_ext.formats.results import SimResult
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", type=Path, help="result.json files, or one sweep.json")

@@ -58,7 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from simulator.trace import Request
+from sglang_ext.formats.steps import kl_positions_from_steps, positions_from_steps  # noqa: F401  (re-exported)
+from sglang_ext.formats.trace import Request
 
 _BLOCK = 1 << 15
 _ALPHA_MAX = 0.9999
@@ -242,38 +243,6 @@ class ParametricAcceptance:
                    default=CategoryAcceptance(**obj.get("default", {})), decay=obj.get("decay", 1.0),
                    drift=Drift(tuple((float(t), float(m)) for t, m in obj.get("drift", []))),
                    kl_noise=obj.get("kl_noise", 0.3), ceiling=obj.get("ceiling", 0.95))
-
-
-def positions_from_steps(accepted: Sequence[int], length: int | None = None) -> list[int]:
-    """Recorded accepted counts per step → accepted run available at each output position (see module doc)."""
-    out: list[int] = []
-    for a in accepted:
-        out.extend(range(a, -1, -1))  # positions p_j .. p_j + a_j accept a_j, a_j − 1, ..., 0
-        if length is not None and len(out) >= length:
-            break
-    return out if length is None else out[:length]
-
-
-def kl_positions_from_steps(steps: Sequence[tuple[int, Sequence[float]]],
-                            length: int | None = None) -> list[float | None]:
-    """Recorded ``(accepted, kl per proposed position)`` per verify step → KL per output position.
-
-    Step ``j`` started at ``p_j = Σ_{i<j} (a_i + 1)`` and its ``i``-th proposal sits at position ``p_j + i``; a
-    position proposed twice keeps its first value; positions never proposed are None.
-    """
-    out: list[float | None] = []
-    p = 0
-    for a, kl in steps:
-        need = p + len(kl)
-        if len(out) < need:
-            out.extend([None] * (need - len(out)))
-        for i, v in enumerate(kl):
-            if out[p + i] is None:
-                out[p + i] = float(v)
-        p += int(a) + 1
-    if length is not None:
-        out = out[:length]
-    return out
 
 
 class ReplayAcceptance:

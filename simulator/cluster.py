@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from simulator.trace import Request, TraceError
+from sglang_ext.formats.trace import Request, TraceError
 
 
 class ReplicaLike(Protocol):

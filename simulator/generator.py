@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from simulator.trace import Request, Trace, TraceMeta, interarrival_cv
+from sglang_ext.formats.trace import Request, Trace, TraceMeta, interarrival_cv
 
 FIT_KIND = "sglang-ext.trace-fit"
 FIT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Importers from public trace formats into :class:`~simulator.trace.Trace` (arrivals in s from the first request).
+"""Importers from public trace formats into :class:`~sglang_ext.formats.trace.Trace` (arrivals in s from the first request).
 
 | format     | file                                   | columns used                                                    |
 |------------|----------------------------------------|-----------------------------------------------------------------|
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.trace import OnError, Request, Trace, TraceError, TraceMeta, numbered_lines
+from sglang_ext.formats.trace import OnError, Request, Trace, TraceError, TraceMeta, numbered_lines
 
 _TS = re.compile(r"^\s*(\d{4}-\d{2}-\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?\s*(Z|[+-]\d{2}:?\d{2})?\s*$")
 
@@ -273,7 +273,7 @@ IMPORTERS: dict[str, Callable[..., Trace]] = {
 def import_trace(fmt: str, path: str | Path, **kwargs: Any) -> Trace:
     """Dispatch on ``fmt`` (one of :data:`IMPORTERS`, or ``jsonl`` for the project's own format)."""
     if fmt == "jsonl":
-        from simulator.trace import read_trace
+        from sglang_ext.formats.trace import read_trace
 
         return read_trace(path, on_error=kwargs.get("on_error", "raise"))
     try:

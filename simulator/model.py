@@ -89,9 +89,9 @@ from sglang_ext.core.policies.base import BatchView
 from sglang_ext.core.signals import RequestStep, StepResult
 from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance
 from simulator.cluster import arrivals, make_router
-from simulator.metrics import REQUEST_COLUMNS, SimResult, summarize
+from sglang_ext.formats.results import REQUEST_COLUMNS, SimResult, summarize
 from simulator.ranges import ProfileRangeError, RangeGuard
-from simulator.trace import Request, Trace, TraceError
+from sglang_ext.formats.trace import Request, Trace, TraceError
 
 Schedule = Literal["prefill_first", "mixed", "reference"]
 TrainerMode = Literal["none", "separate", "shared"]

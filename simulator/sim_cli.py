@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from simulator.trace import Trace, TraceError, stream_trace
+from sglang_ext.formats.trace import Trace, TraceError, stream_trace
 
 FORMATS = ("jsonl", "azure", "vidur", "mooncake", "burstgpt")
 
@@ -204,7 +204,7 @@ def _policy_params(args) -> dict[str, Any]:
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_replay(args) -> int:
     from simulator.acceptance import parse_acceptance
-    from simulator.metrics import print_result, write_requests_csv
+    from sglang_ext.formats.results import print_result, write_requests_csv
     from simulator.model import Simulation
     from simulator.tune import build_policy
 
@@ -310,7 +310,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_tune(args) -> int:
     from simulator.acceptance import parse_acceptance
-    from simulator.metrics import _finite
+    from sglang_ext.formats.results import _finite
     from simulator.tune import save_tuned, tune
 
     console = Console()

@@ -73,7 +73,7 @@ def _guard(func):
     """Turn expected input errors into a one-line message and exit code 1, not a traceback."""
 
     def run(args) -> int:
-        from simulator.trace import TraceError
+        from sglang_ext.formats.trace import TraceError
 
         try:
             return func(args)
@@ -87,7 +87,7 @@ def _guard(func):
 
 @_guard
 def cmd_import(args) -> int:
-    from simulator.trace import write_trace
+    from sglang_ext.formats.trace import write_trace
 
     console = Console(soft_wrap=True)
     kw = {"category": args.category}
@@ -118,7 +118,7 @@ def cmd_fit(args) -> int:
 @_guard
 def cmd_generate(args) -> int:
     from simulator.generator import PRESETS, TraceFit, generate
-    from simulator.trace import write_trace
+    from sglang_ext.formats.trace import write_trace
 
     if args.fit in PRESETS and not Path(args.fit).exists():
         fit = PRESETS[args.fit]

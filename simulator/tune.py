@@ -33,7 +33,7 @@ import numpy as np
 
 from simulator.acceptance import AcceptanceModel, acceptance_from_json
 from simulator.model import SimConfig, simulate
-from simulator.trace import Trace
+from sglang_ext.formats.trace import Trace
 
 OBJECTIVES: dict[str, Callable[[dict], float]] = {}
 
@@ -256,7 +256,7 @@ def write_sweep(rows: list[SweepRow], out_dir: str | Path) -> tuple[Path, Path]:
     import csv
     import json
 
-    from simulator.metrics import _finite
+    from sglang_ext.formats.results import _finite
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +393,7 @@ class TuneResult:
     deploy: dict[str, int] = field(default_factory=dict)  # the serving flags it was tuned for
 
     def meta(self) -> dict[str, Any]:
-        from simulator.metrics import _finite
+        from sglang_ext.formats.results import _finite
 
         return _finite({"tuner": "simulator.tune (scipy differential_evolution)", "objective": self.objective,
                 "score": self.best_score, "default_score": self.default_score, "evaluations": self.evaluations,

@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.trace import Request, Trace, TraceMeta, read_trace
+from sglang_ext.formats.trace import Request, Trace, TraceMeta, read_trace
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "traces" / "tiny_chat.jsonl"
 DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json"
@@ -527,7 +527,7 @@ def _json_default(o: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from simulator.metrics import _finite
+    from sglang_ext.formats.results import _finite
 
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_finite(obj), indent=1, default=_json_default) + "\n", encoding="utf-8")
@@ -555,7 +555,7 @@ class RecordedRun:
 
     @classmethod
     def from_replay(cls, run: Any) -> RecordedRun:
-        from simulator.acceptance import kl_positions_from_steps
+        from sglang_ext.formats.steps import kl_positions_from_steps
 
         kl = {rid: kl_positions_from_steps(steps) for rid, steps in run.kl_records().items()} or None
         return cls(run.trace(finished_only=True), kl, list(run.steps), run.result().summary, run.others_cpu_cores,
@@ -566,7 +566,7 @@ class RecordedRun:
         """A run saved by ``sim validate`` (``trace.jsonl``, ``steps.jsonl`` or ``steps.jsonl.gz``, ``result.json``,
         ``signals.jsonl``)."""
         from sglang_ext.engine.replay import load_signals, load_steps
-        from simulator.metrics import SimResult
+        from sglang_ext.formats.results import SimResult
 
         d = Path(directory)
         if not (d / "result.json").is_file():
@@ -905,7 +905,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         console = Console(width=200)
     v = Validation(args, lambda m: console.print(m, highlight=False))
     v.out.mkdir(parents=True, exist_ok=True)
-    from simulator.trace import write_trace
+    from sglang_ext.formats.trace import write_trace
 
     write_trace(v.out / "trace.jsonl", v.trace)
     if not args.rejudge:

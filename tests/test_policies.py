@@ -838,3 +838,28 @@ def test_tide_exploration_budget_zero_keeps_to_the_rule():
     q = make_policy("tide-control", cost_model=LinearCost(), explore_budget=0.0, depth="fixed")
     q.load_state_dict(state)
     assert (q.explore_loss, q.seconds_seen) == (p.explore_loss, p.seconds_seen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 8)), min_size=1, max_size=12), st.integers(0, 3))
+def test_best_length_cap_equals_the_brute_force_search(reqs, floor):
+    """The one-pass cap search gives batch_goodput's own argmax (ties: the smaller cap)."""
+    from sglang_ext.core.policies.goodput import batch_goodput, best_length_cap
+
+    class Costs:
+        def verify_seconds(self, b, t, ctx=0):
+            return 0.04 + 0.003 * b * t + 1e-6 * ctx * b
+
+        def draft_seconds(self, b, d):
+            return d * (0.004 + 0.0005 * b)
+
+    alphas, lengths = [r[0] for r in reqs], [r[1] for r in reqs]
+    cap, g = best_length_cap(Costs(), alphas, lengths, floor, 100)
+    top = max(lengths)
+    if top <= floor:
+        assert (cap, g) == (None, None)
+        return
+    brute = [(batch_goodput(Costs(), alphas, [min(k, c) for k in lengths], 100), c) for c in range(floor, top + 1)]
+    best_g = max(x[0] for x in brute)
+    assert g == pytest.approx(best_g, rel=1e-12)
+    assert cap == min(c for x, c in brute if x >= best_g * (1 - 1e-12))

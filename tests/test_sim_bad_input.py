@@ -76,7 +76,7 @@ def test_empty_trace_is_an_error_and_an_empty_csv_has_every_column(tmp_path, cap
     assert "no requests" in capsys.readouterr().err
     assert main(["sim", "sweep", "--trace", str(empty), "--profile", str(PROFILE), "--grid", "k=1",
                  "--out", str(tmp_path / "sw")]) == 1
-    from simulator.metrics import LATENCY_COLUMNS, REQUEST_COLUMNS, SimResult, write_requests_csv
+    from sglang_ext.formats.results import LATENCY_COLUMNS, REQUEST_COLUMNS, SimResult, write_requests_csv
 
     res = SimResult({}, {})
     with open(write_requests_csv(res, tmp_path / "r.csv"), newline="") as f:

@@ -21,9 +21,9 @@ from simulator.acceptance import (
     positions_from_steps,
     synthetic_recording,
 )
-from simulator.metrics import SimResult
+from sglang_ext.formats.results import SimResult
 from simulator.model import SimConfig, Simulation, SimulationError, simulate
-from simulator.trace import Request, Trace, read_trace
+from sglang_ext.formats.trace import Request, Trace, read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "traces" / "tiny_chat.jsonl"
@@ -355,7 +355,7 @@ def test_replicas_share_load_and_routers_differ():
 
 # ---- robustness ----------------------------------------------------------------------------------------------------------
 def test_streaming_trace_error_keeps_partial_result(tmp_path):
-    from simulator.trace import stream_trace
+    from sglang_ext.formats.trace import stream_trace
 
     f = tmp_path / "bad.jsonl"
     lines = [json.dumps({"arrival": i * 0.1, "prompt_tokens": 50, "output_tokens": 20}) for i in range(10)]

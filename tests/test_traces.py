@@ -27,7 +27,7 @@ from simulator.importers import (
     import_vidur,
     parse_datetime_seconds,
 )
-from simulator.trace import (
+from sglang_ext.formats.trace import (
     Request,
     Trace,
     TraceError,

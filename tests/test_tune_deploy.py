@@ -11,7 +11,7 @@ import pytest
 
 from sglang_ext.flags import FlagError, add_policy_args, policy_spec_from_args
 from simulator.tune import ordered, save_tuned, search_space, tune
-from simulator.trace import Request, Trace
+from sglang_ext.formats.trace import Request, Trace
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "traces" / "profiles" / "cpu-2core-smollm2-135m.json"

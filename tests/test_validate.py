@@ -23,9 +23,9 @@ from simulator.acceptance import (
     ReplayAcceptance,
     kl_positions_from_steps,
 )
-from simulator.metrics import SimResult
+from sglang_ext.formats.results import SimResult
 from simulator.model import SimConfig, simulate
-from simulator.trace import Request, Trace, read_trace
+from sglang_ext.formats.trace import Request, Trace, read_trace
 from simulator.validate import (
     CalibratedCost,
     RecordedRun,
@@ -165,7 +165,7 @@ def test_replay_prompts_from_real_text(tmp_path):
 
 def test_replay_bad_trace_line_keeps_partial_results(tiny, tmp_path):
     from sglang_ext.engine.replay import PromptSource, replay
-    from simulator.trace import stream_trace
+    from sglang_ext.formats.trace import stream_trace
 
     f = tmp_path / "bad.jsonl"
     lines = [json.dumps({"arrival": 0.002 * i, "prompt_tokens": 6, "output_tokens": 5}) for i in range(3)]

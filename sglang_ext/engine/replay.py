@@ -15,7 +15,7 @@ Outputs (``--out DIR``):
 - ``trace.jsonl``: the replayed trace (arrivals as replayed, ids ``r<i>``) with each request's ``acceptance``
   filled in: the accepted draft tokens of every verify step (``RequestState.accept_record``). This is how
   acceptance is recorded for the simulator (:class:`simulator.acceptance.ReplayAcceptance`).
-- ``result.json``: what was measured, in the schema of the simulator's :class:`simulator.metrics.SimResult`
+- ``result.json``: what was measured, in the schema of the simulator's :class:`sglang_ext.formats.results.SimResult`
   (summary: throughput, TTFT/TPOT/E2E p50/p90/p99, mean acceptance length; per-request columns), so
   ``sglang-ext sim validate`` compares the two field by field.
 - ``steps.jsonl``: one line per engine step (start, seconds, batch, admitted prompts, per-request draft depth
@@ -219,7 +219,7 @@ class ReplayRun:
 
     def trace(self, name: str = "replay", finished_only: bool = False):
         """The replayed requests as a trace, ``acceptance`` filled in for speculative runs."""
-        from simulator.trace import Request, Trace, TraceMeta
+        from sglang_ext.formats.trace import Request, Trace, TraceMeta
 
         reqs = [Request(r.arrival, r.prompt_tokens, r.output_tokens, r.category,
                         tuple(r.acceptance) if (self.speculative and r.acceptance is not None and r.done) else None,
@@ -239,10 +239,10 @@ class ReplayRun:
         return out
 
     def result(self):
-        """The measured run as a :class:`simulator.metrics.SimResult` (finished requests, in finish order)."""
+        """The measured run as a :class:`sglang_ext.formats.results.SimResult` (finished requests, in finish order)."""
         import numpy as np
 
-        from simulator.metrics import REQUEST_COLUMNS, SimResult, summarize
+        from sglang_ext.formats.results import REQUEST_COLUMNS, SimResult, summarize
 
         done = sorted((r for r in self.requests if r.done), key=lambda r: (r.finish, r.index))
         rows = []
@@ -266,7 +266,7 @@ class ReplayRun:
 
     def save(self, out: str | Path, name: str = "replay") -> dict[str, Path]:
         """Write trace / result / steps / signals into ``out`` (``*.partial.*`` names for an incomplete run)."""
-        from simulator.trace import write_trace
+        from sglang_ext.formats.trace import write_trace
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def load_steps(path: str | Path) -> list[StepRecord]:
 
 def load_signals(path: str | Path) -> dict[str, list[float | None]]:
     """``signals.jsonl`` → request id → KL per output position (for :class:`~simulator.acceptance.ReplayAcceptance`)."""
-    from simulator.acceptance import kl_positions_from_steps
+    from sglang_ext.formats.steps import kl_positions_from_steps
 
     path = Path(path)
     out: dict[str, list[float | None]] = {}
@@ -437,15 +437,15 @@ def warm_up(engine, prompts: PromptSource, count: int = 2, prompt_tokens: int = 
 def replay(engine, requests: Iterable, prompts: PromptSource, *, warmup: int = 2,
            progress: Callable[[int, int], None] | None = None, clock: Callable[[], float] = time.perf_counter,
            sleep: Callable[[float], None] = time.sleep) -> ReplayRun:
-    """Replay ``requests`` (:class:`simulator.trace.Request`, arrivals in seconds, already time-scaled; read
-    lazily, so a :class:`~simulator.trace.TraceError` part-way stops the arrivals) on ``engine`` by wall clock.
+    """Replay ``requests`` (:class:`sglang_ext.formats.trace.Request`, arrivals in seconds, already time-scaled; read
+    lazily, so a :class:`~sglang_ext.formats.trace.TraceError` part-way stops the arrivals) on ``engine`` by wall clock.
 
     Returns the :class:`ReplayRun` — also after a bad trace line (the requests already submitted are run to the
     end), Ctrl-C or an engine error (the run stops at once; the engine may be mid-step and should be discarded);
     then ``complete`` is False and ``error`` says why.
     """
     from sglang_ext.core.processing import SamplingParams
-    from simulator.trace import TraceError
+    from sglang_ext.formats.trace import TraceError
 
     from .engine import GenerationRequest, RequestError
 
@@ -596,8 +596,8 @@ def register(sub) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from simulator.metrics import print_result
-    from simulator.trace import TraceError, stream_trace
+    from sglang_ext.formats.results import print_result
+    from sglang_ext.formats.trace import TraceError, stream_trace
 
     from .launch import LaunchError, build_engine
 

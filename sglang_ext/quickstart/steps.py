@@ -279,7 +279,7 @@ def sim_inputs(ctx: Context):
     """``(trace, cost model, acceptance model, SimConfig, scales)`` for the simulation step."""
     from sglang_ext.core.costs import CostModel
     from simulator.model import SimConfig
-    from simulator.trace import read_trace
+    from sglang_ext.formats.trace import read_trace
     from simulator.validate import derive_trace
 
     s = ctx.settings
@@ -417,7 +417,7 @@ def check(ctx: Context) -> dict[str, Any]:
     from sglang_ext.engine.launch import build_engine_from_parts
     from sglang_ext.engine.replay import PromptSource, replay
     from sglang_ext.studies.tuning_pays import Arm
-    from simulator.trace import Trace, read_trace
+    from sglang_ext.formats.trace import Trace, read_trace
     from simulator.validate import derive_trace
 
     from .prompts import prompt_pools

@@ -110,7 +110,7 @@ def _burst(trace):
     """All requests queued at t = 0 (a saturated engine: throughput is the engine's, not the arrival rate's)."""
     from dataclasses import replace
 
-    from simulator.trace import Trace
+    from sglang_ext.formats.trace import Trace
 
     return Trace(tuple(replace(r, arrival=0.0) for r in trace.requests), trace.meta)
 
@@ -118,7 +118,7 @@ def _burst(trace):
 class Study:
     def __init__(self, args: argparse.Namespace) -> None:
         from sglang_ext.core.costs import CostModel, load_profile
-        from simulator.trace import read_trace
+        from sglang_ext.formats.trace import read_trace
         from simulator.tune import coerce_params
         from simulator.validate import derive_trace
 
@@ -191,7 +191,8 @@ class Study:
 
     # -- the stages --------------------------------------------------------------------------------------------
     def record_and_tune(self, out: Path, log) -> dict[str, Any]:
-        from simulator.acceptance import ReplayAcceptance, kl_positions_from_steps
+        from sglang_ext.formats.steps import kl_positions_from_steps
+        from simulator.acceptance import ReplayAcceptance
         from simulator.tune import save_tuned, tune
         from simulator.validate import fit_calibration, sim_config
 
