@@ -38,6 +38,8 @@ def register(sub) -> None:
                     help="a grid axis: a policy parameter, an engine setting (max_batch_size, kv_capacity, ...), "
                          "time_scale (load) or seed; repeat for more axes")
     sw.add_argument("--jobs", type=int, default=0, help="worker processes (default: all cores)")
+    sw.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|local",
+                    help="run the points on a Ray cluster instead of local processes (extra 'cluster'; same results)")
     sw.add_argument("--out", type=Path, required=True, help="directory for sweep.csv and sweep.json")
     sw.set_defaults(func=_guard(cmd_sweep))
 
@@ -49,6 +51,8 @@ def register(sub) -> None:
     tu.add_argument("--maxiter", type=int, default=10, help="differential-evolution generations")
     tu.add_argument("--popsize", type=int, default=8, help="population per searched parameter")
     tu.add_argument("--jobs", type=int, default=1, help="worker processes")
+    tu.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT|local",
+                    help="evaluate each generation on a Ray cluster instead of local processes (extra 'cluster')")
     tu.add_argument("--out", type=Path, required=True, help="policy config JSON to write (+ .tune.json report)")
     g = tu.add_argument_group("the serving flags the result will be deployed with (recorded in the config; a launch "
                               "with other values is refused)")
@@ -291,7 +295,7 @@ def cmd_sweep(args) -> int:
     grid = _parse_grid(args.grid, args.policy)
     rows = sweep(trace, cost, args.policy, grid, base_params=_policy_params(args), config=sim_config(args, cost),
                  acceptance=parse_acceptance(args.acceptance), seed=args.seed, jobs=args.jobs or default_jobs(),
-                 give_costs=args.policy_costs == "given", progress=True)
+                 give_costs=args.policy_costs == "given", progress=True, ray_address=args.ray_address)
     csv_path, json_path = write_sweep(rows, args.out)
     t = Table(title=f"sweep of {args.policy} on {args.trace.name}")
     for k in grid:
@@ -330,7 +334,7 @@ def cmd_tune(args) -> int:
     res = tune(trace, cost, args.policy, objective=args.objective, params=names, fixed=_policy_params(args),
                config=sim_config(args, cost, **extra), acceptance=parse_acceptance(args.acceptance), seed=args.seed,
                maxiter=args.maxiter, popsize=args.popsize, jobs=args.jobs, give_costs=args.policy_costs == "given",
-               progress=True, deploy=deploy)
+               progress=True, deploy=deploy, ray_address=args.ray_address)
     path = save_tuned(res, args.out, cost)
     report = Path(str(args.out) + ".tune.json") if not str(args.out).endswith(".json") else \
         Path(str(args.out)[:-5] + ".tune.json")

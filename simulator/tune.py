@@ -230,13 +230,20 @@ class SweepRow:
 def sweep(trace: Trace, cost_model: Any, policy: str, grid: dict[str, Sequence[Any]], *,
           base_params: dict[str, Any] | None = None, config: SimConfig | None = None,
           acceptance: AcceptanceModel | None = None, seed: int = 0, jobs: int = 1, give_costs: bool = True,
-          progress: bool = False) -> list[SweepRow]:
-    """Simulate every grid point (``jobs`` > 1: a process pool); rows come back in grid order."""
+          progress: bool = False, ray_address: str | None = None) -> list[SweepRow]:
+    """Simulate every grid point (``jobs`` > 1: a process pool; ``ray_address``: a Ray cluster,
+    :mod:`simulator.distributed`); rows come back in grid order, identical whichever runs them."""
     points = grid_points(policy, grid, base_params, config or SimConfig(), seed, give_costs)
     acc = acceptance.to_json() if acceptance is not None else None
     results: list[dict | None] = [None] * len(points)
     with _progress(progress, len(points), f"sweep {policy}") as advance:
-        if jobs <= 1 or len(points) == 1:
+        if ray_address:
+            from simulator.distributed import RayPool
+
+            for i, r in RayPool(ray_address, trace, cost_model, acc).as_completed(points):
+                results[i] = r
+                advance()
+        elif jobs <= 1 or len(points) == 1:
             for i, p in enumerate(points):
                 results[i] = run_point(p, trace, cost_model, acc)
                 advance()
@@ -447,7 +454,7 @@ def tune(trace: Trace, cost_model: Any, policy: str, *, objective: str = "goodpu
          params: Sequence[str] | None = None, fixed: dict[str, Any] | None = None, config: SimConfig | None = None,
          acceptance: AcceptanceModel | None = None, seed: int = 0, maxiter: int = 10, popsize: int = 8,
          jobs: int = 1, give_costs: bool = True, progress: bool = False,
-         deploy: dict[str, int] | None = None) -> TuneResult:
+         deploy: dict[str, int] | None = None, ray_address: str | None = None) -> TuneResult:
     """Maximise ``objective`` over the policy's tunables by differential evolution (module docstring).
 
     ``deploy``: the serving flags the result will run under (``speculative_num_steps``, ``speculative_eagle_topk``,
@@ -467,7 +474,12 @@ def tune(trace: Trace, cost_model: Any, policy: str, *, objective: str = "goodpu
     dims = search_space(policy, params, fixed, max_depth)
     acc = acceptance.to_json() if acceptance is not None else None
     point = {"policy": policy, "config": config.to_json(), "time_scale": 1.0, "seed": seed, "give_costs": give_costs}
-    pool = _pool(jobs, trace, cost_model, acc) if jobs > 1 else None
+    if ray_address:
+        from simulator.distributed import RayPool
+
+        pool = RayPool(ray_address, trace, cost_model, acc)
+    else:
+        pool = _pool(jobs, trace, cost_model, acc) if jobs > 1 else None
     try:
         ev = _Evaluator(policy, dims, fixed, point, objective, trace, cost_model, acc, pool)
         default = ev.evaluate_many([[_default_x(policy, d) for d in dims]])[0]
