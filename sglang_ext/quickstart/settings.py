@@ -58,7 +58,7 @@ class Settings:
     max_trace_prompt: int = 512  # the profile's measured range
     max_trace_output: int = 128
     loads: tuple[float, ...] = (0.3, 0.6, 0.9, 1.2)  # offered load as a fraction of plain decoding's capacity
-    tune_load: float = 0.6
+    tune_load: float = 1.2  # saturated, as the check step's burst is: below capacity every policy just meets the arrivals
     slo_tpot_ms: float | None = None  # p90 TPOT SLO; None: speculation off's simulated p90 TPOT at the tuning load
     slo_ttft_s: float = 30.0
     tune_maxiter: int = 6
@@ -87,5 +87,5 @@ QUICK = replace(
             "epochs": 1, "eval_fraction": 0.25, "shift_epsilon": 1.0},
     profile=ProfileSettings(batch_sizes=(1, 2), tokens=(1, 2, 3), context_lens=(32, 96), prefill_tokens=(16, 64),
                             prefill_context_lens=(0,), draft_depths=(1, 2), repeats=1, warmup=1),
-    trace_head=12, max_trace_prompt=64, max_trace_output=16, loads=(0.5, 1.0), tune_load=0.5, tune_maxiter=1,
+    trace_head=12, max_trace_prompt=64, max_trace_output=16, loads=(0.5, 1.0), tune_load=1.0, tune_maxiter=1,
     tune_popsize=2, check_requests=3, check_rounds=1, check_output_tokens=8)
