@@ -133,6 +133,14 @@ class FeatureDrafterSlots:
         self.cache.reset(slot)
         self.pending[slot] = ([], [])
 
+    @staticmethod
+    def first_slot(requests: Sequence[DraftRequest]) -> int:
+        """The first slot of a draft call; the batch must cover contiguous slots in order (one cache row each)."""
+        s0 = requests[0].slot
+        if [r.slot for r in requests] != list(range(s0, s0 + len(requests))):
+            raise ValueError("requests must cover contiguous slots in order")
+        return s0
+
     def release(self, slot: int) -> None:
         self.cache.reset(slot)
         self.pending.pop(slot, None)

@@ -130,9 +130,7 @@ class EagleDrafter(FeatureDrafterSlots):
     def draft(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         if not requests:
             return []
-        s0 = requests[0].slot
-        if [r.slot for r in requests] != list(range(s0, s0 + len(requests))):
-            raise ValueError("requests must cover contiguous slots in order")
+        s0 = self.first_slot(requests)
         root_state = self._absorb_pending(s0, len(requests))
         if self.topk == 1:
             return self._draft_chain(requests, root_state)

@@ -174,9 +174,7 @@ class SpecBlockDrafter(FeatureDrafterSlots):
     def draft(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         if not requests:
             return []
-        s0 = requests[0].slot
-        if [r.slot for r in requests] != list(range(s0, s0 + len(requests))):
-            raise ValueError("requests must cover contiguous slots in order")
+        s0 = self.first_slot(requests)
         states, cond_root, counts = self._first_block(s0, len(requests))
         depths = [r.num_steps if counts[b] > 0 else 0 for b, r in enumerate(requests)]
         if self.topk == 1:
