@@ -164,7 +164,6 @@ def name_safe(text: str) -> str:
 
 # ---- 3. serve: the shifting stream, static vs online --------------------------------------------------------------
 def serve(ctx: Context) -> dict[str, Any]:
-    import shutil as _sh
     import tempfile
 
     from sglang_ext.engine.engine import GenerationRequest
@@ -212,7 +211,7 @@ def serve(ctx: Context) -> dict[str, Any]:
             recording.setdefault(it.segment, []).append(list(st.accept_record))
     finally:
         ws.stop_runs(runs)
-        _sh.rmtree(handoff, ignore_errors=True)
+        shutil.rmtree(handoff, ignore_errors=True)
     if not summary["greedy_identity"]:
         bad = {n: c["not_identical"] for n, c in summary["configs"].items() if c["not_identical"]}
         raise QuickstartError(f"greedy identity failed in the serving step: {bad}")
@@ -416,7 +415,7 @@ def check(ctx: Context) -> dict[str, Any]:
     from sglang_ext.core.policies.config import load_policy_config
     from sglang_ext.engine.launch import build_engine_from_parts
     from sglang_ext.engine.replay import PromptSource, replay
-    from sglang_ext.studies.tuning_pays import Arm
+    from sglang_ext.studies.tuning_pays import Arm, measure_arms
     from sglang_ext.formats.trace import Trace, read_trace
     from simulator.validate import derive_trace
 
@@ -438,35 +437,26 @@ def check(ctx: Context) -> dict[str, Any]:
     context = max(1024, max(r.prompt_tokens + r.output_tokens for r in held.requests) * 2 + 16)
     arms = [Arm("off", None, {}, 0), Arm("defaults", policy, dict(fixed), s.num_steps),
             Arm("tuned", policy, dict(sim["tune"]["params"]), s.num_steps)]
-    reference: dict[str, list[int]] | None = None
+
+    def run(arm: Arm):
+        if arm.name == "tuned":
+            pol = load_policy_config(ctx.out / "tuned-policy.json")
+        else:
+            pol = make_policy(arm.policy, **arm.params) if arm.policy else None
+        spec = arm.num_steps > 0
+        engine, _ = build_engine_from_parts(model, tok, "EAGLE" if spec else "NONE",
+                                            num_steps=arm.num_steps if spec else None,
+                                            draft_model=draft if spec else None, max_running_requests=s.batch,
+                                            context_length=context, prefill_chunk=512, model_name=name, policy=pol)
+        result = replay(engine, held.requests, PromptSource(texts, tok, seed=s.seed), warmup=1)
+        del engine
+        gc.collect()
+        if not result.complete:
+            raise QuickstartError(f"check, arm {arm.name}: {result.error}")
+        return result
+
     with _bar(ctx, f"{s.check_rounds} interleaved round(s) of {len(arms)} arms", s.check_rounds * len(arms)) as advance:
-        for rnd in range(s.check_rounds):
-            for arm in arms[rnd % len(arms):] + arms[: rnd % len(arms)]:
-                if arm.name == "tuned":
-                    pol = load_policy_config(ctx.out / "tuned-policy.json")
-                else:
-                    pol = make_policy(arm.policy, **arm.params) if arm.policy else None
-                spec = arm.num_steps > 0
-                engine, _ = build_engine_from_parts(model, tok, "EAGLE" if spec else "NONE",
-                                                    num_steps=arm.num_steps if spec else None,
-                                                    draft_model=draft if spec else None, max_running_requests=s.batch,
-                                                    context_length=context, prefill_chunk=512, model_name=name,
-                                                    policy=pol)
-                run = replay(engine, held.requests, PromptSource(texts, tok, seed=s.seed), warmup=1)
-                del engine
-                gc.collect()
-                if not run.complete:
-                    raise QuickstartError(f"check, arm {arm.name}: {run.error}")
-                res = run.result().summary
-                outs = {r.id: r.output_ids for r in run.requests}
-                if arm.name == "off" and reference is None:
-                    reference = outs
-                arm.throughputs.append(res["throughput_tok_s"])
-                arm.mean_accept.append(res.get("mean_acceptance_length") or 1.0)
-                arm.identical.append(reference is None or outs == reference)
-                advance()
-    if reference is None:
-        raise QuickstartError("check: the speculation-off arm did not run")
+        measure_arms(arms, run, s.check_rounds, log=lambda m: None, progress=advance)
     table = [{"arm": a.name, "policy": a.policy, "params": a.params, "num_steps": a.num_steps,
               "throughputs": a.throughputs, "median_tok_s": a.median,
               "accept_length": statistics.median(a.mean_accept), "identical": all(a.identical)} for a in arms]

@@ -35,6 +35,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,24 +228,11 @@ class Study:
     def measure(self, arms: list[Arm], log) -> None:
         from sglang_ext.core.policies.config import load_policy_config
 
-        reference: dict[str, list[int]] | None = None
-        for rnd in range(self.args.rounds):
-            order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
-            for arm in order:
-                policy = load_policy_config(self.report["tune"]["config_file"]) if arm.name == "tuned" else None
-                t = time.perf_counter()
-                run = self.replay(arm, self.test_trace, self.test_prompts, policy)
-                res = run.result().summary
-                outs = {r.id: r.output_ids for r in run.requests}
-                if arm.num_steps == 0 and reference is None:
-                    reference = outs
-                arm.throughputs.append(res["throughput_tok_s"])
-                arm.mean_accept.append(res.get("mean_acceptance_length") or 1.0)
-                arm.identical.append(reference is None or outs == reference)
-                log(f"round {rnd + 1} {arm.name:>14s}: {res['throughput_tok_s']:6.2f} tok/s, accept "
-                    f"{arm.mean_accept[-1]:.2f} ({time.perf_counter() - t:.0f} s)")
-        if reference is None:
-            raise RuntimeError("no speculation-off arm ran: nothing to check greedy identity against")
+        def run(arm: Arm):
+            policy = load_policy_config(self.report["tune"]["config_file"]) if arm.name == "tuned" else None
+            return self.replay(arm, self.test_trace, self.test_prompts, policy)
+
+        measure_arms(arms, run, self.args.rounds, log)
 
     def arms(self, tuned: dict[str, Any]) -> list[Arm]:
         a = self.args
@@ -253,6 +241,34 @@ class Study:
         for v in self.grid_values:
             out.append(Arm(f"{self.grid_name}={v}", a.policy, {**self.fixed, self.grid_name: v}, a.num_steps))
         return out
+
+
+def measure_arms(arms: list[Arm], run: Callable[[Arm], Any], rounds: int, log: Callable[[str], None],
+                 progress: Callable[[], None] | None = None) -> None:
+    """Every arm once per round, rounds in rotated order (round r starts at arm r), so the machine's drift falls on
+    every arm alike; each run's throughput and acceptance are appended to its arm, and ``identical`` records
+    whether its outputs equal the speculation-off arm's (the first ``num_steps == 0`` arm that ran).
+
+    ``run(arm)`` serves the held-out requests and returns the engine's ``ReplayRun``.
+    """
+    reference: dict[str, list[int]] | None = None
+    for rnd in range(rounds):
+        for arm in arms[rnd % len(arms):] + arms[:rnd % len(arms)]:
+            t = time.perf_counter()
+            res_run = run(arm)
+            res = res_run.result().summary
+            outs = {r.id: r.output_ids for r in res_run.requests}
+            if arm.num_steps == 0 and reference is None:
+                reference = outs
+            arm.throughputs.append(res["throughput_tok_s"])
+            arm.mean_accept.append(res.get("mean_acceptance_length") or 1.0)
+            arm.identical.append(reference is None or outs == reference)
+            log(f"round {rnd + 1} {arm.name:>14s}: {res['throughput_tok_s']:6.2f} tok/s, accept "
+                f"{arm.mean_accept[-1]:.2f} ({time.perf_counter() - t:.0f} s)")
+            if progress is not None:
+                progress()
+    if reference is None:
+        raise RuntimeError("no speculation-off arm ran: nothing to check greedy identity against")
 
 
 def verdict(arms: list[Arm]) -> dict[str, Any]:
