@@ -30,6 +30,9 @@ def register(sub) -> None:
     _common(rep)
     rep.add_argument("--out", type=Path, required=True, help="directory for result.json, requests.csv")
     rep.add_argument("--record-steps", action="store_true", help="also write every iteration (time, B, k, ...)")
+    rep.add_argument("--workers", type=_positive("--workers", int), default=1,
+                     help="split the replicas over this many processes (round-robin routing, no shared trainer; "
+                          "each worker has its own random streams: simulator.parallel)")
     rep.set_defaults(func=_guard(cmd_replay))
 
     sw = ssub.add_parser("sweep", help="simulate a grid of policy params / engine settings / loads in parallel")
@@ -208,7 +211,7 @@ def _policy_params(args) -> dict[str, Any]:
 # ---- commands ----------------------------------------------------------------------------------------------------
 def cmd_replay(args) -> int:
     from simulator.acceptance import parse_acceptance
-    from sglang_ext.formats.results import print_result, write_requests_csv
+    from sglang_ext.formats.results import write_requests_csv
     from simulator.model import Simulation
     from simulator.tune import build_policy
 
@@ -218,8 +221,18 @@ def cmd_replay(args) -> int:
                           give_costs=args.policy_costs == "given")
     acceptance = parse_acceptance(args.acceptance)
     config = sim_config(args, cost, record_steps=args.record_steps)
-    requests = stream_trace(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
     out = Path(args.out)
+    if args.workers > 1:
+        from simulator.parallel import check_partitionable, simulate_partitioned
+
+        check_partitionable(config, args.workers)
+        out.mkdir(parents=True, exist_ok=True)
+        result = simulate_partitioned(
+            load_trace(args), cost, lambda r: build_policy(args.policy, _policy_params(args), cost, args.policy_config,
+                                                           give_costs=args.policy_costs == "given"),
+            config, args.seed, lambda: parse_acceptance(args.acceptance), args.workers)
+        return _finish_replay(args, result, out, console, policy)
+    requests = stream_trace(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation(requests, cost, policy, config, args.seed, acceptance)
     try:
@@ -233,6 +246,12 @@ def cmd_replay(args) -> int:
         return 130
     if result.complete and sim.arrived == 0:
         raise TraceError(args.trace, None, "no requests in this trace (nothing to replay)")
+    return _finish_replay(args, result, out, console, policy)
+
+
+def _finish_replay(args, result, out: Path, console, policy) -> int:
+    from sglang_ext.formats.results import print_result, write_requests_csv
+
     if not result.complete:
         path = result.save(out / "partial.json")
         write_requests_csv(result, out / "requests.partial.csv")

@@ -129,3 +129,22 @@ def test_extrapolation_is_reported_and_strict_profile_refuses_it(tmp_path, capsy
                    "--strict-profile") == 1
     assert "--strict-profile" in capsys.readouterr().err.replace("\n", "")
     assert (tmp_path / "strict" / "partial.json").is_file() and (tmp_path / "strict" / "requests.partial.csv").is_file()
+
+
+def test_workers_split_the_replicas_and_merge_one_result(tmp_path):
+    """--workers 2: the same requests, each on the replica round-robin gives it, merged with global numbers."""
+    trace = _trace(tmp_path / "t.jsonl", _rows(40, prompt=120, out=12))
+    assert _replay(trace, tmp_path / "one", "--replicas", "4") == 0
+    assert _replay(trace, tmp_path / "two", "--replicas", "4", "--workers", "2") == 0
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["summary"]["requests"] == one["summary"]["requests"] == 40
+    assert sorted(two["requests"]["index"]) == list(range(40))
+    routed = {i: i % 4 for i in range(40)}  # round-robin, as one process routes them
+    assert dict(zip(one["requests"]["index"], one["requests"]["replica"])) == routed
+    assert dict(zip(two["requests"]["index"], two["requests"]["replica"])) == routed
+    assert two["summary"]["output_tokens"] == one["summary"]["output_tokens"]
+    with pytest.raises(SystemExit):
+        main(["sim", "replay", "--trace", str(trace), "--profile", str(PROFILE), "--out", "o", "--workers", "0"])
+    assert _replay(trace, tmp_path / "bad", "--replicas", "3", "--workers", "2") == 1
+    assert _replay(trace, tmp_path / "bad2", "--replicas", "4", "--workers", "2", "--router", "least-loaded") == 1
