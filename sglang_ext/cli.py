@@ -279,7 +279,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = set(BUILTIN_COMMANDS) | {n for names, _ in EXTERNAL_COMMANDS for n in names}
-    first = next((a for a in argv if not a.startswith("-")), None)
+    first = argv[0] if argv and not argv[0].startswith("-") else None  # the top level takes only -h before it
     if first not in commands and not {"-h", "--help"} & set(argv[:1]):
         argv = ["quickstart", *argv]  # no subcommand: the quickstart, with whatever options were given
         first = "quickstart"

@@ -112,8 +112,12 @@ def test_quickstart_interrupt_resume_and_report(tiny_dir, tiny_trace, tmp_path, 
     assert main(_args(tiny_dir, tiny_trace, out, "--seed", "3")) == 2
 
 
-def test_bad_steps_and_settings_key():
+def test_bad_steps_and_settings_key(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--steps", "profile,nonsense", "--out", "/nonexistent"])
+    # options before anything else are the quickstart's, even when a value is also a subcommand's name
+    seen = []
+    monkeypatch.setattr("sglang_ext.quickstart.run", lambda args, console=None: seen.append(args.steps) or 0)
+    assert main(["--steps", "profile", "--out", str(tmp_path)]) == 0 and seen == [("profile",)]
     a, b = Settings(), Settings(seed=1)
     assert a.key() != b.key() and "seed: 0 -> 1" in b.differences(a.to_json())
