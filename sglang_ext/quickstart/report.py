@@ -46,13 +46,12 @@ def deploy_commands(ctx) -> dict[str, str]:
     return {"here": here, "export": export, "sglang": gpu}
 
 
-def report_markdown(ctx) -> str:
+def report_markdown(ctx, cmds: dict[str, str]) -> str:
     from .steps import machine
 
     s, rd = ctx.settings, ctx.rundir
     prov, prof, srv = rd.result("provision"), rd.result("profile"), rd.result("serve")
     sim, chk = rd.result("simulate"), rd.result("check")
-    cmds = deploy_commands(ctx)
     m = machine()
     L = ["# sglang-ext quickstart report", "",
          f"Model **{prov['model']}**, drafter {prov['drafter']['source']}, on {m['hardware']} "
@@ -173,10 +172,10 @@ def markdown_to_html(md: str, base: Path) -> str:
 
 
 def write_report(ctx) -> list[str]:
-    md = report_markdown(ctx)
+    cmds = deploy_commands(ctx)
+    md = report_markdown(ctx, cmds)
     write_atomic(ctx.out / "report.md", md)
     write_atomic(ctx.out / "report.html", markdown_to_html(md, ctx.out))
-    cmds = deploy_commands(ctx)
     write_atomic(ctx.out / "deploy.sh", "#!/usr/bin/env bash\n# the tuned configuration, from the quickstart report\n"
                  f"# here:\n{cmds['here']}\n# on a GPU server with SGLang + sglang-ext:\n# {cmds['export']}\n"
                  f"# {cmds['sglang']}\n")
