@@ -75,10 +75,13 @@ from typing import Any
 import numpy as np
 
 from sglang_ext.formats.trace import Request, Trace, TraceMeta, read_trace
+from simulator.fidelity_summary import TAU_TARGET, aggregate, rankings, rotated
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "traces" / "tiny_chat.jsonl"
 DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json"
-CONFIGS = ("off", "static", "dsde")
+CONFIGS = ("off", "static", "dsde", "tide-control")
+#: the ranking set of the issue: off, the chain at depths 1..3 and both adaptive policies
+RANKING_CONFIGS = "off,k1,k2,k3,dsde,tide-control"
 #: the issue's targets: throughput within 5 %, p50 / p90 end-to-end latency within 10 %
 TOLERANCES = {"throughput": 0.05, "e2e_p50": 0.10, "e2e_p90": 0.10}
 #: (name, path into a SimResult summary, judged)
@@ -132,16 +135,27 @@ class RunConfig:
 
 
 def make_configs(names: Sequence[str], num_steps: int = 2, dsde_num_steps: int = 2) -> list[RunConfig]:
+    """``off``; ``static`` (EAGLE chain, ``num_steps`` drafts every step); ``kN`` (the chain at depth N);
+    ``dsde`` and ``tide-control`` (the policy, depth capped at ``dsde_num_steps``; tide-control learns its costs
+    online on both sides, as it does when served)."""
     out = []
     for n in names:
         if n == "off":
             out.append(RunConfig("off"))
         elif n == "static":
             out.append(RunConfig("static", "EAGLE", num_steps))
+        elif len(n) > 1 and n[0] == "k" and n[1:].isdigit() and int(n[1:]) >= 1:
+            out.append(RunConfig(n, "EAGLE", int(n[1:])))
         elif n == "dsde":
             out.append(RunConfig("dsde", "EAGLE", dsde_num_steps, "dsde"))
+        elif n == "tide-control":
+            out.append(RunConfig("tide-control", "EAGLE", dsde_num_steps, "tide-control",
+                                 {"gamma": dsde_num_steps}))
         else:
-            raise ValueError(f"--configs: unknown configuration {n!r}; choose from {', '.join(CONFIGS)}")
+            raise ValueError(f"--configs: unknown configuration {n!r}; choose from {', '.join(CONFIGS)} or kN "
+                             "(the EAGLE chain at depth N)")
+    if len({c.name for c in out}) != len(out):
+        raise ValueError(f"--configs {','.join(names)}: a configuration is named twice")
     return out
 
 
@@ -474,9 +488,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--model-path", default="smollm2-135m")
     e.add_argument("--speculative-draft-model-path", default=str(Path(__file__).resolve().parents[1] / "drafters"
                                                                   / "smollm2-135m-eagle"))
-    e.add_argument("--configs", default="off,static,dsde", help="comma-separated subset of off,static,dsde")
+    e.add_argument("--configs", default="off,static,dsde",
+                   help="comma-separated: off, static (depth --num-steps), kN (the chain at depth N), dsde, "
+                        f"tide-control (both capped at --dsde-num-steps); a ranking set: {RANKING_CONFIGS}")
     e.add_argument("--num-steps", type=int, default=2, help="static: EAGLE chain depth (default 2)")
-    e.add_argument("--dsde-num-steps", type=int, default=2, help="dsde: depth cap (--speculative-num-steps; default 2)")
+    e.add_argument("--dsde-num-steps", type=int, default=2,
+                   help="dsde, tide-control: depth cap (--speculative-num-steps; default 2)")
     e.add_argument("--max-running-requests", type=int, default=8)
     e.add_argument("--chunked-prefill-size", type=int, default=512)
     e.add_argument("--context-length", type=int, default=None,
@@ -498,6 +515,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the cores the engine's threads leave free, plus 0.25)")
     m.add_argument("--warmup", type=int, default=2, help="untimed warm-up requests per engine")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--repeats", type=int, default=1,
+                   help="engine runs of every (load, configuration) row, in rotated order; with more than one the "
+                        "simulator is judged against the engine's medians, their spread reported, and the "
+                        "configurations' order compared per load (Kendall tau; default 1)")
     p.add_argument("--out", type=Path, required=True, help="directory for validate.json and one replay per run")
     p.add_argument("--rejudge", type=Path, default=None, metavar="DIR",
                    help="no engine: judge the runs a previous `sim validate --out DIR` recorded again, with this "
@@ -598,8 +619,12 @@ class Validation:
         self.loads = _parse_loads(args.loads)
         self.configs = make_configs([c.strip() for c in args.configs.split(",") if c.strip()], args.num_steps,
                                     args.dsde_num_steps)
+        if not self.configs:
+            raise ValueError("--configs: name at least one configuration")
         if args.head < 2:
             raise ValueError(f"--head {args.head}: need at least 2 requests")
+        if args.repeats < 1:
+            raise ValueError(f"--repeats {args.repeats}: need at least 1")
         self.scale = {"prompt_scale": args.prompt_scale, "output_scale": args.output_scale,
                       "max_prompt_tokens": args.max_prompt_tokens, "max_output_tokens": args.max_output_tokens}
         self.trace = derive_trace(source, count=args.head, prefix="r", **self.scale)
@@ -626,6 +651,7 @@ class Validation:
             "calibrate_speed": args.calibrate_speed,
             "trace": {"source": str(args.trace), "head": args.head, **self.scale},
             "tolerances": TOLERANCES, "configs": {c.name: c.describe() for c in self.configs},
+            "repeats": args.repeats, "ranking_tau_target": TAU_TARGET,
         }
         self.engine_parts = None
 
@@ -798,24 +824,29 @@ class Validation:
             for cfg in self.configs:
                 per_config[cfg.name] = self.calibrate(cfg, f"calibration-{cfg.name}")
                 self.save()
+        plan = []
         for load, frac in self.loads:
             rate = frac * cap
             scale = time_scale_for(self.trace, rate)
             self.report["loads"][load] = {"fraction": frac, "rate_req_s": rate, "time_scale": scale}
-            trace = self.trace.scaled(scale)
-            for cfg in self.configs:
-                tag = f"{load}-{cfg.name}"
+            plan += [(load, rate, scale, cfg) for cfg in self.configs]
+        repeats = self.args.repeats
+        for rep in range(repeats):
+            for position, (load, rate, scale, cfg) in enumerate(rotated(plan, rep, repeats)):
+                tag = f"{load}-{cfg.name}" + (f"-r{rep}" if repeats > 1 else "")
                 calib = per_config.get(cfg.name) if self.args.calibrate == "config" else \
                     self.calibrate(cfg, f"calibration-{tag}", rate)
                 # no second wait: the calibration just ran, the validation run follows it at once
-                run = self.run_real(cfg, trace, self.prompts, tag, wait=calib is None)
-                self.judge(cfg, load, rate, scale, tag, RecordedRun.from_replay(run), calib, console)
+                run = self.run_real(cfg, self.trace.scaled(scale), self.prompts, tag, wait=calib is None)
+                self.judge(cfg, load, rate, scale, tag, RecordedRun.from_replay(run), calib, console,
+                           repeat=rep, position=position)
                 if not run.complete:
                     raise KeyboardInterrupt if "interrupted" in (run.error or "") else RuntimeError(run.error)
-        return all(r["pass"] for r in self.rows)
+        self.save()
+        return self.report["pass"]
 
     def judge(self, cfg: RunConfig, load: str, rate: float, scale: float, tag: str, rec: RecordedRun,
-              calib: dict | None, console: Any) -> dict:
+              calib: dict | None, console: Any, repeat: int = 0, position: int | None = None) -> dict:
         """Simulate one measured run (calibrated, bare profile, and at the run's own speed) and keep its row."""
         real = rec.summary
         sim = self.simulate(cfg, rec, calib)
@@ -828,7 +859,8 @@ class Validation:
         oracle = self.simulate(cfg, rec, calib, speed=during) if during else None
         errors = compare(real, sim.summary)
         disturbed = bool(rec.others_cpu_cores > self.idle_cores)
-        row = {"load": load, "config": cfg.name, "describe": cfg.describe(), "rate": rate, "time_scale": scale,
+        row = {"load": load, "config": cfg.name, "describe": cfg.describe(), "tag": tag, "repeat": repeat,
+               "position": position, "rate": rate, "time_scale": scale,
                "requests": real["requests"], "complete": rec.complete, "error": rec.error,
                "others_cpu_cores": rec.others_cpu_cores, "disturbed": disturbed, "errors": errors,
                "pass": row_passes(errors) and rec.complete,
@@ -868,7 +900,7 @@ class Validation:
                 raise ValueError(f"{flag} {getattr(self.args, key)}: {src} was recorded with {flag} {eng[key]}")
         self.catch_up = old.get("catch_up")
         self.report.update(rejudged_from=str(src), capacity_req_s=old.get("capacity_req_s"), loads=old.get("loads", {}),
-                           engine=old.get("engine", {}))
+                           engine=old.get("engine", {}), repeats=old.get("repeats", 1))
         self.threads = self.report["engine"].get("threads")
         self.idle_cores = self.report["engine"].get("idle_cores", math.inf)
         by_name = {c.name: c for c in self.configs}
@@ -876,7 +908,7 @@ class Validation:
             cfg = by_name.get(r["config"])
             if cfg is None:
                 continue
-            tag = f"{r['load']}-{cfg.name}"
+            tag = r.get("tag") or f"{r['load']}-{cfg.name}"
             calib = None
             if self.args.calibrate != "none":
                 ctag = f"calibration-{tag}" if self.args.calibrate == "row" else f"calibration-{cfg.name}"
@@ -884,14 +916,25 @@ class Validation:
                     crec = RecordedRun.load(src / ctag)
                     self.calibration_from_steps(cfg, crec.steps, crec.others_cpu_cores, len(crec.recorded), ctag)
                 calib = self.calibrations[ctag]
-            self.judge(cfg, r["load"], r["rate"], r["time_scale"], tag, RecordedRun.load(src / tag), calib, console)
-        return bool(self.rows) and all(r["pass"] for r in self.rows)
+            self.judge(cfg, r["load"], r["rate"], r["time_scale"], tag, RecordedRun.load(src / tag), calib, console,
+                       repeat=r.get("repeat", 0), position=r.get("position"))
+        self.save()
+        return self.report["pass"]
 
     def save(self) -> Path:
+        """validate.json, rewritten after every row: with one repeat a row passes on its own errors; with several
+        the verdict is the medians' (:func:`~simulator.fidelity_summary.aggregate`) and the rankings'."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.report["rows"] = self.rows
-        self.report["pass"] = bool(self.rows) and all(r["pass"] for r in self.rows)
         self.report["pass_undisturbed"] = all(r["pass"] for r in self.rows if not r.get("disturbed"))
+        if self.report.get("repeats", 1) > 1:
+            medians = aggregate(self.rows, METRICS, TOLERANCES)
+            ranks = rankings(medians)
+            self.report["medians"], self.report["ranking"] = medians, ranks
+            self.report["pass"] = bool(medians) and all(m["pass"] for m in medians) and \
+                all(r["pass"] for per_load in ranks.values() for r in per_load.values())
+        else:
+            self.report["pass"] = bool(self.rows) and all(r["pass"] for r in self.rows)
         path = self.out / "validate.json"
         _write_json(path, self.report)
         return path
@@ -926,5 +969,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     path = v.save()
     print_table(v.rows, console, title=f"simulator vs reference engine ({v.report['engine']['model']}, "
                                          f"{v.threads} thread(s); throughput ±5%, E2E p50/p90 ±10%)")
+    if v.report.get("repeats", 1) > 1:
+        from simulator.fidelity_summary import print_medians, print_rankings
+
+        print_medians(v.report["medians"], console, f"on the medians of {v.report['repeats']} engine runs per row "
+                                                    "(throughput ±5%, E2E p50/p90 ±10%)")
+        print_rankings(v.report["ranking"], console, f"ranking per load (Kendall τ_b ≥ {TAU_TARGET})")
     console.print(f"wrote {path}")
     return 0 if ok else 2
