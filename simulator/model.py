@@ -267,7 +267,9 @@ class Replica:
         self.absorb = c.absorb_per_token_s
         self.max_draft = c.max_draft_tokens
         self.temperature = c.temperature
-        self.want_kl = c.synthetic_kl
+        # the synthetic KL is drawn only for a policy that reads it (``needs_kl``; an unknown object: assume it
+        # does). Its multipliers come from their own stream, so skipping them changes no accept/reject draw.
+        self.want_kl = c.synthetic_kl and bool(getattr(policy, "needs_kl", True))
         self.waiting: deque[_Req] = deque()
         self.prefilling: list[_Req] = []
         self.running: list[_Req] = []
@@ -429,49 +431,32 @@ class Replica:
         return seconds
 
     def _plan_decode(self) -> tuple[float, float]:
+        """Ask the policy, clip its lengths, make KV room, draw every request's acceptance: one decode step.
+
+        Why batch-shaped: at saturation this runs for 64 requests per step for hours of simulated time, so the
+        per-request work is kept to list comprehensions and one inlined acceptance loop
+        (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`, the same draws in the same order).
+        """
         run = self.running
-        view = BatchView(rids=[r.rid for r in run], context_lens=[r.prompt + r.gen for r in run],
-                         temperatures=[self.temperature] * len(run))
+        rids = [r.rid for r in run]
+        ctxs = [r.prompt + r.gen for r in run]
+        view = BatchView(rids=rids, context_lens=ctxs, temperatures=[self.temperature] * len(run))
         decision = self.policy.decide(view)
-        lengths = decision.lengths if decision.speculate else None
-        cap = self.max_draft
-        ks = []
-        growth = 0
-        for r in run:
-            k = lengths.get(r.rid, 0) if lengths is not None else 0
-            if cap is not None and k > cap:
-                k = cap
-            left = r.out - r.gen - 1
-            if k > left:  # noqa: PLR1730 - plain comparisons, not min/max: this runs per request per step
-                k = left
-            if k < 0:  # noqa: PLR1730
-                k = 0
-            ks.append(k)
-            growth += k + 1
+        ks = self._depths(run, decision.lengths if decision.speculate else None)
+        growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
-            growth = self._make_room(ks, growth)
+            growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
+            rids, ctxs = rids[:len(run)], ctxs[:len(run)]
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        acc = self.sim.acceptance
-        want_kl = self.want_kl
+        accepted, kls = self._draw(run, ks)
         temp = self.temperature
-        steps = []
+        steps = [RequestStep(rid, k, a, kl, (), (), ctx, temp)
+                 for rid, k, a, kl, ctx in zip(rids, ks, accepted, kls, ctxs)]
         plan = self._decode
-        K = 0
-        ctx_sum = 0
-        ctx_max = 0
-        for r, k in zip(self.running, ks):
-            ctx = r.prompt + r.gen
-            ctx_sum += ctx
-            if ctx > ctx_max:  # noqa: PLR1730 - plain comparison: per request per step
-                ctx_max = ctx
-            if k > 0:
-                a, kl = acc.sample(r.acc, r.gen, k, want_kl)
-                if k > K:  # noqa: PLR1730
-                    K = k
-            else:
-                a, kl = 0, ()
-            plan.append((r, k, a))
-            steps.append(RequestStep(r.rid, k, a, kl, (), (), ctx, temp))
+        plan.extend(zip(run, ks, accepted))
+        K = max(ks)
+        ctx_sum = sum(ctxs)
+        ctx_max = max(ctxs)
         B = len(plan)
         self.sim.request_steps += B
         # the reference engine's attention reads every row up to the longest committed context (padded batch)
@@ -498,6 +483,39 @@ class Replica:
                                   config={"tree_budget": decision.tree_budget, "drafter": decision.drafter,
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
+
+    def _depths(self, run: list[_Req], lengths: dict[str, int] | None) -> list[int]:
+        r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, out_r - gen_r - 1))`
+        (0 everywhere when the policy does not speculate: ``lengths`` None)."""
+        if lengths is None:
+            return [0] * len(run)
+        get = lengths.get
+        ks = [get(r.rid, 0) for r in run]
+        cap = self.max_draft
+        out = []
+        for r, k in zip(run, ks):
+            if cap is not None and k > cap:  # noqa: PLR1730 - plain comparisons: this runs per request per step
+                k = cap
+            left = r.out - r.gen - 1
+            if k > left:  # noqa: PLR1730
+                k = left
+            out.append(k if k > 0 else 0)
+        return out
+
+    def _draw(self, run: list[_Req], ks: list[int]) -> tuple[list[int], list]:
+        """Accepted counts and KL of the step's requests, batched when the acceptance model can (same draws)."""
+        acc = self.sim.acceptance
+        states = [r.acc for r in run]
+        positions = [r.gen for r in run]
+        batch = getattr(acc, "sample_batch", None)
+        if batch is not None:
+            return batch(states, positions, ks, self.want_kl)
+        accepted, kls = [], []
+        for st, pos, k in zip(states, positions, ks):
+            a, kl = acc.sample(st, pos, k, self.want_kl) if k > 0 else (0, ())
+            accepted.append(a)
+            kls.append(kl)
+        return accepted, kls
 
     def _make_room(self, ks: list[int], growth: int) -> int:
         """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""
