@@ -61,6 +61,30 @@ def batch_goodput(costs: Any, alphas: Sequence[float], lengths: Sequence[int], c
     return sum(expected_tokens(a, k) for a, k in zip(alphas, lengths)) / (v + d)
 
 
+def capped_expected_totals(alphas: Sequence[float], lengths: Sequence[int] | None, top: int) -> list[float]:
+    r"""``E_total(c)`` for every cap ``c = 0..top`` at once: one pass of powers per request.
+
+    .. math::  E_{\rm total}(c) = \sum_r E_{\alpha_r}[\ell](\min(k_r, c)) = \sum_r \sum_{i=0}^{\min(k_r, c)} \alpha_r^i
+
+    ``lengths`` None means no per-request limit (every ``k_r = top``: the uncapped ``Σ_r E_{α_r}[ℓ](c)``).
+    Why: ``O(b · top)`` instead of ``b`` geometric sums per candidate ``c``, and the *same floats* as
+    :func:`~sglang_ext.core.signals.expected_tokens` summed over the batch in order (the running sum after ``c + 1``
+    terms is exactly that function's loop, and the totals add the requests in batch order starting from 0).
+    """
+    totals = [0.0] * (top + 1)
+    caps = range(top + 1)
+    for r, a in enumerate(alphas):
+        a = min(max(float(a), 0.0), 1.0)
+        k = top if lengths is None else lengths[r]
+        run, term = 0.0, 1.0
+        for c in caps:
+            if c <= k:
+                run += term
+                term *= a
+            totals[c] += run
+    return totals
+
+
 def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int], floor: int = 1,
                     context_len: int = 0) -> tuple[int | None, float | None]:
     r"""The cap ``c`` maximising :func:`batch_goodput` of ``min(k_r, c)``, searched over ``floor..max(lengths)``.
@@ -75,17 +99,7 @@ def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int],
     if top <= floor:
         return None, None
     b = len(alphas)
-    # E_total(c) = sum_r sum_{i=0..min(k_r, c)} alpha_r^i for every cap c at once: one pass of powers per request
-    # (O(b * top)), instead of b geometric sums per candidate cap; the same numbers as batch_goodput's
-    totals = [0.0] * (top + 1)
-    for a, k in zip(alphas, lengths):
-        a = min(max(float(a), 0.0), 1.0)
-        run, term = 0.0, 1.0
-        for c in range(top + 1):
-            if c <= k:
-                run += term
-                term *= a
-            totals[c] += run
+    totals = capped_expected_totals(alphas, lengths, top)
     best: tuple[float, int] | None = None
     for c in range(max(floor, 0), top + 1):
         v = costs.verify_seconds(b, c + 1, context_len)
@@ -139,6 +153,25 @@ class GoodputPolicy(Policy):
         """G(k) for a batch with these per-request α (None while a cost is unknown)."""
         return batch_goodput(self.costs, alphas, [k] * len(alphas), context_len)
 
+    def _scores(self, alphas: list[float], lo: int, hi: int, context_len: int) -> dict[int, float | None]:
+        """:meth:`goodput` of every depth ``lo..hi`` (None where a cost is unknown), the same floats, in one pass.
+
+        Why: the per-depth form summed ``b`` geometric series per depth (a few million calls on a long replay);
+        :func:`capped_expected_totals` gives every depth's numerator at once, and the denominator is
+        :func:`batch_goodput`'s, ``D(b, k) + V(b, k + 1)``.
+        """
+        b = len(alphas)
+        if b == 0:
+            return {k: None for k in range(lo, hi + 1)}
+        totals = capped_expected_totals(alphas, None, hi)
+        costs = self.costs
+        scores: dict[int, float | None] = {}
+        for k in range(lo, hi + 1):
+            v = costs.verify_seconds(b, k + 1, context_len)
+            d = costs.draft_seconds(b, k) if k > 0 else 0.0
+            scores[k] = None if v is None or d is None or v + d <= 0 else totals[k] / (v + d)
+        return scores
+
     def release(self, rid: str) -> None:
         self.alphas.release(rid)
 
@@ -155,7 +188,7 @@ class GoodputPolicy(Policy):
             info["reason"] = "probe: costs unknown"
         else:
             alphas = [self.alpha(rid) for rid in batch.rids]
-            scores = {k: self.goodput(alphas, k, ctx) for k in range(lo, hi + 1)}
+            scores = self._scores(alphas, lo, hi, ctx)
             known = {k: g for k, g in scores.items() if g is not None}
             k = max(known, key=lambda j: (known[j], -j)) if known else hi
             info.update(reason="argmax", goodput=known.get(k))
