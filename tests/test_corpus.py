@@ -13,6 +13,7 @@ from sglang_ext.data.corpus import (
     MIN_TOKENS,
     CorpusFileError,
     chat_token_sequences,
+    held_back_first_turns,
     load_conversations,
     split_holdout,
 )
@@ -180,6 +181,20 @@ def test_chat_token_sequences_truncates_drops_short_and_is_seeded(as_mapping):
     assert chat_token_sequences(tok, conversations, max_tokens=40, max_sequences=5, seed=1) == seqs[:5]
     with pytest.raises(ValueError, match="keeps nothing"):
         chat_token_sequences(tok, conversations, max_tokens=MIN_TOKENS - 1)
+
+
+def test_held_back_first_turns_are_never_trained_on():
+    tok = CharTokenizer(False)
+    conversations = chats(60)
+    trained = chat_token_sequences(tok, conversations, max_tokens=40, max_sequences=12, seed=4)
+    held = held_back_first_turns(tok, conversations, max_tokens=40, max_sequences=12, seed=4, count=20)
+    assert 0 < len(held) <= 20 and len({t for _, t in held}) == len(held)
+    trained_convs = {i for i, c in enumerate(conversations)
+                     if tok.apply_chat_template(c)[:40] in trained}
+    trained_turns = {conversations[i][0]["content"] for i in trained_convs}
+    for i, text in held:
+        assert i not in trained_convs and text not in trained_turns  # "hi" openers are repeated: never held back
+    assert held == held_back_first_turns(tok, conversations, max_tokens=40, max_sequences=12, seed=4, count=20)
 
 
 def test_chat_token_sequences_with_the_real_tokenizer():

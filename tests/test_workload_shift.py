@@ -22,7 +22,13 @@ def test_parse_segments_and_configs():
     specs = ws.parse_configs("static,adam,online-momentum[lr=0.02,epochs=3],hedge")
     assert [s.name for s in specs] == ["static", "online-adam", "online-momentum[lr=0.02,epochs=3]", "online-hedge"]
     assert specs[0].learner is None and specs[2].overrides == {"lr": 0.02, "epochs": 3}
-    for bad in ("adam,static", "static,adam,adam", "static,rmsprop", "static[lr=1]", "static,adam[lr=1"):
+    specs = ws.parse_configs("static,static[drafter=drafters/x,label=oracle],adam[drafter=drafters/y,lr=0.1]")
+    assert [(s.name, s.drafter) for s in specs] == [("static", None), ("oracle", "drafters/x"),
+                                                    ("online-adam[lr=0.1,drafter=drafters/y]", "drafters/y")]
+    assert specs[2].overrides == {"lr": 0.1}
+    assert ws.parse_configs("static[drafter=d]")[0].name == "static[drafter=d]"
+    for bad in ("adam,static", "static,adam,adam", "static,rmsprop", "static[lr=1]", "static,adam[lr=1",
+                "static,static[label=static]", "static[drafter=]"):
         with pytest.raises(ValueError):
             ws.parse_configs(bad)
 
@@ -83,7 +89,7 @@ def test_interleaved_static_vs_online_on_a_tiny_model(tiny, tmp_path):
     stream = [ws.StreamItem(i, "chat" if i < 4 else "code", "toy", str(i), p) for i, p in enumerate(ps)]
     specs = ws.parse_configs("static,adam")
     shared = {k: v for k, v in FAST_ROUNDS.items() if k != "learner"}
-    runs = ws.build_runs(specs, lambda: make_engine(tiny, "eagle", num_steps=3, max_batch=3), shared,
+    runs = ws.build_runs(specs, lambda drafter: make_engine(tiny, "eagle", num_steps=3, max_batch=3), shared,
                          tmp_path / "handoff", log=lambda m: None)
     try:
         for r in runs:

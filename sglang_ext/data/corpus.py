@@ -113,20 +113,55 @@ def chat_token_sequences(tokenizer: Any, conversations: Sequence[Conversation], 
     tokenise the whole corpus. Sequences shorter than ``MIN_TOKENS`` after truncation are dropped. The
     result depends only on the inputs and ``seed``.
     """
+    return [ids for _, ids in _selected_sequences(tokenizer, conversations, max_tokens, max_sequences, seed)[0]]
+
+
+def _selected_sequences(tokenizer: Any, conversations: Sequence[Conversation], max_tokens: int,
+                        max_sequences: int | None, seed: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """``([(conversation index, ids)], order)``: what :func:`chat_token_sequences` takes, and the shuffled order."""
     if max_tokens < MIN_TOKENS:
         raise ValueError(f"max_tokens={max_tokens} keeps nothing: sequences under {MIN_TOKENS} tokens are dropped")
     if max_sequences is not None and max_sequences < 0:
         raise ValueError(f"max_sequences must be >= 0, got {max_sequences}")
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
-    sequences: list[list[int]] = []
+    selected: list[tuple[int, list[int]]] = []
     for i in order:
-        if max_sequences is not None and len(sequences) >= max_sequences:
+        if max_sequences is not None and len(selected) >= max_sequences:
             break
         ids = _token_ids(tokenizer.apply_chat_template(conversations[i], tokenize=True))[:max_tokens]
         if len(ids) >= MIN_TOKENS:
-            sequences.append(ids)
-    return sequences
+            selected.append((i, ids))
+    return selected, order
+
+
+def held_back_first_turns(tokenizer: Any, conversations: Sequence[Conversation], max_tokens: int,
+                          max_sequences: int | None, seed: int, count: int) -> list[tuple[int, str]]:
+    """``[(conversation index, first user turn)]``: up to ``count`` prompts a drafter trained with the same
+    arguments (``chat_token_sequences(..., max_tokens, max_sequences, seed)``) never saw.
+
+    Conversations are taken in the same seeded order after the last one training consumed, and a prompt whose
+    text equals the first user turn of any consumed conversation (scraped corpora repeat openers) is skipped, so
+    acceptance measured on these prompts is measured on unseen text.
+    """
+    selected, order = _selected_sequences(tokenizer, conversations, max_tokens, max_sequences, seed)
+    consumed = {i for i, _ in selected}
+    last = max((order.index(i) for i in consumed), default=-1)
+
+    def first_user(conv: Conversation) -> str | None:
+        return next((m["content"] for m in conv if m["role"] == "user" and m["content"].strip()), None)
+
+    seen = {first_user(conversations[i]) for i in consumed}
+    out: list[tuple[int, str]] = []
+    for i in order[last + 1:]:
+        text = first_user(conversations[i])
+        if text is None or text in seen:
+            continue
+        seen.add(text)
+        out.append((i, text))
+        if len(out) >= count:
+            break
+    return out
 
 
 def _split_key(seq: Sequence[int], salt: bytes) -> bytes:

@@ -154,13 +154,21 @@ def segment_starts(stream: Sequence[StreamItem]) -> dict[str, int]:
 # ---- configurations -------------------------------------------------------------------------------------------
 @dataclass
 class ConfigSpec:
-    name: str  # "static", "online-adam", "online-adam[lr=0.0003]"
+    name: str  # "static", "online-adam", "online-adam[lr=0.0003]", or its ``label``
     learner: str | None  # None: static
     overrides: dict[str, Any] = field(default_factory=dict)  # per-configuration ONLINE_PARAMS values
+    drafter: str | None = None  # this configuration's starting drafter (None: --draft-model-path)
+
+
 
     @property
     def online(self) -> bool:
         return self.learner is not None
+
+
+SPEC_KEYS = ("drafter", "label")
+"""Keys any configuration takes in brackets besides learner parameters: ``drafter=PATH`` (its own starting
+drafter, e.g. an offline oracle trained on the new domains) and ``label=NAME`` (its name in the tables)."""
 
 
 def _value(text: str) -> Any:
@@ -195,19 +203,25 @@ def parse_configs(text: str) -> list[ConfigSpec]:
                 if not eq:
                     raise ValueError(f"--configs: {raw!r}: {kv!r} is not NAME=VALUE")
                 overrides[k.strip().replace("-", "_")] = _value(v.strip())
+        drafter, label = overrides.pop("drafter", None), overrides.pop("label", None)
+        for key, value in (("drafter", drafter), ("label", label)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"--configs: {raw!r}: {key} must be a non-empty string")
+        suffix_items = {**overrides, **({"drafter": drafter} if drafter else {})}
+        suffix = "[" + ",".join(f"{k}={v}" for k, v in suffix_items.items()) + "]" if suffix_items else ""
         if base == "static":
             if overrides:
-                raise ValueError(f"--configs: {raw!r}: static takes no parameters")
-            out.append(ConfigSpec("static", None))
+                raise ValueError(f"--configs: {raw!r}: static takes only {' and '.join(SPEC_KEYS)}, "
+                                 f"not {', '.join(overrides)}")
+            out.append(ConfigSpec(label or f"static{suffix}", None, drafter=drafter))
         elif base in LEARNER_NAMES:
-            suffix = "[" + ",".join(f"{k}={v}" for k, v in overrides.items()) + "]" if overrides else ""
-            out.append(ConfigSpec(f"online-{base}{suffix}", base, overrides))
+            out.append(ConfigSpec(label or f"online-{base}{suffix}", base, overrides, drafter=drafter))
         else:
             raise ValueError(f"--configs: {raw!r}: not static or one of {', '.join(LEARNER_NAMES)}")
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ValueError(f"--configs: duplicate configurations {names}")
-    if not out or out[0].name != "static":
+    if not out or out[0].online:
         raise ValueError("--configs: the first configuration must be static (every ratio and identity check uses it)")
     return out
 
@@ -658,17 +672,17 @@ def results_markdown(summary: dict, meta: dict) -> str:
 
 # ---- assembling the real run ---------------------------------------------------------------------------------
 
-def build_runs(specs: Sequence[ConfigSpec], make_engine: Callable[[], Any], shared: dict[str, Any], handoff_root: Path,
-               warmup: Callable[[Any], None] | None = None, log: Callable[[str], None] = print,
+def build_runs(specs: Sequence[ConfigSpec], make_engine: Callable[[str | None], Any], shared: dict[str, Any],
+               handoff_root: Path, warmup: Callable[[Any], None] | None = None, log: Callable[[str], None] = print,
                trainer_nice: int | None = None) -> list[ConfigRun]:
-    """An engine per configuration (warmed up *before* online learning is attached, so warm-up is not captured),
-    then :class:`OnlineLearning` for the online ones; waits for every trainer to finish starting, then gives it
-    niceness ``trainer_nice`` (None: unchanged)."""
+    """An engine per configuration (``make_engine(spec.drafter)``; warmed up *before* online learning is attached,
+    so warm-up is not captured), then :class:`OnlineLearning` for the online ones; waits for every trainer to finish
+    starting, then gives it niceness ``trainer_nice`` (None: unchanged)."""
     from sglang_ext.online import OnlineLearning
 
     runs = []
     for spec in specs:
-        engine = make_engine()
+        engine = make_engine(spec.drafter)
         if warmup is not None:
             warmup(engine)
         online = None
@@ -708,7 +722,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(`sglang-ext data list`) or a JSONL path")
     p.add_argument("--configs", default=DEFAULT_CONFIGS, metavar="LIST",
                    help=f"configurations, static first (default {DEFAULT_CONFIGS}); learners: {', '.join(LEARNER_NAMES)}; "
-                        "per-configuration overrides in brackets, e.g. adam[lr=3e-4,epochs=3]")
+                        "per-configuration overrides in brackets, e.g. adam[lr=3e-4,epochs=3]; any configuration "
+                        "takes drafter=PATH (its own starting drafter) and label=NAME, e.g. "
+                        "static[drafter=drafters/oracle,label=oracle]")
     p.add_argument("--seed", type=int, default=0, help="stream selection seed (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--max-prompt-tokens", type=int, default=512)
@@ -773,8 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"stream: {len(stream)} requests ({', '.join(f'{s.name} {s.count} from {s.source}' for s in segments)}), "
           f"prompt tokens {sum(len(i.ids) for i in stream)}; configs: {', '.join(s.name for s in specs)}", flush=True)
 
-    def make_engine():
-        draft = load_draft_model(args.draft_model_path, name, model.config)
+    def make_engine(drafter: str | None = None):
+        draft = load_draft_model(drafter or args.draft_model_path, name, model.config)
         engine, _ = build_engine_from_parts(model, tokenizer, "EAGLE", num_steps=args.num_steps, topk=1,
                                             draft_model=draft, max_running_requests=args.batch,
                                             context_length=context, model_name=name)
@@ -807,7 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stream": [{"index": it.index, "segment": it.segment, "source": it.source, "prompt_id": it.prompt_id,
                         "prompt_tokens": len(it.ids)} for it in stream],
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}",
-            "model": name, "drafter": args.draft_model_path, "configs": [asdict(s) for s in specs]}
+            "model": name, "drafter": args.draft_model_path, "configs": [asdict(s) for s in specs],
+            "drafters": {s.name: s.drafter or args.draft_model_path for s in specs}}
     (out / "results.json").write_text(json.dumps({"meta": meta, **summary}, indent=1, default=str))
     (out / "results.md").write_text(results_markdown(summary, meta))
     plot_acceptance(summary, out / "acceptance.png",

@@ -15,11 +15,23 @@ def _layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--feature-layers: expected comma-separated integers, got {text!r}") from e
 
 
+def _domains(text: str) -> tuple[str, ...]:
+    from sglang_ext.data.domains import parse_domains
+
+    try:
+        return parse_domains(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def register(sub) -> None:
     p = sub.add_parser("train-drafter", help="train a feature drafter (EAGLE-style or SpecBlock) from the target's hidden states (offline)")
     p.add_argument("--model", default="smollm2-135m", help="target: a registered model name (see `models list`)")
     p.add_argument("--corpus", default="sharegpt", help="conversation corpus: a fetched set name or a JSONL file with `messages`")
     p.add_argument("--max-sequences", type=int, default=4000, help="conversations to train on")
+    p.add_argument("--exclude-domains", type=_domains, default=(), metavar="LIST",
+                   help="drop conversations of these domains (comma-separated: code, math, chat; rules in "
+                        "sglang_ext/data/domains.py), e.g. code,math for a drafter that has never seen them")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per training sequence (chat template applied)")
     p.add_argument("--heldout-fraction", type=float, default=0.02)
     p.add_argument("--self-generate", type=int, default=0, metavar="N",
@@ -152,6 +164,11 @@ def cmd_train_drafter(args) -> int:
         return 2
     eos = [t for t in {tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)} if isinstance(t, int)]
     t0 = time.perf_counter()
+    domain_counts: dict[str, int] = {}
+    if args.sequences and args.exclude_domains:
+        err.print("[red]error:[/red] --exclude-domains filters --corpus conversations; a --sequences file is already "
+                  "tokenised (filter when exporting it: --corpus ... --exclude-domains ... --export-sequences FILE)")
+        return 2
     if args.sequences:
         try:
             groups = load_sequences(args.sequences)
@@ -165,6 +182,13 @@ def cmd_train_drafter(args) -> int:
         except (OSError, ValueError) as e:
             err.print(f"[red]error:[/red] --corpus {args.corpus}: {e}")
             return 2
+        if args.exclude_domains:
+            from sglang_ext.data.domains import filter_conversations
+
+            conversations, domain_counts = filter_conversations(conversations, args.exclude_domains)
+            console.print(f"--exclude-domains {','.join(args.exclude_domains)}: kept {len(conversations)} of "
+                          f"{sum(domain_counts.values())} conversations (" +
+                          ", ".join(f"{d} {n}" for d, n in domain_counts.items()) + ")")
         seqs = chat_token_sequences(tokenizer, conversations, max_tokens=args.max_tokens, max_sequences=args.max_sequences,
                                     seed=args.seed)
         train, heldout = split_holdout(seqs, args.heldout_fraction, seed=args.seed)
@@ -220,6 +244,9 @@ def cmd_train_drafter(args) -> int:
     report = DrafterTrainer(target, args.model, cfg, out, device=args.device).train(
         train, heldout, eos_ids=eos, progress=not args.no_progress, log=console.print, cache=cache)
     report["corpus"] = args.corpus
+    report["exclude_domains"] = list(args.exclude_domains)
+    if domain_counts:
+        report["corpus_domains"] = domain_counts
     report["self_generated"] = args.self_generate
     (Path(out) / "report.json").write_text(json.dumps(report, indent=2))
     console.print_json(json.dumps(report))
