@@ -28,8 +28,8 @@ from sglang_ext.core.learning.capture import (
     to_training_batch,
     unpack_samples,
 )
-from sglang_ext.core.learning.control import SelectiveTraining
-from sglang_ext.core.learning.gate import DeployGate, acceptance_score, split_eval
+from sglang_ext.core.learning.control import SelectiveTraining, resolve
+from sglang_ext.core.learning.gate import DeployGate, acceptance_score, paired_standard_error, split_eval
 from sglang_ext.core.learning.handoff import (
     latest_version,
     load_version,
@@ -45,6 +45,7 @@ from sglang_ext.core.learning.learners import (
     mean_loss,
     weighted_ttt_loss,
 )
+from sglang_ext.core.learning.replay import ReplayWindow
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
 from sglang_ext.training.drafter import TargetTeacher, ttt_loss
@@ -587,3 +588,80 @@ def test_learners_gate_and_handoff_take_the_block_drafter(target, data, tmp_path
     assert isinstance(back, SpecBlockDraftModel)
     for k, t in trained.state_dict().items():
         assert torch.equal(back.state_dict()[k], t)
+
+
+# ---- replay window, sample weights, clustered gate ------------------------------------------------------------
+def test_sample_weights_scale_every_row_of_their_sample(target, data):
+    train, _ = data
+    vocab = torch.arange(2, 2 + VD)
+    plain = to_training_batch(train[:3], vocab)
+    weighted = to_training_batch(train[:3], vocab, sample_weights=[1.0, 0.5, 0.0])
+    assert torch.equal(weighted.label_weight[0], plain.label_weight[0])
+    assert torch.allclose(weighted.label_weight[1], 0.5 * plain.label_weight[1])
+    assert not weighted.label_weight[2].any()
+    with pytest.raises(ValueError, match="2 sample weights for 3 samples"):
+        to_training_batch(train[:3], vocab, sample_weights=[1.0, 1.0])
+
+
+def test_replay_window_weights_by_age_and_drops_the_oldest(data):
+    train, _ = data
+    sizes = [len(s) for s in train]
+    w = ReplayWindow(max_tokens=sum(sizes[:5]), decay=0.5)
+    assert w.training_set(train[:2]) == (list(train[:2]), [1.0, 1.0])  # empty window: the round only
+    w.add(train[:2])
+    w.add(train[2:4])
+    samples, weights = w.training_set(train[4:5])
+    assert samples == [*train[:4], train[4]] and weights == [0.25, 0.25, 0.5, 0.5, 1.0]
+    w.add(train[4:8])  # over budget: the oldest samples leave first
+    assert w.tokens <= sum(sizes[:5]) and len(w) < 8
+    kept, _ = w.training_set([])
+    assert kept == train[8 - len(kept):8]
+    assert ReplayWindow.from_config({"replay_tokens": 0}) is None
+    with pytest.raises(ValueError, match="replay_decay"):
+        ReplayWindow(10, 1.5)
+
+
+def test_train_round_with_replay_trains_on_past_rounds_and_gates_on_fresh_rows(target, data):
+    from sglang_ext.online import ONLINE_PARAMS
+    from sglang_ext.online.trainer import train_round
+
+    train, _ = data
+    config = resolve(ONLINE_PARAMS, {"learner": "adam", "lr": 3e-3, "epochs": 2, "batch_tokens": 24 * 8,
+                                     "replay_tokens": 10_000, "replay_decay": 0.7}, "test")
+    window = ReplayWindow.from_config(config)
+    learner, gate = make_learner(config), DeployGate(config)
+    model = new_drafter(target)
+    first = second = None
+    for i, chunk in enumerate((train[:16], train[16:])):
+        candidate, stats, result = train_round(model, chunk, learner, gate, config, round_index=i, replay=window)
+        if result.deploy:
+            model = candidate
+        first, second = (stats, second) if i == 0 else (first, stats)
+    assert second.tokens > first.tokens  # round 2 trained on round 1's training rows as well
+    assert second.extra["replay_tokens"] == window.tokens and len(window) == len(train) - 2 * round(16 * 0.2)
+
+
+def test_clustered_standard_error_is_larger_for_correlated_chains():
+    torch.manual_seed(0)
+    per_request = torch.randn(12)
+    d = per_request.repeat_interleave(10) + 0.01 * torch.randn(120)  # 10 nearly identical chains per request
+    groups = torch.arange(12).repeat_interleave(10)
+    plain, clustered = paired_standard_error(d), paired_standard_error(d, groups)
+    assert clustered > 2.5 * plain  # ~sqrt(10) x: the independent estimate is far too small
+    independent = torch.randn(120)
+    ratio = paired_standard_error(independent, torch.arange(120)) / paired_standard_error(independent)
+    assert 0.9 < ratio < 1.1  # one chain per group: the two estimates agree
+    assert paired_standard_error(d, torch.zeros(120, dtype=torch.long)) == float("inf")
+
+
+def test_gate_with_request_clustered_se_still_deploys_a_real_gain(target, data):
+    train, _ = data
+    held = capture(target, progressions(32, 3))
+    vocab = torch.arange(2, 2 + VD)
+    eval_batches = batch_samples(held, 24 * 8, vocab)
+    start = new_drafter(target)
+    trained, _ = make_learner(learner="adam", lr=3e-3, epochs=3).round(start, batch_samples(train, 24 * 8, vocab))
+    chain = DeployGate(gate_margin=0.0, gate_z=1.645, gate_se="chain").decide(start, trained, eval_batches)
+    request = DeployGate(gate_margin=0.0, gate_z=1.645, gate_se="request").decide(start, trained, eval_batches)
+    assert request.deploy and request.delta_se > chain.delta_se, (request, chain)
+    assert acceptance_score(trained, eval_batches).groups.unique().numel() == len(held)

@@ -54,6 +54,7 @@ import torch.multiprocessing as mp
 
 from sglang_ext.core.drafters.checkpoint import FeatureDraftModel
 from sglang_ext.core.learning import gate, learners
+from sglang_ext.core.learning import replay as replay_window
 from sglang_ext.core.learning.capture import (
     CapturedSample,
     batch_samples,
@@ -69,6 +70,7 @@ from sglang_ext.core.learning.handoff import (
     publish,
 )
 from sglang_ext.core.learning.learners import Learner, RoundStats, make_learner
+from sglang_ext.core.learning.replay import ReplayWindow
 from sglang_ext.core.policies.base import Param
 
 log = logging.getLogger("sglang_ext.online")
@@ -81,19 +83,27 @@ PARAMS: tuple[Param, ...] = (
 )
 
 #: every tunable of the trainer process, in one place (learner, gate, process)
-TRAINER_PARAMS: tuple[Param, ...] = learners.PARAMS + gate.PARAMS + PARAMS
+TRAINER_PARAMS: tuple[Param, ...] = learners.PARAMS + replay_window.PARAMS + gate.PARAMS + PARAMS
 
 
 def train_round(current: FeatureDraftModel, samples: Sequence[CapturedSample], learner: Learner, deploy_gate: DeployGate,
-                config: dict[str, Any], round_index: int = 0) -> tuple[FeatureDraftModel, RoundStats, GateResult]:
+                config: dict[str, Any], round_index: int = 0, replay: ReplayWindow | None = None
+                ) -> tuple[FeatureDraftModel, RoundStats, GateResult]:
     """One round, in process: hold back a slice, train on the rest, gate the candidate against ``current``.
 
-    Calls ``learner.commit()`` if the gate deploys and ``learner.rollback()`` otherwise.
+    With a ``replay`` window the learner trains on the window's past training rows (weighted ``decay^age``) and
+    this round's; the held-back slice is always this round's only, and this round's training rows join the
+    window afterwards, whatever the verdict. Calls ``learner.commit()`` if the gate deploys and
+    ``learner.rollback()`` otherwise.
     """
     train, held = split_eval(samples, config["eval_fraction"], seed=config["seed"] * 7919 + round_index)
     vocab = current.draft_vocab.cpu()
+    fresh = train
+    weights = None
+    if replay is not None:
+        train, weights = replay.training_set(fresh)
     train_batches = batch_samples(train, config["batch_tokens"], vocab, config["wrong_weight"],
-                                  prefill_weight=config.get("prefill_weight", 1.0))
+                                  prefill_weight=config.get("prefill_weight", 1.0), sample_weights=weights)
     eval_batches = batch_samples(held, config["batch_tokens"], vocab)
     candidate, stats = learner.round(current, train_batches)
     result = deploy_gate.decide(current, candidate, eval_batches)
@@ -101,7 +111,10 @@ def train_round(current: FeatureDraftModel, samples: Sequence[CapturedSample], l
         learner.commit()
     else:
         learner.rollback()
-    alphas = [s.alpha for s in train if s.alpha is not None]
+    if replay is not None:
+        replay.add(fresh)
+        stats.extra["replay_tokens"] = replay.tokens
+    alphas = [s.alpha for s in fresh if s.alpha is not None]
     stats.extra["alpha_train"] = sum(alphas) / len(alphas) if alphas else None  # Algorithm 1's ᾱ_train (reported)
     return candidate, stats, result
 
@@ -135,6 +148,7 @@ def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: to
     torch.manual_seed(config["seed"])
     learner = make_learner(config)
     deploy_gate = DeployGate(config)
+    replay = ReplayWindow.from_config(config)
     current: FeatureDraftModel | None = None
     version: int | None = None
     results.put({"type": "ready", "pid": os.getpid(), "cpu": _cpu_seconds()})
@@ -161,7 +175,7 @@ def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: to
             if v != version:
                 current = load_version(handoff_dir, v, expect_target).to(embed.device).bind_target(embed, lm_head).eval()
                 version = v
-            candidate, stats, res = train_round(current, samples, learner, deploy_gate, config, round_id)
+            candidate, stats, res = train_round(current, samples, learner, deploy_gate, config, round_id, replay)
             new_version, parent = None, version
             if res.deploy:
                 new_version = publish(candidate, handoff_dir, extra={"online": {"round": round_id, "parent": version,

@@ -389,7 +389,8 @@ class TrainingBatch:
 
 
 def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tensor, wrong_weight: float = 1.0,
-                      feature_dtype: torch.dtype = torch.float32, prefill_weight: float = 1.0) -> TrainingBatch:
+                      feature_dtype: torch.dtype = torch.float32, prefill_weight: float = 1.0,
+                      sample_weights: Sequence[float] | None = None) -> TrainingBatch:
     r"""Pad samples into ``ttt_loss`` tensors; the label is the target's top-k mass on the draft vocabulary.
 
     Row ``s`` with a stored distribution: with ``K`` = its kept ids that are in the draft vocabulary,
@@ -405,8 +406,11 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
     ``wrong_weight`` multiplies the weight of rows the draft got wrong (``draft_correct == 0``; OSD §6.1);
     ``prefill_weight`` the weight of prefill (prompt) rows: serving drafts only after generated tokens, and chat
     prompts repeat (system prompt, template), so full-weight prompt rows teach the drafter to memorise them at the
-    expense of what it drafts (measured: analysis/results/workload-shift-*).
+    expense of what it drafts (measured: analysis/results/workload-shift-*). ``sample_weights[b]`` multiplies
+    every row of sample ``b`` (a replay window's ``decay^age``).
     """
+    if sample_weights is not None and len(sample_weights) != len(samples):
+        raise ValueError(f"to_training_batch: {len(sample_weights)} sample weights for {len(samples)} samples")
     if not samples:
         raise ValueError("to_training_batch: no samples")
     B, S = len(samples), max(len(s) for s in samples)
@@ -449,7 +453,7 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
         ok = soft_ok | hard_ok
         w = torch.where(s.draft_correct == 0, torch.tensor(float(wrong_weight)), torch.tensor(1.0))
         w = torch.where(has, w, w * float(prefill_weight))
-        weight[b, :n] = w * ok
+        weight[b, :n] = w * ok * (1.0 if sample_weights is None else float(sample_weights[b]))
         generated[b, :n] = has
         t1 = torch.full((n,), -1, dtype=torch.long)
         t1[soft_ok] = s.topk_ids[soft_ok, 0].to(torch.long)
@@ -463,10 +467,11 @@ def to_training_batch(samples: Sequence[CapturedSample], draft_vocab: torch.Tens
 
 def batch_samples(samples: Sequence[CapturedSample], batch_tokens: int, draft_vocab: torch.Tensor,
                   wrong_weight: float = 1.0, feature_dtype: torch.dtype = torch.float32,
-                  prefill_weight: float = 1.0) -> list[TrainingBatch]:
+                  prefill_weight: float = 1.0, sample_weights: Sequence[float] | None = None) -> list[TrainingBatch]:
     """Group samples of similar length (little padding) into batches of ``<= batch_tokens`` padded rows."""
     groups = length_buckets([len(s) for s in samples], batch_tokens)
-    return [to_training_batch([samples[i] for i in g], draft_vocab, wrong_weight, feature_dtype, prefill_weight)
+    return [to_training_batch([samples[i] for i in g], draft_vocab, wrong_weight, feature_dtype, prefill_weight,
+                              None if sample_weights is None else [sample_weights[i] for i in g])
             for g in groups]
 
 

@@ -51,6 +51,9 @@ PARAMS: tuple[Param, ...] = (
     Param("gate_z", 1.0, 0.0, 10.0, doc="... and by more than z standard errors of the paired difference"),
     Param("gate_steps", 3, 1, 8, kind="int", doc="chain length k of the acceptance score (TIDE: gamma = 3)"),
     Param("eval_fraction", 0.2, 0.01, 0.9, doc="share of a round's samples held back for the gate"),
+    Param("gate_se", "chain", kind="choice", choices=("chain", "request"),
+          doc="standard error of the paired difference: over chains as if independent, or clustered by request "
+              "(chains of one request are correlated; with gate_z = 1.645 a one-sided 95 % test)"),
 )
 
 
@@ -60,6 +63,8 @@ class GateScore:
     top1: list[float]  # per step
     chains: int
     per_chain: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0))
+    #: [chains] long: the captured sample (request slice) each chain lies in, for a clustered standard error
+    groups: torch.Tensor = field(repr=False, default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
 @dataclass
@@ -119,12 +124,15 @@ def acceptance_score(model, batches: Sequence[TrainingBatch], steps: int = 3) ->
     dev, dt = model.fc.weight.device, model.fc.weight.dtype
     vocab = model.draft_vocab.to(dev)
     per_chain: list[torch.Tensor] = []
+    groups: list[torch.Tensor] = []
+    row0 = 0
     hits_sum = [0.0] * steps
     hits_n = [0.0] * steps
     for batch in batches:
         b = batch.to(dev, dt)
         B, S = b.tokens.shape
         L = S - 1
+        row0 += B
         if L < 1:
             continue
         tgt = b.target_top1[:, 1:]  # index i's target: row i + 1
@@ -150,11 +158,34 @@ def acceptance_score(model, batches: Sequence[TrainingBatch], steps: int = 3) ->
             sl = slice(e, e + C)
             full &= ok[:, sl] & gen[:, sl]
         per_chain.append(acc[full].cpu())
+        rows = torch.arange(row0 - B, row0, device=dev).view(B, 1).expand(B, C)
+        groups.append(rows[full].cpu())
     model.train(was_training)
     chains = torch.cat(per_chain) if per_chain else torch.zeros(0)
     return GateScore(accept_len=float(chains.mean()) if chains.numel() else 0.0,
                      top1=[s / n if n else 0.0 for s, n in zip(hits_sum, hits_n)], chains=int(chains.numel()),
-                     per_chain=chains)
+                     per_chain=chains, groups=torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long))
+
+
+def paired_standard_error(d: torch.Tensor, groups: torch.Tensor | None = None) -> float:
+    r"""Standard error of the mean of paired differences ``d``; clustered by ``groups`` when given.
+
+    Independent: :math:`s/\sqrt{n}`. Clustered (the sandwich estimator with the small-sample factor):
+
+    .. math:: \widehat{SE}^2 = \frac{G}{G-1}\,\frac{1}{n^2}\sum_g \Bigl(\sum_{c \in g} (d_c - \bar d)\Bigr)^2
+
+    over ``G`` groups; chains of one request share its text, so they are not independent and the plain
+    estimate is too small. Infinite when fewer than two chains (or groups) are there to estimate it.
+    """
+    n = int(d.numel())
+    if groups is None:
+        return float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    G = int(ids.numel())
+    if G < 2:
+        return float("inf")
+    sums = torch.zeros(G, dtype=torch.float64).index_add_(0, inverse, (d - d.mean()).double())
+    return float((G / (G - 1) * (sums ** 2).sum()) ** 0.5 / n)
 
 
 def split_eval(samples: Sequence[CapturedSample], fraction: float, seed: int = 0
@@ -174,6 +205,7 @@ class DeployGate:
     def __init__(self, config: dict[str, Any] | None = None, **overrides: Any) -> None:
         c = self.config = resolve(PARAMS, {**(config or {}), **overrides}, "deploy gate")
         self.margin, self.z, self.steps = c["gate_margin"], c["gate_z"], c["gate_steps"]
+        self.clustered = c["gate_se"] == "request"
 
     def decide(self, current: FeatureDraftModel, candidate: FeatureDraftModel,
                eval_batches: Sequence[TrainingBatch]) -> GateResult:
@@ -184,10 +216,10 @@ class DeployGate:
             return GateResult(False, 0.0, 0.0, self.margin, "neutral", 0.0, 0, cur.top1, cand.top1)
         d = cand.per_chain - cur.per_chain
         mean = float(d.mean())
-        se = float(d.std(unbiased=True) / n ** 0.5) if n > 1 else float("inf")
+        se = paired_standard_error(d, cur.groups if self.clustered else None)
         deploy = mean > self.margin and mean >= self.z * se  # the margin decides ties (a negative one: tests)
         outcome = "deploy" if deploy else ("plateau" if mean < 0 else "neutral")
         return GateResult(deploy, cur.accept_len, cand.accept_len, self.margin, outcome, se, n, cur.top1, cand.top1)
 
 
-__all__ = ["PARAMS", "DeployGate", "GateResult", "GateScore", "acceptance_score", "split_eval"]
+__all__ = ["PARAMS", "DeployGate", "GateResult", "GateScore", "acceptance_score", "paired_standard_error", "split_eval"]
