@@ -74,6 +74,29 @@ def register(sub) -> None:
     validate.add_arguments(va)
     va.set_defaults(func=_guard(validate.cmd_validate))
 
+    fl = ssub.add_parser("fit-learning", help="fit a measured online-learning curve (analysis.learner_curve) into "
+                         "the simulator's training model; print the replay flags and the fit error")
+    fl.add_argument("--curve", type=Path, required=True, help="results.json of python -m analysis.learner_curve")
+    fl.add_argument("--variant", required=True, help="the learner variant's name in that file")
+    fl.add_argument("--domain", required=True, help="the held-out domain to fit (e.g. code)")
+    fl.add_argument("--decay", type=float, default=1.0, help="the acceptance model's per-position decay")
+    fl.add_argument("--out", type=Path, default=None, help="also write the fit as JSON here")
+    fl.set_defaults(func=_guard(cmd_fit_learning))
+
+
+def cmd_fit_learning(args) -> int:
+    from simulator.learning_fit import as_dict, fit_from_results
+
+    fit = fit_from_results(args.curve, args.variant, args.domain, args.decay)
+    console = Console()
+    console.print(f"{args.variant} on {args.domain}: gain {fit.gain:.4f} per {fit.round_tokens}-token round, ceiling "
+                  f"alpha {fit.ceiling:.4f} (start {fit.alpha_start:.4f}); fit error in acceptance length: mean "
+                  f"{fit.mean_abs_error_accept_len:.4f}, max {fit.max_abs_error_accept_len:.4f} over {fit.rounds} rounds")
+    console.print(f"sglang-ext sim replay ... {fit.flags()}", highlight=False, soft_wrap=True)
+    if args.out:
+        args.out.write_text(json.dumps(as_dict(fit), indent=1) + "\n")
+    return 0
+
 
 def _positive(flag: str, kind=float):
     def parse(text: str):
