@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capture", type=Path, default=None, help="cache of the captured rows (reused when it exists)")
+    p.add_argument("--results-from", type=Path, action="append", default=[], metavar="RESULTS.json",
+                   help="also report the variants of an earlier run on the same capture (their curves are not "
+                        "trained again; e.g. to add --oracle once it exists)")
     p.add_argument("--out", "-o", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -250,7 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("static " + ", ".join(f"{d} {v:.3f}" for d, v in static.items())
           + ("; oracle " + ", ".join(f"{d} {v:.3f}" for d, v in oracle.items()) if oracle else ""), flush=True)
     results = {}
+    for earlier in args.results_from:
+        prev = json.loads(earlier.read_text(encoding="utf-8"))
+        if prev.get("meta", {}).get("captured_tokens") != captured:
+            raise SystemExit(f"--results-from {earlier}: captured from another stream "
+                             f"({prev.get('meta', {}).get('captured_tokens')} tokens, this run {captured})")
+        results.update(prev["results"])
+        variants.update({k: v for k, v in prev["meta"]["variants"].items() if k not in variants})
     for vname, cfg in variants.items():
+        if vname in results:
+            continue
         print(f"  {vname}", flush=True)
         torch.manual_seed(cfg["seed"])
         results[vname] = run_variant(start, rounds, heldout, cfg, log=lambda m: print(m, flush=True))
