@@ -218,7 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, name, _ = load_target(args.model_path)
-    draft = load_draft_model(args.draft_model_path, name, model.config)
+
+    def bound_drafter(path: str):
+        """A drafter bound to the target's embedding and LM head (what the engine does when it loads one)."""
+        d = load_draft_model(path, name, model.config).to(model.dtype)
+        return d.bind_target(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+
+    draft = bound_drafter(args.draft_model_path)
     if args.capture and args.capture.is_file():
         cached = torch.load(args.capture, weights_only=False)
         stream_samples, heldout, serve_s = cached["stream"], cached["heldout"], cached["serve_s"]
@@ -249,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     static = score_domains(start, heldout, base)
     oracle = None
     if args.oracle:
-        oracle = score_domains(load_draft_model(args.oracle, name, model.config), heldout, base)
+        oracle = score_domains(bound_drafter(args.oracle), heldout, base)
     print("static " + ", ".join(f"{d} {v:.3f}" for d, v in static.items())
           + ("; oracle " + ", ".join(f"{d} {v:.3f}" for d, v in oracle.items()) if oracle else ""), flush=True)
     results = {}
