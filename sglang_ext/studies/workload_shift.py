@@ -748,7 +748,7 @@ def _parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(prm.kind, str)
         extra = {"choices": list(prm.choices)} if prm.kind == "choice" else {"metavar": prm.name.upper()}
         g.add_argument("--online-" + prm.name.replace("_", "-"), dest="online_" + prm.name, type=kind, default=None,
-                       help=f"{prm.doc} (default {prm.default})", **extra)
+                       help=f"{prm.doc} (default {prm.default})".replace("%", "%%"), **extra)
     return p
 
 
