@@ -509,6 +509,13 @@ def test_trainer_process_deploys_survives_a_kill_and_the_server_swaps(target, tm
         assert swapped[0].embed_weight is not None and swapped[0].fc.weight.dtype == model.fc.weight.dtype
         # the trainer lowered its own priority (default trainer_nice 10): serving goes first on shared cores
         assert os.getpriority(os.PRIO_PROCESS, online.trainer.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        # idle after a round (the child checks on the server every PARENT_CHECK_S): the same child is still there
+        from sglang_ext.online.trainer import PARENT_CHECK_S
+
+        pid = online.trainer.pid
+        time.sleep(2.5 * PARENT_CHECK_S)
+        poll()
+        assert online.trainer.pid == pid and online.trainer.stats["restarts"] == 0 and online.status()["alive"]
         # kill the child mid-round: detected on poll, restarted, the round dropped, v2 still served
         serve_until_round()
         _wait(lambda: online.trainer.stats["last_started"] == 2, 30, poll)

@@ -176,14 +176,14 @@ def _child_main(handoff_dir: str, config: dict, embed: torch.Tensor, lm_head: to
                 current = load_version(handoff_dir, v, expect_target).to(embed.device).bind_target(embed, lm_head).eval()
                 version = v
             candidate, stats, res = train_round(current, samples, learner, deploy_gate, config, round_id, replay)
-            new_version, parent = None, version
+            new_version, parent_version = None, version  # not ``parent``: that is the server process
             if res.deploy:
                 new_version = publish(candidate, handoff_dir, extra={"online": {"round": round_id, "parent": version,
                                                                                "gate": res.as_dict()}})
                 prune(handoff_dir, keep=int(config["keep_versions"]))
                 current, version = candidate, new_version
             results.put({"type": "result", "round": round_id, "outcome": res.outcome, "deploy": res.deploy,
-                         "version": new_version, "parent": parent,
+                         "version": new_version, "parent": parent_version,
                          "gate": res.as_dict(), "learner": stats.as_dict(), "samples": len(samples),
                          "tokens": sum(len(s) for s in samples), "seconds": time.perf_counter() - t0,
                          "cpu": _cpu_seconds()})
