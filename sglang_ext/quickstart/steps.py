@@ -178,7 +178,9 @@ def serve(ctx: Context) -> dict[str, Any]:
     stream = ws.encode_stream(tok, ws.select_stream(prompt_pools(s.prompts), segments, s.seed), s.max_prompt_tokens)
     context = 2 * (max(len(it.ids) for it in stream) + s.max_new_tokens) + 16
 
-    def make_engine():
+    def make_engine(drafter: str | None = None):  # every configuration here starts from the shipped drafter
+        if drafter is not None:
+            raise ValueError("the quickstart's workload step serves its own drafter only")
         engine, _ = build_engine_from_parts(model, tok, "EAGLE", num_steps=s.num_steps, topk=1,
                                             draft_model=ctx.load_drafter(), max_running_requests=s.batch,
                                             context_length=context, model_name=name)
