@@ -95,8 +95,12 @@ def fit_curve(expected: list[float], static: float, round_tokens: int, k: int = 
                        k=k, decay=decay)
 
 
-def fit_from_results(path: Path, variant: str, domain: str, decay: float = 1.0) -> LearningFit:
-    """Fit one (variant, domain) curve of a ``learner_curve`` ``results.json``; errors name the file and the choice."""
+def fit_from_results(path: Path, variant: str, domain: str, decay: float = 1.0, first_round: int = 0) -> LearningFit:
+    """Fit one (variant, domain) curve of a ``learner_curve`` ``results.json``; errors name the file and the choice.
+
+    ``first_round``: fit from that round on (the round where this domain's traffic starts in a stream of several
+    domains), starting from the score the round before left.
+    """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -108,8 +112,12 @@ def fit_from_results(path: Path, variant: str, domain: str, decay: float = 1.0) 
     if domain not in static:
         raise ValueError(f"{path}: no domain {domain!r} (has: {', '.join(static) or 'none'})")
     curve = [p["heldout"][domain] for p in results[variant]["curve"]]
+    if not 0 <= first_round < len(curve):
+        raise ValueError(f"{path}: --first-round {first_round} outside 0..{len(curve) - 1}")
+    start = static[domain] if first_round == 0 else curve[first_round - 1]
     meta = data.get("meta", {})
-    return fit_curve(curve, static[domain], int(meta.get("n_threshold", 4096)), int(meta.get("gate_steps", 3)), decay)
+    return fit_curve(curve[first_round:], start, int(meta.get("n_threshold", 4096)), int(meta.get("gate_steps", 3)),
+                     decay)
 
 
 def as_dict(fit: LearningFit) -> dict:

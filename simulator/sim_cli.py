@@ -80,6 +80,8 @@ def register(sub) -> None:
     fl.add_argument("--variant", required=True, help="the learner variant's name in that file")
     fl.add_argument("--domain", required=True, help="the held-out domain to fit (e.g. code)")
     fl.add_argument("--decay", type=float, default=1.0, help="the acceptance model's per-position decay")
+    fl.add_argument("--first-round", type=int, default=0,
+                    help="fit from this round on (where the domain's traffic starts in a multi-domain stream)")
     fl.add_argument("--out", type=Path, default=None, help="also write the fit as JSON here")
     fl.set_defaults(func=_guard(cmd_fit_learning))
 
@@ -87,7 +89,7 @@ def register(sub) -> None:
 def cmd_fit_learning(args) -> int:
     from simulator.learning_fit import as_dict, fit_from_results
 
-    fit = fit_from_results(args.curve, args.variant, args.domain, args.decay)
+    fit = fit_from_results(args.curve, args.variant, args.domain, args.decay, args.first_round)
     console = Console()
     console.print(f"{args.variant} on {args.domain}: gain {fit.gain:.4f} per {fit.round_tokens}-token round, ceiling "
                   f"alpha {fit.ceiling:.4f} (start {fit.alpha_start:.4f}); fit error in acceptance length: mean "

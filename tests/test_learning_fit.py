@@ -49,5 +49,9 @@ def test_fit_learning_command_reads_a_learner_curve_file(tmp_path, capsys):
     assert json.loads(out.read_text())["gain"] == pytest.approx(0.3, abs=1e-4)
     assert main(["sim", "fit-learning", "--curve", str(path), "--variant", "sgd", "--domain", "code"]) == 1
     assert "variant 'sgd' (has: online-adam)" in " ".join(capsys.readouterr().err.split())
+    late = fit_from_results(path, "online-adam", "code", first_round=3)  # a domain whose traffic starts later
+    assert late.rounds == 4 and late.alpha_start == pytest.approx(0.4 + (1 - 0.7 ** 3) * 0.3, abs=1e-6)
+    with pytest.raises(ValueError, match="--first-round 9 outside"):
+        fit_from_results(path, "online-adam", "code", first_round=9)
     with pytest.raises(ValueError, match="no domain 'math'"):
         fit_from_results(path, "online-adam", "math")
