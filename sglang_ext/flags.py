@@ -49,7 +49,7 @@ def add_online_args(group: argparse._ActionsContainer) -> None:
         kind = {"int": int, "float": float}.get(p.kind, str)
         extra = {"choices": list(p.choices)} if p.kind == "choice" else {}
         group.add_argument("--online-" + p.name.replace("_", "-"), dest="online_" + p.name, type=kind, default=None,
-                           help=f"{p.doc} (default {p.default})".replace("%", "%%"), **extra)
+                           help=p.flag_help, **extra)
 
 
 def parse_param(text: str) -> tuple[str, Any]:

@@ -146,7 +146,7 @@ def held_back_first_turns(tokenizer: Any, conversations: Sequence[Conversation],
     """
     selected, order = _selected_sequences(tokenizer, conversations, max_tokens, max_sequences, seed)
     consumed = {i for i, _ in selected}
-    last = max((order.index(i) for i in consumed), default=-1)
+    last = order.index(selected[-1][0]) if selected else -1  # selection walks ``order``: its last pick ends it
 
     def first_user(conv: Conversation) -> str | None:
         return next((m["content"] for m in conv if m["role"] == "user" and m["content"].strip()), None)

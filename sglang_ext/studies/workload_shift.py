@@ -159,8 +159,6 @@ class ConfigSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # per-configuration ONLINE_PARAMS values
     drafter: str | None = None  # this configuration's starting drafter (None: --draft-model-path)
 
-
-
     @property
     def online(self) -> bool:
         return self.learner is not None
@@ -748,7 +746,7 @@ def _parser() -> argparse.ArgumentParser:
         kind = {"int": int, "float": float}.get(prm.kind, str)
         extra = {"choices": list(prm.choices)} if prm.kind == "choice" else {"metavar": prm.name.upper()}
         g.add_argument("--online-" + prm.name.replace("_", "-"), dest="online_" + prm.name, type=kind, default=None,
-                       help=f"{prm.doc} (default {prm.default})".replace("%", "%%"), **extra)
+                       help=prm.flag_help, **extra)
     return p
 
 

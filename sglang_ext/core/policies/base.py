@@ -38,6 +38,11 @@ class Param:
     #: a draft length in steps: a deployment caps it at ``--speculative-num-steps`` (the tuner searches below that)
     depth: bool = False
 
+    @property
+    def flag_help(self) -> str:
+        """The doc and default as argparse help text (``%`` escaped: argparse formats help with ``%``)."""
+        return f"{self.doc} (default {self.default})".replace("%", "%%")
+
     def check(self, value: Any, where: str = "") -> Any:
         """Coerce and bounds-check ``value``; raise a ValueError naming the parameter (and ``where``)."""
         at = f"{where}: " if where else ""
