@@ -257,7 +257,8 @@ def fit_calibration(steps: Sequence[Any], cost: Any, chunk: int, speculative: bo
 
     rows = [s for s in steps if s.batch_size > 0]
     if len(rows) < 8:
-        raise ValueError(f"calibration: {len(rows)} engine steps are too few to calibrate (need 8)")
+        raise ValueError(f"calibration: {len(rows)} engine steps are too few to calibrate (need 8): "
+                         "raise --calibration-requests or --max-output-tokens")
     X = np.array([overhead_features(s, speculative) for s in rows])
     coef = np.zeros(len(OVERHEAD_TERMS))
     y = np.array([s.outside for s in rows])

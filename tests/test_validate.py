@@ -488,7 +488,8 @@ def test_sim_validate_repeats_judge_medians_and_rank(tmp_path):
     """``--repeats 2`` over three configurations (tide-control among them): every row runs twice in rotated order,
     the verdict is on the medians, the configurations are ranked per load, and --rejudge reproduces all of it."""
     out = tmp_path / "v"
-    flags = ("--head", "3", "--calibration-requests", "4", "--configs", "off,k1,tide-control", "--loads", "queue=2",
+    # 8 calibration requests of up to 8 tokens: >= 8 steps even when k1 accepts every draft (two tokens per step)
+    flags = ("--head", "3", "--calibration-requests", "8", "--configs", "off,k1,tide-control", "--loads", "queue=2",
              "--max-prompt-tokens", "32", "--max-output-tokens", "8", "--threads", "1", "--repeats", "2")
     rc = _cli("sim", "validate", *flags, "--wait-idle", "0", "--warmup", "1", "--out", str(out))
     assert rc in (0, 2)
