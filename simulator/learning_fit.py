@@ -63,9 +63,11 @@ class LearningFit:
     max_abs_error_accept_len: float
     k: int
     decay: float
+    round_seconds: float | None = None  # --train-round-seconds: the curve's trainer CPU seconds per round (one core)
 
     def flags(self) -> str:
-        return (f"--trainer separate --train-round-tokens {self.round_tokens} --train-gain {self.gain:.4f} "
+        secs = f"--train-round-seconds {self.round_seconds:.1f} " if self.round_seconds else ""
+        return (f"--trainer separate --train-round-tokens {self.round_tokens} --train-gain {self.gain:.4f} {secs}"
                 f"--acceptance 'alpha={self.alpha_start:.4f},decay={self.decay:g},ceiling={self.ceiling:.4f}'")
 
 
@@ -116,8 +118,14 @@ def fit_from_results(path: Path, variant: str, domain: str, decay: float = 1.0, 
         raise ValueError(f"{path}: --first-round {first_round} outside 0..{len(curve) - 1}")
     start = static[domain] if first_round == 0 else curve[first_round - 1]
     meta = data.get("meta", {})
-    return fit_curve(curve[first_round:], start, int(meta.get("n_threshold", 4096)), int(meta.get("gate_steps", 3)),
-                     decay)
+    fit = fit_curve(curve[first_round:], start, int(meta.get("n_threshold", 4096)), int(meta.get("gate_steps", 3)),
+                    decay)
+    total = results[variant].get("cpu_s")
+    if isinstance(total, (int, float)) and total > 0:
+        # the trainer's one core: CPU seconds per round (the curve's cumulative total includes its held-out
+        # scoring, so this is a slight over-estimate of a round's wall time on that core)
+        fit.round_seconds = float(total) / len(curve)
+    return fit
 
 
 def as_dict(fit: LearningFit) -> dict:

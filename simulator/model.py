@@ -65,7 +65,8 @@ separate run. The parts are added (no overlap between a mixed batch's prefill an
 
 **Trainer** (``trainer``; TIDE's homogeneous vs heterogeneous mapping). Served tokens (prefill and committed
 decode tokens, whose hidden states the engine exports) are collected; every ``train_round_tokens`` starts a
-training round of ``W = train_seconds(train_round_tokens)`` device seconds. ``"separate"``: the round runs on
+training round of ``W = train_seconds(train_round_tokens)`` device seconds (or ``train_round_seconds``, a round's
+measured wall time on the trainer's device, e.g. from ``sim fit-learning``). ``"separate"``: the round runs on
 its own device, in parallel, taking ``W`` seconds of simulated time. ``"shared"``: it runs on the serving device
 as time slices — each iteration of ``s`` seconds is followed by ``s·share/(1 − share)`` seconds of training
 until ``W`` is done. When a round ends, the acceptance model's drafter improves (``acceptance.improve(gain)``).
@@ -116,6 +117,8 @@ class SimConfig:
     train_share: float = 0.25
     train_round_tokens: int = 200_000
     train_gain: float = 0.3
+    #: a training round's measured wall time on the trainer's device (None: the profile's ``train_seconds``)
+    train_round_seconds: float | None = None
     temperature: float = 0.0
     synthetic_kl: bool = True
     slo_ttft_s: float = 2.0
@@ -154,6 +157,9 @@ class SimConfig:
             raise ValueError(f"train_share={self.train_share} must be in (0, 1)")
         if self.train_round_tokens < 1 or not 0 <= self.train_gain <= 1:
             raise ValueError("train_round_tokens must be >= 1 and train_gain in [0, 1]")
+        if self.train_round_seconds is not None and not (math.isfinite(self.train_round_seconds)
+                                                         and self.train_round_seconds > 0):
+            raise ValueError(f"train_round_seconds={self.train_round_seconds} must be > 0 seconds (or None)")
         make_router(self.router)
 
     def to_json(self) -> dict[str, Any]:
@@ -208,7 +214,9 @@ class _Trainer:
         self.in_round = False
         self.remaining = 0.0
         self.rounds = 0
-        if self.mode != "none" and not callable(getattr(sim.cost, "train_seconds", None)):
+        self.round_times: list[float] = []  # simulated time at which each round's improvement took effect
+        self.round_seconds = c.train_round_seconds
+        if self.mode != "none" and self.round_seconds is None and not callable(getattr(sim.cost, "train_seconds", None)):
             raise ValueError(f"trainer={self.mode!r} needs a cost model with train_seconds(tokens)")
 
     def collect(self, tokens: int) -> None:
@@ -217,7 +225,8 @@ class _Trainer:
             return
         self.collected -= self.round_tokens
         self.in_round = True
-        work = float(self.sim.cost.train_seconds(self.round_tokens))
+        work = float(self.round_seconds if self.round_seconds is not None
+                     else self.sim.cost.train_seconds(self.round_tokens))
         if self.mode == "separate":
             self.sim.env.process(self._separate(work))
         else:
@@ -230,6 +239,7 @@ class _Trainer:
     def _done(self) -> None:
         self.sim.acceptance.improve(self.gain)
         self.rounds += 1
+        self.round_times.append(float(self.sim.env.now))
         self.in_round = False
         self.collect(0)
 
@@ -701,6 +711,8 @@ class Simulation:
                             slo_tpot_s=c.slo_tpot_s, unfinished=self.arrived - len(rows) - len(self.rejected),
                             train_rounds=self.trainer.rounds, rejected=len(self.rejected),
                             beyond_profile=self.guard.report())
+        if c.trainer != "none":
+            summary["train_round_times"] = list(self.trainer.round_times)
         sim_s = float(self.env.now)
         perf = {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "events": self.events, "sim_s": sim_s,
                 "request_steps": self.request_steps,

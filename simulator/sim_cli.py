@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from sglang_ext.formats.trace import Trace, TraceError, stream_trace
 
@@ -33,6 +34,11 @@ def register(sub) -> None:
     rep.add_argument("--workers", type=_positive("--workers", int), default=1,
                      help="split the replicas over this many processes (round-robin routing, no shared trainer; "
                           "each worker has its own random streams: simulator.parallel)")
+    rep.add_argument("--compare-static", action="store_true",
+                     help="with --trainer: also replay without the trainer (same seed) and report, per arrival "
+                          "window, acceptance and TPOT of both and when adaptation pays (adaptation.json)")
+    rep.add_argument("--window", type=_positive("--window"), default=None,
+                     help="--compare-static window in s (default: a twentieth of the trace)")
     rep.set_defaults(func=_guard(cmd_replay))
 
     sw = ssub.add_parser("sweep", help="simulate a grid of policy params / engine settings / loads in parallel")
@@ -91,9 +97,10 @@ def cmd_fit_learning(args) -> int:
 
     fit = fit_from_results(args.curve, args.variant, args.domain, args.decay, args.first_round)
     console = Console()
-    console.print(f"{args.variant} on {args.domain}: gain {fit.gain:.4f} per {fit.round_tokens}-token round, ceiling "
+    console.print(f"{escape(args.variant)} on {escape(args.domain)}: gain {fit.gain:.4f} per {fit.round_tokens}-token round, ceiling "
                   f"alpha {fit.ceiling:.4f} (start {fit.alpha_start:.4f}); fit error in acceptance length: mean "
-                  f"{fit.mean_abs_error_accept_len:.4f}, max {fit.max_abs_error_accept_len:.4f} over {fit.rounds} rounds")
+                  f"{fit.mean_abs_error_accept_len:.4f}, max {fit.max_abs_error_accept_len:.4f} over {fit.rounds} rounds"
+                  + (f"; {fit.round_seconds:.0f} trainer CPU s per round" if fit.round_seconds else ""))
     console.print(f"sglang-ext sim replay ... {fit.flags()}", highlight=False, soft_wrap=True)
     if args.out:
         args.out.write_text(json.dumps(as_dict(fit), indent=1) + "\n")
@@ -148,6 +155,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-share", type=float, default=0.25)
     p.add_argument("--train-round-tokens", type=int, default=200_000)
     p.add_argument("--train-gain", type=float, default=0.3)
+    p.add_argument("--train-round-seconds", type=_positive("--train-round-seconds"), default=None,
+                   help="a training round's measured wall time on the trainer's device (default: the profile's "
+                        "train_seconds of --train-round-tokens); sim fit-learning prints the measured one")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in s (goodput)")
     p.add_argument("--slo-tpot", type=float, default=0.1, help="TPOT SLO in s (goodput)")
@@ -205,7 +215,7 @@ def sim_config(args, cost: Any = None, **extra: Any):
                      kv_capacity=args.kv_capacity, schedule=args.schedule, overhead_s=args.overhead,
                      replicas=args.replicas, router=args.router, trainer=args.trainer, train_share=args.train_share,
                      train_round_tokens=args.train_round_tokens, train_gain=args.train_gain,
-                     temperature=args.temperature, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, **extra)
+                     train_round_seconds=args.train_round_seconds, temperature=args.temperature, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot, **extra)
 
 
 def _kv_pairs(items: list[str], flag: str) -> dict[str, str]:
@@ -257,6 +267,8 @@ def cmd_replay(args) -> int:
                                                            give_costs=args.policy_costs == "given"),
             config, args.seed, lambda: parse_acceptance(args.acceptance), args.workers)
         return _finish_replay(args, result, out, console, policy)
+    if args.compare_static:
+        return _compare_static(args, cost, config, out, console)
     requests = stream_trace(args.trace, args.time_scale, args.head) if args.format == "jsonl" else load_trace(args)
     out.mkdir(parents=True, exist_ok=True)
     sim = Simulation(requests, cost, policy, config, args.seed, acceptance)
@@ -272,6 +284,52 @@ def cmd_replay(args) -> int:
     if result.complete and sim.arrived == 0:
         raise TraceError(args.trace, None, "no requests in this trace (nothing to replay)")
     return _finish_replay(args, result, out, console, policy)
+
+
+def _compare_static(args, cost, config, out: Path, console) -> int:
+    """``--compare-static``: the replay with its trainer and the same replay without one; when adaptation pays."""
+    from dataclasses import replace
+
+    from rich.table import Table
+
+    from simulator.acceptance import parse_acceptance
+    from simulator.adaptation import adaptation_pays
+    from simulator.model import simulate
+    from simulator.tune import build_policy
+
+    if config.trainer == "none":
+        raise ValueError("--compare-static compares a trainer against none: give --trainer separate|shared")
+    trace = load_trace(args)
+    runs = {}
+    for name, cfg in (("static", replace(config, trainer="none")), ("trained", config)):
+        policy = build_policy(args.policy, _policy_params(args), cost, args.policy_config,
+                              give_costs=args.policy_costs == "given")
+        runs[name] = simulate(trace, cost, policy, cfg, seed=args.seed, acceptance=parse_acceptance(args.acceptance))
+        if not runs[name].complete:
+            raise ValueError(f"the {name} replay stopped: {runs[name].error}")
+    window = args.window or max(trace.duration / 20, 1e-6)
+    report = adaptation_pays(runs["static"], runs["trained"], window)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, res in runs.items():
+        res.save(out / f"result-{name}.json")
+    (out / "adaptation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    t = Table(title=f"adaptation on {args.trace.name}: trainer {config.trainer}, window {window:.1f} s")
+    for col in ("window from (s)", "requests", "accept len static", "accept len trained", "TPOT static (ms)",
+                "TPOT trained (ms)", "TPOT speed-up"):
+        t.add_column(col, justify="right")
+    f = lambda x, fmt: "–" if x is None else format(x, fmt)  # noqa: E731
+    for w in report["windows"]:
+        s_, r_ = w["static"], w["trained"]
+        t.add_row(f"{w['start_s']:.0f}", str(s_["requests"]), f(s_["accept_length"], ".2f"), f(r_["accept_length"], ".2f"),
+                  f(s_["tpot_s"] and 1e3 * s_["tpot_s"], ".1f"), f(r_["tpot_s"] and 1e3 * r_["tpot_s"], ".1f"),
+                  f(w["tpot_speedup"], ".3f"))
+    console.print(t)
+    rounds = report["train_round_times_s"]
+    console.print(f"rounds landed at {', '.join(f'{x:.0f}' for x in rounds[:12])}{' …' if len(rounds) > 12 else ''} s; "
+                  f"adaptation pays after {f(report['pays_after_s'], '.0f')} s; second-half TPOT speed-up "
+                  f"{f(report['speedup_second_half'], '.3f')}×")
+    console.print(f"wrote {out / 'adaptation.json'}, result-static.json, result-trained.json")
+    return 0
 
 
 def _finish_replay(args, result, out: Path, console, policy) -> int:

@@ -511,3 +511,47 @@ def test_parallel_sweep_equals_serial():
     parallel = sweep(trace, LinearCost(), "dsde", {"max_k": [2, 6]}, jobs=2, **kw)
     assert [r.summary for r in serial] == [r.summary for r in parallel]
     assert serial[0].summary != serial[1].summary
+
+
+def test_adaptation_pays_after_the_first_round_lands():
+    """A separate trainer whose rounds take a measured 4 s: the trained and static replays match before the first
+    round lands (same seed, same acceptance draws), and from a window after it the trained run is faster in
+    every window; round times are recorded in the summary."""
+    from simulator.adaptation import adaptation_pays
+
+    trace = small_trace(120, rate=3.0, out=(60, 120))
+    policy = lambda: make_policy("static", k=4)  # noqa: E731
+    static = simulate(trace, LinearCost(), policy(), acceptance=acc(0.3, 1.0, ceiling=0.9))
+    cfg = SimConfig(trainer="separate", train_round_tokens=1500, train_gain=0.5, train_round_seconds=4.0)
+    trained = simulate(trace, LinearCost(), policy(), cfg, acceptance=acc(0.3, 1.0, ceiling=0.9))
+    times = trained.summary["train_round_times"]
+    assert len(times) >= 2 and times == sorted(times) and "train_round_times" not in static.summary
+    assert all(b - a >= 4.0 - 1e-9 for a, b in zip(times, times[1:]))  # one round at a time, 4 s each
+    rep = adaptation_pays(static, trained, window_s=trace.duration / 8)
+    assert rep["train_round_times_s"][0] == pytest.approx(times[0] - trace.requests[0].arrival)
+    assert rep["pays_after_s"] is not None and rep["pays_after_s"] < trace.duration
+    assert rep["speedup_second_half"] > 1.05
+    assert all(w["tpot_speedup"] > 1.0 for w in rep["windows"] if w["start_s"] >= rep["pays_after_s"])
+    assert rep["windows"][0]["tpot_speedup"] == pytest.approx(1.0, abs=0.02)  # nothing learned yet
+    with pytest.raises(ValueError, match="window"):
+        adaptation_pays(static, trained, 0.0)
+    with pytest.raises(ValueError, match="train_round_seconds"):
+        SimConfig(trainer="separate", train_round_seconds=0.0)
+
+
+def test_cli_replay_compare_static(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ("sim", "replay", "--trace", str(TINY), "--profile", str(CPU_PROFILE), "--policy", "static",
+             "--acceptance", "alpha=0.3,decay=1,ceiling=0.8", "--max-batch-size", "8", "--out", str(out))
+    assert _cli(*flags, "--compare-static") == 1
+    assert "--trainer separate|shared" in " ".join(capsys.readouterr().err.split())
+    assert _cli(*flags, "--compare-static", "--trainer", "separate", "--train-round-tokens", "500",
+                "--train-gain", "0.5", "--train-round-seconds", "2", "--window", "5") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "adaptation pays after" in text and "TPOT speed-up" in text
+    rep = json.loads((out / "adaptation.json").read_text())
+    assert rep["window_s"] == 5 and rep["train_round_times_s"]
+    assert (out / "result-static.json").is_file() and (out / "result-trained.json").is_file()
+    with pytest.raises(SystemExit):  # argparse: a positive number
+        _cli(*flags, "--trainer", "separate", "--train-round-seconds", "-1")
+    assert "--train-round-seconds" in capsys.readouterr().err

@@ -141,3 +141,87 @@ def test_real_model_smoke(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["greedy_identity"] and set(res["configs"]) == {"static", "online-adam"}
     assert (out / "acceptance.png").is_file() and (out / "results.md").is_file()
+
+
+def test_an_interrupted_run_resumes_from_its_journal(tiny, tmp_path):
+    """A run stopped mid-stream (its journal's last line torn) resumes: finished requests keep their recorded
+    outputs and clocks, the rest run again, every output still equals static's, and the online configuration starts
+    from the newest drafter it had deployed. A journal of other settings, or a bad line inside it, is refused by
+    name."""
+    from test_engine import make_engine, prompts
+    from test_engine_online import FAST_ROUNDS
+
+    ps = prompts(43, 10)
+    stream = [ws.StreamItem(i, "chat" if i < 3 else "code", "toy", str(i), p) for i, p in enumerate(ps)]
+    specs = ws.parse_configs("static,adam")
+    shared = {k: v for k, v in FAST_ROUNDS.items() if k != "learner"}
+    header = {"t": "header", "segments": "toy", "stream_sha256": "abc", "configs_parsed": [s.name for s in specs]}
+    path, handoff = tmp_path / "journal.jsonl", tmp_path / "handoff"
+    build = lambda sp: ws.build_runs(sp, lambda drafter: make_engine(tiny, "eagle", num_steps=3, max_batch=3),  # noqa: E731
+                                     shared, handoff, log=lambda m: None)
+
+    journal = ws.Journal(path)
+    journal.write(header)
+    runs = build(specs)
+    try:
+        for r in runs:
+            r.journal = journal
+            r.submit(stream, 16)
+        with ws.TrainerGate(runs) as gate:
+            while len(runs[0].finish_order) < 5:  # "interrupted" with part of the stream served
+                for r in runs:
+                    gate.step(r)
+        first = {r.spec.name: (list(r.finish_order), r.clock) for r in runs}
+    finally:
+        ws.stop_runs(runs)
+        journal.close()
+    with open(path, "a") as f:
+        f.write('{"t":"step","c":"sta')  # the process died mid-write
+
+    per = ws.check_resumable(ws.Journal.read(path), header, path)
+    resumed = [ws.resumed_spec(s, handoff) for s in specs]
+    assert resumed[0] is specs[0] and resumed[1].name == specs[1].name
+    assert resumed[1].drafter is not None and Path(resumed[1].drafter).parent == ws.handoff_dir_of(handoff, specs[1])
+    journal = ws.Journal(path)
+    runs = build(resumed)
+    try:
+        for r in runs:
+            r.restore(per[r.spec.name])
+            order, clock = first[r.spec.name]
+            assert r.finish_order == order and r.clock == pytest.approx(clock) and set(r.restored) == set(order)
+            r.journal = journal
+            r.submit(stream, 16)
+        ws.run_interleaved(runs, gate_trainers=True, log=lambda m: None)
+        summary = ws.summarize(runs, stream, window=3)
+    finally:
+        ws.stop_runs(runs)
+        journal.close()
+    assert summary["greedy_identity"] and all(c["identical_to_static"] == len(stream)
+                                              for c in summary["configs"].values())
+    st = summary["configs"]["static"]
+    assert st["resumes"][0]["finished"] >= 5 and st["seconds"] > first["static"][1]
+    assert set(st["last_half"]) == {"code"} and st["last_half"]["code"]["start"] == 3 + 7 // 2
+    assert st["ratios_vs_static"]["code_last_half_accept_length"] == pytest.approx(1.0)
+    # every request has exactly one finish record across both sessions
+    finishes = [r["i"] for r in ws.Journal.read(path) if r.get("t") == "finish" and r["c"] == "static"]
+    assert sorted(finishes) == list(range(len(stream)))
+
+    with pytest.raises(ValueError, match="seed: journal None, now 1"):
+        ws.check_resumable(ws.Journal.read(path), {**header, "seed": 1}, path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(path.read_text().replace('"t":"step"', "oops", 1))
+    with pytest.raises(ValueError, match=r"bad.jsonl:\d+: not a journal record"):
+        ws.Journal.read(bad)
+
+
+def test_gap_closed_and_last_half_table():
+    assert ws.gap_closed(1.2, 1.0, 1.4) == pytest.approx(0.5)
+    assert ws.gap_closed(1.2, 1.0, 0.9) is None and ws.gap_closed(None, 1.0, 1.4) is None
+    cfg = lambda a, t: {"last_half": {"code": {"start": 5, "stop": 10, "accept_length": a, "tokens_per_s": t}},  # noqa: E731
+                        "ratios_vs_static": {"code_last_half_accept_length": a / 1.0,
+                                             "code_last_half_tokens_per_s": t / 20.0}}
+    summary = {"segments": {"chat": {}, "code": {}}, "oracle": "oracle",
+               "configs": {"static": cfg(1.0, 20.0), "oracle": cfg(1.4, 26.0), "online": {**cfg(1.3, 25.0),
+                                                                                        "gap_closed": {"code": 0.75}}}}
+    md = "\n".join(ws.last_half_markdown(summary))
+    assert "code 5–9" in md and "| online | 1.30 (1.300×) | 25.0 (1.250×) | 75% |" in md

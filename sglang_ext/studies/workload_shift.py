@@ -42,11 +42,10 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +232,90 @@ class StepRecord:
     admitted: list[int]  # stream indices admitted (prefilled) in the step
 
 
+@dataclass
+class FinishedRequest:
+    """A request's result as the journal keeps it (the fields :func:`summarize` reads from an engine state)."""
+
+    rid: str
+    output_ids: list[int]
+    spec_verify_ct: int
+    drafter_versions: set
+
+
+class Journal:
+    """Append-only JSON lines of everything a run records, flushed per line, so an interrupted run loses at most
+    the requests in flight (``--resume`` takes the rest back).
+
+    Line kinds (``t``): ``header`` (what must match to resume: stream, configurations, serving settings),
+    ``step`` (one configuration step: ``clock``, ``seconds``, committed ``tokens``, ``admitted`` stream indices),
+    ``finish`` (a request: stream index ``i``, ``out`` token ids, ``verify`` steps, drafter ``versions``, ``clock``),
+    ``swap`` and ``round`` (online configurations: a hot swap; a training round as the trainer reported it), and
+    ``resume`` (where a resumed run picked up). ``c`` names the configuration.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if self.path.is_file():  # a torn last record (the process died mid-write) is cut before appending
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, default=str, separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """The records of ``path``; a torn last line (the process died mid-write) is dropped, any other bad line
+        is an error naming it."""
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        out = []
+        for n, line in enumerate(lines, 1):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if n == len(lines):
+                    break
+                raise ValueError(f"{path}:{n}: not a journal record ({e.msg})") from None
+        return out
+
+
+def journal_header(args: argparse.Namespace, specs: Sequence[ConfigSpec], shared: dict, stream: Sequence[StreamItem]
+                   ) -> dict:
+    """What a resumed run must share with the journal it continues."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([it.ids for it in stream]).encode()).hexdigest()[:16]
+    keys = ("segments", "configs", "seed", "max_new_tokens", "max_prompt_tokens", "batch", "num_steps", "model_path",
+            "draft_model_path")
+    return {"t": "header", **{k: getattr(args, k) for k in keys}, "online_shared": shared,
+            "configs_parsed": [s.name for s in specs], "stream_sha256": digest}
+
+
+def check_resumable(records: Sequence[dict], header: dict, path: Path) -> dict[str, list[dict]]:
+    """The journal's records per configuration, after checking that its header matches this run's ``header``."""
+    if not records or records[0].get("t") != "header":
+        raise ValueError(f"{path}:1: no journal header: not a workload-shift journal")
+    old = records[0]
+    diff = [k for k in header if k != "t" and old.get(k) != header[k]]
+    if diff:
+        raise ValueError(f"{path}: --resume with different settings: "
+                         + "; ".join(f"{k}: journal {old.get(k)!r}, now {header[k]!r}" for k in diff))
+    per: dict[str, list[dict]] = {name: [] for name in header["configs_parsed"]}
+    for n, rec in enumerate(records[1:], 2):
+        if rec.get("t") in ("resume", "header"):
+            continue
+        if rec.get("c") not in per:
+            raise ValueError(f"{path}:{n}: configuration {rec.get('c')!r} is not in this run")
+        per[rec["c"]].append(rec)
+    return per
+
+
 class ConfigRun:
     """One configuration: its engine, its online learner (or None) and what it recorded, step by step."""
 
@@ -251,15 +334,53 @@ class ConfigRun:
         self.rounds: list[dict] = []  # each completed training round, as the trainer reported it
         self.cpu_at_start = 0.0
         self._seen: set[str] = set()
+        self.journal: Journal | None = None
+        self.restored: dict[int, FinishedRequest] = {}  # requests finished before a resume, by stream index
+        self.prior_online = {"rounds": 0, "deployed": 0, "rejected": 0, "swaps": 0, "trainer_cpu_seconds": 0.0}
+        self.resumes: list[dict] = []
 
     def submit(self, stream: Sequence[StreamItem], max_new_tokens: int) -> None:
+        """Queue the stream in order; requests restored from a journal keep their recorded result instead."""
         from sglang_ext.engine.engine import GenerationRequest
 
         for it in stream:
             rid = f"s{it.index:04d}"
             self.index_of[rid] = it.index
+            if it.index in self.restored:
+                self.states.append(self.restored[it.index])
+                continue
             self.states.append(self.engine.add_request(GenerationRequest(list(it.ids), max_new_tokens=max_new_tokens,
                                                                          rid=rid)))
+
+    def restore(self, records: Sequence[dict]) -> None:
+        """Take back this configuration's journal (:class:`Journal` records, in order) before :meth:`submit`.
+
+        Finished requests keep their outputs and clocks; the clock goes on from the last recorded step (time spent
+        on requests that were in flight at the interruption stays counted: they run again from their start).
+        """
+        for rec in records:
+            kind = rec["t"]
+            if kind == "step":
+                self.clock = rec["clock"]
+                self.steps.append(StepRecord(rec["clock"], rec["seconds"], rec["tokens"], list(rec["admitted"])))
+                for i in rec["admitted"]:
+                    self.admit_clock.setdefault(i, rec["clock"] - rec["seconds"])
+            elif kind == "finish":
+                i = rec["i"]
+                self.restored[i] = FinishedRequest(f"s{i:04d}", list(rec["out"]), rec["verify"], set(rec["versions"]))
+                self.finish_clock[i] = rec["clock"]
+                self.finish_order.append(i)
+            elif kind == "swap":
+                self.swaps.append({k: v for k, v in rec.items() if k not in ("t", "c")})
+            elif kind == "round":
+                r = {k: v for k, v in rec.items() if k not in ("t", "c")}
+                self.rounds.append(r)
+        if self.rounds:
+            outcomes = [r.get("outcome") for r in self.rounds]
+            self.prior_online = {"rounds": len(self.rounds), "deployed": outcomes.count("deploy"),
+                                 "rejected": len(outcomes) - outcomes.count("deploy"), "swaps": len(self.swaps),
+                                 "trainer_cpu_seconds": float(self.rounds[-1].get("trainer_cpu_seconds", 0.0))}
+        self.resumes.append({"clock": self.clock, "finished": len(self.finish_order)})
 
     @property
     def done(self) -> bool:
@@ -297,15 +418,29 @@ class ConfigRun:
             self.finish_clock[i] = self.clock
             self.finish_order.append(i)
         self.steps.append(StepRecord(self.clock, dt, e.totals["tokens"] - tok0, sorted(admitted)))
+        j = self.journal
+        if j is not None:
+            name = self.spec.name
+            j.write({"t": "step", "c": name, "clock": self.clock, "seconds": dt, "tokens": self.steps[-1].tokens,
+                     "admitted": self.steps[-1].admitted})
+            for s in finished:
+                j.write({"t": "finish", "c": name, "i": self.index_of[s.rid], "clock": self.clock,
+                         "out": list(s.output_ids), "verify": s.spec_verify_ct,
+                         "versions": sorted(v for v in s.drafter_versions if v is not None)})
         if self.online is not None:
             if self.online.swaps != swaps0:
                 self.swaps.append({"clock": self.clock, "finished": len(self.finish_order),
                                    "version": getattr(e.drafter, "version", None)})
+                if j is not None:
+                    j.write({"t": "swap", "c": self.spec.name, **self.swaps[-1]})
             st = self.online.trainer.stats
             if st["rounds"] != rounds0 and st["last_round"] is not None:
                 r = dict(st["last_round"])
-                r.update(clock=self.clock, finished=len(self.finish_order))
+                r.update(clock=self.clock, finished=len(self.finish_order),
+                         trainer_cpu_seconds=self.prior_online["trainer_cpu_seconds"] + self.trainer_cpu())
                 self.rounds.append(r)
+                if j is not None:
+                    j.write({"t": "round", "c": self.spec.name, **r})
 
     def trainer_cpu(self) -> float:
         return self.online.status()["trainer_cpu_seconds"] - self.cpu_at_start if self.online is not None else 0.0
@@ -473,9 +608,22 @@ def window_throughput(steps: Sequence[StepRecord], first: int, stop: int | None 
             "clock_start": steps[a].clock - steps[a].seconds}
 
 
-def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: int = 5, recover_frac: float = 0.9
-              ) -> dict:
-    """Per-configuration metrics, ratios to ``static`` and the greedy-identity check (see the module docstring)."""
+def gap_closed(value: float | None, static: float | None, oracle: float | None) -> float | None:
+    """How much of the static → oracle gap ``value`` closes: :math:`(v - s) / (o - s)` (None if the oracle is not
+    better than static: there is no gap to close)."""
+    if value is None or static is None or oracle is None or oracle <= static:
+        return None
+    return (value - static) / (oracle - static)
+
+
+def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: int = 5, recover_frac: float = 0.9,
+              oracle_label: str = "oracle") -> dict:
+    """Per-configuration metrics, ratios to ``static`` and the greedy-identity check (see the module docstring).
+
+    ``last_half``: each new segment's second half (by stream index), where a learner that adapts should have
+    caught up: acceptance length and tokens/s (steps from the one admitting the half's first request to the one
+    admitting the next segment's). With a configuration labelled ``oracle_label``, every other one gets
+    ``gap_closed`` per new segment (:func:`gap_closed` on the last half's acceptance length)."""
     n = len(stream)
     starts = segment_starts(stream)
     names = list(starts)
@@ -501,7 +649,7 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
                             "admit_clock": [r.admit_clock.get(i) for i in range(n)],
                             "drafter_versions": [sorted(s.drafter_versions) for s in st]},
             "moving_accept_length": moving_average(acc, window),
-            "segments": {}, "recovery": {},
+            "segments": {}, "recovery": {}, "last_half": {},
         }
         for s, (a, b) in bounds.items():
             w = window_throughput(r.steps, a, b if b < n else None)
@@ -520,16 +668,27 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
                 if x["seconds"] is not None and t0 is not None:
                     x["seconds"] -= t0
             c["recovery"][s] = {"to_plateau": rec, "to_pre_shift_level": rec_pre}
+        for s, (a, b) in list(bounds.items())[1:]:
+            half = a + (b - a) // 2
+            w = window_throughput(r.steps, half, b if b < n else None)
+            c["last_half"][s] = {"start": half, "stop": b, "accept_length": pooled_accept(toks[half:b], ver[half:b]), **w}
+        if r.resumes:
+            c["resumes"] = r.resumes
         if r.online is not None:
             stt = r.online.status()
+            prior = r.prior_online  # counts from before a --resume (the trainer process is new since)
             c["online"] = {"config": {k: v for k, v in r.online.config.items()},
-                           "trainer_cpu_seconds": r.trainer_cpu(), "trainer_cpu_at_start": r.cpu_at_start,
+                           "trainer_cpu_seconds": prior["trainer_cpu_seconds"] + r.trainer_cpu(),
+                           "trainer_cpu_at_start": r.cpu_at_start,
                            **{k: stt[k] for k in ("rounds_submitted", "rounds", "deployed", "rejected", "errors",
                                                   "restarts", "dropped_rounds", "swaps", "version",
                                                   "capture_evicted_tokens", "capture_dropped_tokens", "collecting")},
                            "outcomes": [e.kind for e in r.online.control.events],
                            "events": [asdict(e) for e in r.online.control.events],
                            "rounds_log": r.rounds, "swaps_log": r.swaps}
+            for k, p in (("rounds_submitted", "rounds"), ("rounds", "rounds"), ("deployed", "deployed"),
+                         ("rejected", "rejected"), ("swaps", "swaps")):
+                c["online"][k] += prior[p]
         out["configs"][r.spec.name] = c
     base = out["configs"][ref.spec.name]
     for c in out["configs"].values():
@@ -543,6 +702,17 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
             **{f"{s}_accept_length": _ratio(c["segments"][s]["accept_length"], base["segments"][s]["accept_length"])
                for s in names},
         }
+    oracle = out["configs"].get(oracle_label)
+    for name, c in out["configs"].items():
+        rat = c["ratios_vs_static"]
+        for s in names[1:]:
+            mine, ref_h = c["last_half"][s], base["last_half"][s]
+            rat[f"{s}_last_half_tokens_per_s"] = _ratio(mine["tokens_per_s"], ref_h["tokens_per_s"])
+            rat[f"{s}_last_half_accept_length"] = _ratio(mine["accept_length"], ref_h["accept_length"])
+            if oracle is not None and name != oracle_label:
+                c.setdefault("gap_closed", {})[s] = gap_closed(mine["accept_length"], ref_h["accept_length"],
+                                                               oracle["last_half"][s]["accept_length"])
+    out["oracle"] = oracle_label if oracle is not None else None
     out["greedy_identity"] = all(not c["not_identical"] for c in out["configs"].values())
     return out
 
@@ -615,6 +785,31 @@ def _rec(r: dict) -> str:
     return f"{r['requests']} req / {_f(r['seconds'], '.0f')} s"
 
 
+def last_half_markdown(summary: dict) -> list[str]:
+    """The target's table: each new segment's last half, acceptance length and tokens/s (× static), gap closed."""
+    cfgs = summary["configs"]
+    segs = list(summary["segments"])[1:]
+    if not segs:
+        return []
+    oracle = summary.get("oracle")
+    head = "| configuration | " + " | ".join(f"{s}: accept len (× static) | {s}: tok/s (× static)" for s in segs)
+    head += (" | " + " | ".join(f"{s}: gap to {oracle} closed" for s in segs) if oracle else "") + " |"
+    lines = ["Last half of each new segment (" + ", ".join(
+        f"{s} {cfgs[next(iter(cfgs))]['last_half'][s]['start']}–{cfgs[next(iter(cfgs))]['last_half'][s]['stop'] - 1}"
+        for s in segs) + "):", "", head, "|---|" + "---:|" * (2 * len(segs) + (len(segs) if oracle else 0))]
+    for name, c in cfgs.items():
+        rat = c["ratios_vs_static"]
+        cells = []
+        for s in segs:
+            h = c["last_half"][s]
+            cells += [f"{_f(h['accept_length'])} ({_f(rat[f'{s}_last_half_accept_length'], '.3f', '×')})",
+                      f"{_f(h['tokens_per_s'], '.1f')} ({_f(rat[f'{s}_last_half_tokens_per_s'], '.3f', '×')})"]
+        if oracle:
+            cells += [_f(c.get("gap_closed", {}).get(s), ".0%") if name != oracle else "–" for s in segs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def results_markdown(summary: dict, meta: dict) -> str:
     cfgs = summary["configs"]
     segs = list(summary["segments"])
@@ -654,6 +849,7 @@ def results_markdown(summary: dict, meta: dict) -> str:
                    "shift (and seconds of that configuration's clock) until the moving acceptance (window "
                    f"{summary['window']}, this segment's requests only) first reaches {summary['recover_frac']:.0%} of "
                    "the segment's final plateau (mean of its last quarter)."), ""]
+    lines += last_half_markdown(summary)
     lines += ["Per segment (tokens/s, × static):", "",
               ("| configuration | " + " | ".join(f"{s} tok/s" for s in segs) + " | "
                + " | ".join(f"recover {s} to {summary['recover_frac']:.0%} of {segs[0]} level" for s in segs[1:]) + " |"),
@@ -688,7 +884,7 @@ def build_runs(specs: Sequence[ConfigSpec], make_engine: Callable[[str | None], 
             model = engine.drafter.model
             cfg = {**shared, **spec.overrides, "learner": spec.learner}
             online = OnlineLearning(model, engine.target.embed_tokens.weight, engine.target.lm_head.weight,
-                                    handoff_root / spec.name.replace("[", "_").replace("]", "").replace(",", "_"),
+                                    handoff_dir_of(handoff_root, spec),
                                     cfg, expect_target=model.config.target)
             engine.attach_online(online.start())
         runs.append(ConfigRun(spec, engine, online, trainer_nice))
@@ -698,6 +894,22 @@ def build_runs(specs: Sequence[ConfigSpec], make_engine: Callable[[str | None], 
             log(f"  trainer of {r.spec.name} ready (pid {r.trainer_pid}, {r.cpu_at_start:.1f} CPU s to start"
                 + (f", nice {trainer_nice})" if trainer_nice is not None else ")"))
     return runs
+
+
+def handoff_dir_of(root: Path, spec: ConfigSpec) -> Path:
+    return root / spec.name.replace("[", "_").replace("]", "").replace(",", "_")
+
+
+def resumed_spec(spec: ConfigSpec, handoff_root: Path) -> ConfigSpec:
+    """An online configuration resumes from the newest drafter it deployed (its learner's optimiser state, capture
+    and replay window start empty); a static one is unchanged."""
+    from sglang_ext.core.learning.handoff import latest_version, version_dir
+
+    if not spec.online:
+        return spec
+    d = handoff_dir_of(handoff_root, spec)
+    v = latest_version(d)
+    return spec if v is None else replace(spec, drafter=str(version_dir(d, v)))
 
 
 def stop_runs(runs: Sequence[ConfigRun]) -> None:
@@ -739,6 +951,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=5, help="moving-window length in requests (default 5)")
     p.add_argument("--recover-frac", type=float, default=0.9)
     p.add_argument("--out", "-o", default=None, help="output directory (default analysis/results/workload-shift-DATE)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its journal.jsonl (same settings required): "
+                        "finished requests are kept, online configurations restart from their last deployed drafter")
     g = p.add_argument_group("online learning, shared by every online configuration (defaults: ONLINE_PARAMS)")
     for prm in ONLINE_PARAMS:
         if prm.name == "learner":
@@ -766,7 +981,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = {prm.name: getattr(args, "online_" + prm.name) for prm in ONLINE_PARAMS
               if getattr(args, "online_" + prm.name, None) is not None}
     date = time.strftime("%Y%m%d-%H%M%S")
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out DIR (the interrupted run's directory)")
     out = Path(args.out or f"analysis/results/workload-shift-{date}")
+    journal_path = out / "journal.jsonl"
+    if args.resume and not journal_path.is_file():
+        raise ValueError(f"--resume: {journal_path} does not exist")
+    if not args.resume and journal_path.is_file():
+        raise ValueError(f"{journal_path} exists: pass --resume to continue that run, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     command = ".venv/bin/python -m analysis.workload_shift " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                                  else sys.argv[1:]))
@@ -798,20 +1020,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.run([GenerationRequest(list(stream[0].ids), max_new_tokens=8)])
         engine.totals.update(tokens=0, draft_s=0.0, verify_s=0.0, prefill_s=0.0, steps=0)
 
-    handoff = Path(tempfile.mkdtemp(prefix="workload-shift-handoff-"))
+    # online configurations publish into out/handoff (kept until the run completes: a resume starts from there)
+    handoff = out / "handoff"
+    header = journal_header(args, specs, shared, stream)
+    previous: dict[str, list[dict]] = {}
+    if args.resume:
+        previous = check_resumable(Journal.read(journal_path), header, journal_path)
+    start_specs = [resumed_spec(s, handoff) for s in specs] if args.resume else specs
+    journal = Journal(journal_path)
+    journal.write(header if not args.resume else {"t": "resume", "date": date})
     runs: list[ConfigRun] = []
     t_start = time.perf_counter()
     try:
-        runs = build_runs(specs, make_engine, shared, handoff, warmup,
+        runs = build_runs(start_specs, make_engine, shared, handoff, warmup,
                           trainer_nice=None if args.trainer_nice < 0 else args.trainer_nice)
         for r in runs:
+            if args.resume:
+                r.restore(previous[r.spec.name])
+                if r.engine.drafter is not None:
+                    r.engine.drafter.version = r.prior_online["swaps"]
+                print(f"  {r.spec.name}: resumed with {len(r.restored)} requests finished, clock {r.clock:.1f} s"
+                      + (f", {r.prior_online['deployed']} rounds deployed" if r.online is not None else ""), flush=True)
+            r.journal = journal
             r.submit(stream, args.max_new_tokens)
         print("serving (interleaved step by step)", flush=True)
         gate = run_interleaved(runs, gate_trainers=args.gate_trainers, log=lambda m: print(m, flush=True))
         summary = summarize(runs, stream, args.window, args.recover_frac)
     finally:
         stop_runs(runs)
-        shutil.rmtree(handoff, ignore_errors=True)
+        journal.close()
+    shutil.rmtree(handoff, ignore_errors=True)
     wall = time.perf_counter() - t_start
     meta = {"date": date, "command": command, "max_new_tokens": args.max_new_tokens, "batch": args.batch,
             "num_steps": args.num_steps, "serve_threads": args.serve_threads,
