@@ -50,6 +50,52 @@ def write_trace(shapes: list[tuple[int, int]], n: int, rate: float, seed: int, c
     return path
 
 
+def moving(values: list[float], window: int) -> list[float]:
+    return [float(np.mean(values[max(0, i - window + 1): i + 1])) for i in range(len(values))]
+
+
+def live_vs_sim(results: Path, config: str, segment: str, fit, profile: str, batch: int, window: int = 16,
+                seed: int = 0) -> dict:
+    """The simulator's prediction of a live run's segment against what that run measured.
+
+    The segment's requests, in stream order, all queued at t = 0 with ``batch`` slots (as the workload-shift run
+    serves them), replayed with a trainer on its own device taking the fit's round time, from the static drafter's
+    rate on this domain. Compared per request (a trailing mean over ``window`` requests of acceptance length, both
+    sides) and over the segment's last half (pooled)."""
+    from sglang_ext.core.costs import CostModel
+    from sglang_ext.core.policies.registry import make_policy
+    from sglang_ext.formats.trace import Request, Trace
+    from simulator.acceptance import parse_acceptance
+    from simulator.model import SimConfig, simulate
+
+    data = json.loads(results.read_text(encoding="utf-8"))
+    if config not in data["configs"]:
+        raise ValueError(f"{results}: no configuration {config!r} (has: {', '.join(data['configs'])})")
+    shapes = segment_shapes(results, segment)
+    trace = Trace(tuple(Request(0.0, p, o, segment) for p, o in shapes))
+    cfg = SimConfig(max_batch_size=batch, trainer="separate", train_round_tokens=fit.round_tokens,
+                    train_gain=fit.gain, train_round_seconds=fit.round_seconds)
+    acc = parse_acceptance(f"alpha={fit.alpha_start},decay={fit.decay},ceiling={fit.ceiling}")
+    res = simulate(trace, CostModel.fit(profile), make_policy("static", k=fit.k), cfg, seed=seed, acceptance=acc)
+    order = np.argsort(res.requests["index"])
+    steps, accepted = res.requests["spec_steps"][order], res.requests["accepted"][order]
+    sim_acc = [(a + s) / s if s else 1.0 for a, s in zip(accepted.tolist(), steps.tolist())]
+    seg = data["segments"][segment]
+    live = data["configs"][config]["per_request"]
+    live_acc = live["accept_length"][seg["start"]:seg["stop"]]
+    ms, ml = moving(sim_acc, window), moving(live_acc, window)
+    err = np.abs(np.array(ms) - np.array(ml))
+    half = len(shapes) // 2
+    tok, ver = live["tokens"][seg["start"]:seg["stop"]], live["verify_steps"][seg["start"]:seg["stop"]]
+    live_half = sum(tok[half:]) / max(sum(ver[half:]), 1)
+    sim_half = float((accepted[half:].sum() + steps[half:].sum()) / max(steps[half:].sum(), 1))
+    return {"config": config, "segment": segment, "window": window, "requests": len(shapes),
+            "train_rounds_sim": res.summary["train_rounds"],
+            "moving_accept_length": {"sim": ms, "live": ml},
+            "mean_abs_error": float(err.mean()), "max_abs_error": float(err.max()),
+            "last_half_accept_length": {"sim": sim_half, "live": live_half}}
+
+
 def main(argv: list[str] | None = None) -> int:
     from sglang_ext.cli import main as cli
     from simulator.learning_fit import as_dict, fit_from_results
@@ -68,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="traces/profiles/cpu-2core-1thread-smollm2-135m.json")
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--window", type=float, default=None)
+    p.add_argument("--validate-config", default=None, metavar="NAME",
+                   help="also compare the simulator's per-request acceptance on the segment against this online "
+                        "configuration of the workload-shift run (validation.json)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
 
@@ -83,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
               "--compare-static", "--out", str(args.out), *shlex.split(fit.flags())]
     if args.window:
         replay += ["--window", str(args.window)]
+    if args.validate_config:
+        v = live_vs_sim(args.shift_results, args.validate_config, args.segment, fit, args.profile, args.max_batch_size,
+                        seed=args.seed)
+        (args.out / "validation.json").write_text(json.dumps(v, indent=1) + "\n")
+        print(f"simulated vs live {args.validate_config} on {args.segment}: acceptance length (trailing mean of "
+              f"{v['window']} requests) mean abs error {v['mean_abs_error']:.3f}, max {v['max_abs_error']:.3f}; "
+              f"last half {v['last_half_accept_length']['sim']:.3f} simulated vs "
+              f"{v['last_half_accept_length']['live']:.3f} live ({v['train_rounds_sim']} simulated rounds)", flush=True)
     print("sglang-ext " + " ".join(shlex.quote(x) for x in replay), flush=True)
     (args.out / "command.txt").write_text("python -m analysis.adaptation_pays " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])) + "\n\nsglang-ext "
