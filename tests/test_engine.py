@@ -133,3 +133,24 @@ def test_one_token_prompt_beside_others(tiny, kind):
         assert s.output_ids == hf_greedy(tiny, p, 10)
     solo = engine.run([GenerationRequest([9], max_new_tokens=6)])[0]
     assert solo.output_ids == hf_greedy(tiny, [9], 6)
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_eagle_runs_in_bfloat16(topk):
+    """A bfloat16 target with its bfloat16 drafter: the drafter's RoPE follows the activations' dtype, so its
+    queries meet its cached keys in one dtype (they were float32 against bfloat16 keys before), and every request
+    runs to its length with speculative steps."""
+    from sglang_ext.models.tiny import tiny_llama
+
+    model = tiny_llama(vocab_size=96, hidden_size=64, num_layers=2, seed=3).to(torch.bfloat16)
+    target = TargetModel(model, feature_layers=(0, 1))
+    draft = random_eagle(target).to(torch.bfloat16)
+    engine = Engine(target, EagleDrafter(draft, num_slots=2, max_len=256, topk=topk,
+                                         num_draft_tokens=4 if topk > 1 else None),
+                    EngineConfig(max_batch_size=2, num_steps=2, topk=topk, num_draft_tokens=4 if topk > 1 else None,
+                                 prefill_chunk=7, context_length=128))
+    states = engine.run([GenerationRequest(p, max_new_tokens=10) for p in prompts(seed=5, count=3)])
+    assert [len(s.output_ids) for s in states] == [10, 10, 10]
+    assert all(s.spec_verify_ct > 0 for s in states)
+    cos, sin = draft.rope(torch.arange(4).view(1, 4), torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16

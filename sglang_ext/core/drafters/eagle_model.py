@@ -98,10 +98,12 @@ class TargetBoundDrafter(nn.Module):
         self.draft_vocab = token_ids.to(torch.long).clone()
         self.config.draft_vocab_size = int(token_ids.numel())
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq  # [B, T, hd/2]
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[B, 1, T, hd]``: computed in float32, returned in ``dtype`` (the activations' dtype, so that a
+        bfloat16 drafter's queries stay bfloat16 like the keys its cache holds)."""
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.float()  # [B, T, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # [B, 1, T, hd]
+        return emb.cos().unsqueeze(1).to(dtype), emb.sin().unsqueeze(1).to(dtype)
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
@@ -182,7 +184,7 @@ class EagleDraftModel(TargetBoundDrafter):
         B, T = tokens.shape
         emb = torch.nn.functional.embedding(tokens, self.embed_weight)
         u = torch.cat([self.embed_norm(emb), self.feature_norm(g)], dim=-1)
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, u.dtype)
         q = apply_rope(self.q_proj(u).view(B, T, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(u).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = self.v_proj(u).view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)

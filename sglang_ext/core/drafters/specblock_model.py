@@ -186,7 +186,7 @@ class SpecBlockDraftModel(TargetBoundDrafter):
 
         c = self.config
         B, T, _ = u.shape
-        cos, sin = self.rope(positions)
+        cos, sin = self.rope(positions, u.dtype)
         x = u
         if shift_src is not None and shift_src.dim() == 1:
             shift_src = shift_src.view(1, T).expand(B, T)
