@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 
@@ -71,7 +70,7 @@ def policy_spec_from_args(args: argparse.Namespace) -> dict | None:
     rebuilds the policy from it with :func:`policy_from_spec`).
     """
     from sglang_ext.core.policies import LENGTH_POLICIES, make_policy
-    from sglang_ext.core.policies.config import load_policy_config, policy_to_dict
+    from sglang_ext.core.policies.config import policy_from_dict, policy_to_dict, read_policy_file
 
     name = getattr(args, "speculative_policy", None)
     path = getattr(args, "speculative_policy_config", None)
@@ -82,11 +81,12 @@ def policy_spec_from_args(args: argparse.Namespace) -> dict | None:
         return None
     try:
         if path:
-            policy = load_policy_config(path)
+            file_dict = read_policy_file(path)  # read once: the policy and its deployment meta come from it
+            policy = policy_from_dict(file_dict, str(path))
             if name and name != policy.name:
                 raise FlagError(f"--speculative-policy {name} disagrees with {path} (policy {policy.name!r})")
             file_params = dict(policy.config)
-            check_deployment(policy, path, json.loads(Path(path).read_text(encoding="utf-8")), overrides, args)
+            check_deployment(policy, path, file_dict, overrides, args)
             if overrides:
                 policy = make_policy(policy.name, **{**policy.config, **overrides})
                 check_order(policy, file_params, overrides, path)

@@ -108,15 +108,19 @@ def save_policy_config(path: str | Path, policy: Policy, include_state: bool = T
     Path(path).write_text(json.dumps(d, indent=2, allow_nan=False) + "\n")
 
 
-def load_policy_config(path: str | Path, **extra: Any) -> Policy:
-    """The policy a config file describes (state restored when present); errors name the file and key."""
+def read_policy_file(path: str | Path) -> dict:
+    """A policy config file's JSON (not yet checked); errors name the file."""
     where = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 text (byte {e.start}: {e.reason}); a policy config is JSON") from None
     try:
-        d = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON: {e}") from None
-    return policy_from_dict(d, where, **extra)
+
+
+def load_policy_config(path: str | Path, **extra: Any) -> Policy:
+    """The policy a config file describes (state restored when present); errors name the file and key."""
+    return policy_from_dict(read_policy_file(path), str(path), **extra)
