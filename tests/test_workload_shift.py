@@ -122,6 +122,18 @@ def test_interleaved_static_vs_online_on_a_tiny_model(tiny, tmp_path):
     png = ws.plot_acceptance(summary, tmp_path / "a.png")
     assert png.stat().st_size > 1000
     json.dumps(summary, default=str)
+    # --rejudge: the derived tables again from results.json alone (last halves from the per-request records)
+    half = on["last_half"]["code"]
+    assert half["start"] == 4 + 8 // 2 and half["stop"] == 12 and half["tokens"] == sum(on["per_request"]["tokens"][8:])
+    assert half["accept_length"] == pytest.approx(sum(on["per_request"]["tokens"][8:])
+                                                  / sum(on["per_request"]["verify_steps"][8:]))
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"meta": meta, **summary}, default=str))
+    again = ws.rejudge(res)
+    assert again["configs"]["online-adam"]["last_half"] == json.loads(json.dumps(on["last_half"]))
+    assert "Last half of each new segment (code 8–11)" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="not a workload-shift results.json"):
+        ws.rejudge(tmp_path / "a.png")
 
 
 @pytest.mark.slow
@@ -217,6 +229,8 @@ def test_an_interrupted_run_resumes_from_its_journal(tiny, tmp_path):
 def test_gap_closed_and_last_half_table():
     assert ws.gap_closed(1.2, 1.0, 1.4) == pytest.approx(0.5)
     assert ws.gap_closed(1.2, 1.0, 0.9) is None and ws.gap_closed(None, 1.0, 1.4) is None
+    assert ws.request_span_throughput([10, 20, 30], [0.0, 1.0, 2.0], [3.0, 4.0, 6.0], 1, 3) == {
+        "tokens": 50, "seconds": 5.0, "tokens_per_s": 10.0}
     cfg = lambda a, t: {"last_half": {"code": {"start": 5, "stop": 10, "accept_length": a, "tokens_per_s": t}},  # noqa: E731
                         "ratios_vs_static": {"code_last_half_accept_length": a / 1.0,
                                              "code_last_half_tokens_per_s": t / 20.0}}

@@ -616,14 +616,56 @@ def gap_closed(value: float | None, static: float | None, oracle: float | None) 
     return (value - static) / (oracle - static)
 
 
+def request_span_throughput(tokens: Sequence[int], admit: Sequence[float | None], finish: Sequence[float],
+                            a: int, b: int) -> dict:
+    """Tokens/s of requests ``[a, b)``: their output tokens over the span of the configuration's clock from the
+    first one's admission to the last one's finish (batched neighbours overlap the span at both ends alike in every
+    configuration, so ratios between configurations compare like with like)."""
+    starts = [x for x in admit[a:b] if x is not None]
+    ends = [x for x in finish[a:b] if x is not None and x == x]
+    toks = sum(tokens[a:b])
+    secs = (max(ends) - min(starts)) if starts and ends else 0.0
+    return {"tokens": toks, "seconds": secs, "tokens_per_s": toks / secs if secs > 0 else None}
+
+
+def add_last_half(summary: dict, oracle_label: str = "oracle") -> dict:
+    """Each new segment's second half (by stream index) per configuration, from the per-request records alone (so
+    a finished run's ``results.json`` can be judged again): pooled acceptance length, :func:`request_span_throughput`,
+    their ratios to the first configuration and, with a configuration labelled ``oracle_label``, the share of the
+    static → oracle gap in acceptance length each other configuration closes (:func:`gap_closed`)."""
+    names = list(summary["segments"])
+    cfgs = summary["configs"]
+    for c in cfgs.values():
+        pr = c["per_request"]
+        c["last_half"] = {}
+        for s in names[1:]:
+            a, b = summary["segments"][s]["start"], summary["segments"][s]["stop"]
+            half = a + (b - a) // 2
+            c["last_half"][s] = {"start": half, "stop": b,
+                                 "accept_length": pooled_accept(pr["tokens"][half:b], pr["verify_steps"][half:b]),
+                                 **request_span_throughput(pr["tokens"], pr["admit_clock"], pr["finish_clock"], half, b)}
+    base = next(iter(cfgs.values()))
+    oracle = cfgs.get(oracle_label)
+    for name, c in cfgs.items():
+        rat = c.setdefault("ratios_vs_static", {})
+        c.pop("gap_closed", None)
+        for s in names[1:]:
+            mine, ref_h = c["last_half"][s], base["last_half"][s]
+            rat[f"{s}_last_half_tokens_per_s"] = _ratio(mine["tokens_per_s"], ref_h["tokens_per_s"])
+            rat[f"{s}_last_half_accept_length"] = _ratio(mine["accept_length"], ref_h["accept_length"])
+            if oracle is not None and name != oracle_label and c is not base:
+                c.setdefault("gap_closed", {})[s] = gap_closed(mine["accept_length"], ref_h["accept_length"],
+                                                               oracle["last_half"][s]["accept_length"])
+    summary["oracle"] = oracle_label if oracle is not None else None
+    return summary
+
+
 def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: int = 5, recover_frac: float = 0.9,
               oracle_label: str = "oracle") -> dict:
     """Per-configuration metrics, ratios to ``static`` and the greedy-identity check (see the module docstring).
 
-    ``last_half``: each new segment's second half (by stream index), where a learner that adapts should have
-    caught up: acceptance length and tokens/s (steps from the one admitting the half's first request to the one
-    admitting the next segment's). With a configuration labelled ``oracle_label``, every other one gets
-    ``gap_closed`` per new segment (:func:`gap_closed` on the last half's acceptance length)."""
+    ``last_half``: each new segment's second half, where a learner that adapts should have caught up
+    (:func:`add_last_half`)."""
     n = len(stream)
     starts = segment_starts(stream)
     names = list(starts)
@@ -649,7 +691,7 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
                             "admit_clock": [r.admit_clock.get(i) for i in range(n)],
                             "drafter_versions": [sorted(s.drafter_versions) for s in st]},
             "moving_accept_length": moving_average(acc, window),
-            "segments": {}, "recovery": {}, "last_half": {},
+            "segments": {}, "recovery": {},
         }
         for s, (a, b) in bounds.items():
             w = window_throughput(r.steps, a, b if b < n else None)
@@ -668,10 +710,6 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
                 if x["seconds"] is not None and t0 is not None:
                     x["seconds"] -= t0
             c["recovery"][s] = {"to_plateau": rec, "to_pre_shift_level": rec_pre}
-        for s, (a, b) in list(bounds.items())[1:]:
-            half = a + (b - a) // 2
-            w = window_throughput(r.steps, half, b if b < n else None)
-            c["last_half"][s] = {"start": half, "stop": b, "accept_length": pooled_accept(toks[half:b], ver[half:b]), **w}
         if r.resumes:
             c["resumes"] = r.resumes
         if r.online is not None:
@@ -702,17 +740,7 @@ def summarize(runs: Sequence[ConfigRun], stream: Sequence[StreamItem], window: i
             **{f"{s}_accept_length": _ratio(c["segments"][s]["accept_length"], base["segments"][s]["accept_length"])
                for s in names},
         }
-    oracle = out["configs"].get(oracle_label)
-    for name, c in out["configs"].items():
-        rat = c["ratios_vs_static"]
-        for s in names[1:]:
-            mine, ref_h = c["last_half"][s], base["last_half"][s]
-            rat[f"{s}_last_half_tokens_per_s"] = _ratio(mine["tokens_per_s"], ref_h["tokens_per_s"])
-            rat[f"{s}_last_half_accept_length"] = _ratio(mine["accept_length"], ref_h["accept_length"])
-            if oracle is not None and name != oracle_label:
-                c.setdefault("gap_closed", {})[s] = gap_closed(mine["accept_length"], ref_h["accept_length"],
-                                                               oracle["last_half"][s]["accept_length"])
-    out["oracle"] = oracle_label if oracle is not None else None
+    add_last_half(out, oracle_label)
     out["greedy_identity"] = all(not c["not_identical"] for c in out["configs"].values())
     return out
 
@@ -951,6 +979,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=5, help="moving-window length in requests (default 5)")
     p.add_argument("--recover-frac", type=float, default=0.9)
     p.add_argument("--out", "-o", default=None, help="output directory (default analysis/results/workload-shift-DATE)")
+    p.add_argument("--rejudge", type=Path, default=None, metavar="RESULTS.json",
+                   help="recompute the derived tables (last halves, gap closed) of a finished run's results.json and "
+                        "rewrite its results.md; serves nothing")
+    p.add_argument("--oracle-label", default="oracle", help="the configuration the gap-closed column measures against")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its journal.jsonl (same settings required): "
                         "finished requests are kept, online configurations restart from their last deployed drafter")
@@ -965,8 +997,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def rejudge(path: Path, oracle_label: str = "oracle") -> dict:
+    """A finished run's ``results.json`` with its derived tables recomputed (written back beside ``results.md``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        meta = data.pop("meta")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}: not a workload-shift results.json ({e})") from None
+    summary = add_last_half(data, oracle_label)
+    path.write_text(json.dumps({"meta": meta, **summary}, indent=1, default=str))
+    (path.parent / "results.md").write_text(results_markdown(summary, meta))
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.rejudge is not None:
+        rejudge(args.rejudge, args.oracle_label)
+        print((args.rejudge.parent / "results.md").read_text())
+        return 0
     import torch
 
     from sglang_ext.online import ONLINE_PARAMS
@@ -1045,7 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.submit(stream, args.max_new_tokens)
         print("serving (interleaved step by step)", flush=True)
         gate = run_interleaved(runs, gate_trainers=args.gate_trainers, log=lambda m: print(m, flush=True))
-        summary = summarize(runs, stream, args.window, args.recover_frac)
+        summary = summarize(runs, stream, args.window, args.recover_frac, args.oracle_label)
     finally:
         stop_runs(runs)
         journal.close()
