@@ -137,7 +137,7 @@ def test_interleaved_static_vs_online_on_a_tiny_model(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_model_smoke(tmp_path):
+def test_real_model_smoke(tmp_path, capsys):
     """The script end to end on SmolLM2-135M: a 2 + 2 stream, short outputs, static vs adam."""
     from conftest import require_model, skip_or_fail
 
@@ -146,13 +146,25 @@ def test_real_model_smoke(tmp_path):
     if not (root / "drafters/smollm2-135m-eagle/model.safetensors").is_file():
         skip_or_fail("shipped drafter drafters/smollm2-135m-eagle/model.safetensors missing")
     out = tmp_path / "out"
-    rc = ws.main(["--segments", "chat=mt-bench:2,code=humaneval:2", "--configs", "static,adam", "--max-new-tokens", "12",
-                  "--batch", "2", "--online-n-threshold", "64", "--online-n-init", "1",
-                  "--draft-model-path", str(root / "drafters/smollm2-135m-eagle"), "--out", str(out)])
+    flags = ["--segments", "chat=mt-bench:2,code=humaneval:2", "--configs", "static,adam", "--max-new-tokens", "12",
+             "--batch", "2", "--online-n-threshold", "64", "--online-n-init", "1",
+             "--draft-model-path", str(root / "drafters/smollm2-135m-eagle"), "--out", str(out)]
+    rc = ws.main(flags)
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["greedy_identity"] and set(res["configs"]) == {"static", "online-adam"}
     assert (out / "acceptance.png").is_file() and (out / "results.md").is_file()
+    # the journal has every request; the same --out again is refused, and --resume finds nothing left to serve
+    journal = ws.Journal.read(out / "journal.jsonl")
+    assert journal[0]["t"] == "header" and sum(r["t"] == "finish" for r in journal) == 2 * 4
+    assert not (out / "handoff").exists()  # a completed run leaves no drafter versions behind
+    assert ws.main(flags) == 2
+    assert "journal.jsonl exists: pass --resume" in capsys.readouterr().err
+    assert ws.main([*flags, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    for name in ("static", "online-adam"):
+        assert again["configs"][name]["per_request"]["tokens"] == res["configs"][name]["per_request"]["tokens"]
+        assert again["configs"][name]["resumes"][0]["finished"] == 4
 
 
 def test_an_interrupted_run_resumes_from_its_journal(tiny, tmp_path):

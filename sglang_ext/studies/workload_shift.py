@@ -1011,7 +1011,17 @@ def rejudge(path: Path, oracle_label: str = "oracle") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The study; bad input (a segment, a configuration, a journal that does not match) is one line on stderr and
+    exit code 2, not a traceback."""
     args = _parser().parse_args(argv)
+    try:
+        return _main(args, argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     if args.rejudge is not None:
         rejudge(args.rejudge, args.oracle_label)
         print((args.rejudge.parent / "results.md").read_text())
