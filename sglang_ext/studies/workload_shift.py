@@ -26,8 +26,12 @@ Metrics (per configuration): acceptance length (committed tokens per verify step
 ``spec_accept_length``) per request and as a trailing moving window, tokens/s over the whole stream and over the
 post-shift part (steps from the one that admits the first post-shift request to the end), trainer CPU seconds,
 rounds deployed / refused, time to recover after each shift (see :func:`recovery`), and greedy identity (every
-configuration's outputs token-identical to ``static``'s; the run exits non-zero otherwise).
-Outputs in ``--out``: ``results.json``, ``results.md`` and ``acceptance.png``.
+configuration's outputs token-identical to ``static``'s; the run exits non-zero otherwise), and over the last half
+of each new segment acceptance length and tokens/s against ``static`` and, with a configuration labelled
+``oracle``, the share of the static → oracle gap each one closes (:func:`add_last_half`).
+Outputs in ``--out``: ``results.json``, ``results.md`` and ``acceptance.png``, and ``journal.jsonl`` (every step
+and finished request as it happens, :class:`Journal`): a long run that is interrupted continues with ``--resume``
+(same flags and ``--out``); ``--rejudge results.json`` recomputes the derived tables of a finished run.
 """
 
 from __future__ import annotations
