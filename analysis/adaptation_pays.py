@@ -50,10 +50,6 @@ def write_trace(shapes: list[tuple[int, int]], n: int, rate: float, seed: int, c
     return path
 
 
-def moving(values: list[float], window: int) -> list[float]:
-    return [float(np.mean(values[max(0, i - window + 1): i + 1])) for i in range(len(values))]
-
-
 def live_vs_sim(results: Path, config: str, segment: str, fit, profile: str, batch: int, window: int = 16,
                 seed: int = 0) -> dict:
     """The simulator's prediction of a live run's segment against what that run measured.
@@ -66,6 +62,7 @@ def live_vs_sim(results: Path, config: str, segment: str, fit, profile: str, bat
     from sglang_ext.core.policies.registry import make_policy
     from sglang_ext.formats.trace import Request, Trace
     from simulator.acceptance import parse_acceptance
+    from sglang_ext.studies.workload_shift import moving_average
     from simulator.model import SimConfig, simulate
 
     data = json.loads(results.read_text(encoding="utf-8"))
@@ -83,7 +80,7 @@ def live_vs_sim(results: Path, config: str, segment: str, fit, profile: str, bat
     seg = data["segments"][segment]
     live = data["configs"][config]["per_request"]
     live_acc = live["accept_length"][seg["start"]:seg["stop"]]
-    ms, ml = moving(sim_acc, window), moving(live_acc, window)
+    ms, ml = moving_average(sim_acc, window), moving_average(live_acc, window)
     err = np.abs(np.array(ms) - np.array(ml))
     half = len(shapes) // 2
     tok, ver = live["tokens"][seg["start"]:seg["stop"]], live["verify_steps"][seg["start"]:seg["stop"]]

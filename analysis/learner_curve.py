@@ -32,15 +32,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sglang_ext.studies.workload_shift import gap_closed  # one definition for the live and the offline study
+
 DEFAULT_STREAM = "code=humaneval:64,math=gsm8k:48"
 DEFAULT_HELDOUT = "code=humaneval:24,math=gsm8k:24"
-
-
-def gap_closed(score: float, static: float, oracle: float | None) -> float | None:
-    """Share of the static→oracle gap a score closes (None without an oracle or a gap to close)."""
-    if oracle is None or oracle - static <= 1e-9:
-        return None
-    return (score - static) / (oracle - static)
 
 
 def serve_and_capture(engine, prompts: Sequence[list[int]], max_new_tokens: int, config: dict) -> list:
