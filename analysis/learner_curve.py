@@ -261,13 +261,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"({prev.get('meta', {}).get('captured_tokens')} tokens, this run {captured})")
         results.update(prev["results"])
         variants.update({k: v for k, v in prev["meta"]["variants"].items() if k not in variants})
-    for vname, cfg in variants.items():
-        if vname in results:
-            continue
-        print(f"  {vname}", flush=True)
-        torch.manual_seed(cfg["seed"])
-        results[vname] = run_variant(start, rounds, heldout, cfg, log=lambda m: print(m, flush=True))
-    rows = summarize(results, static, oracle)
     meta = {"date": date, "command": "python -m analysis.learner_curve " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "machine": platform.processor() or platform.machine(), "threads": args.threads, "stream": args.stream,
@@ -275,8 +268,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             "n_threshold": base["n_threshold"], "gate_steps": base["gate_steps"], "serve_s": serve_s,
             "drafter": args.draft_model_path, "oracle": args.oracle, "max_new_tokens": args.max_new_tokens,
             "batch": args.batch, "num_steps": args.num_steps, "variants": variants}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "static": static, "oracle": oracle, "summary": rows,
-                                                  "results": results}, indent=1, default=str) + "\n")
+
+    def save() -> list[dict]:
+        """results.json with every variant finished so far (a long run that stops keeps them: --results-from)."""
+        rows = summarize(results, static, oracle)
+        (out / "results.json").write_text(json.dumps({"meta": meta, "static": static, "oracle": oracle,
+                                                      "summary": rows, "results": results}, indent=1, default=str)
+                                          + "\n")
+        return rows
+
+    for vname, cfg in variants.items():
+        if vname in results:
+            continue
+        print(f"  {vname}", flush=True)
+        torch.manual_seed(cfg["seed"])
+        results[vname] = run_variant(start, rounds, heldout, cfg, log=lambda m: print(m, flush=True))
+        save()
+    rows = save()
     (out / "results.md").write_text(markdown(meta, static, oracle, rows))
     plot(results, static, oracle, out / "curves.png")
     print((out / "results.md").read_text())
