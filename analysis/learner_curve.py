@@ -103,6 +103,13 @@ def summarize(results: dict, static: dict[str, float], oracle: dict[str, float] 
     return rows
 
 
+def label_against_defaults(cfg: dict, defaults: dict) -> str:
+    """A variant's name from what differs from today's defaults, so a result recorded before a default changed
+    (e.g. the replay window) is not shown under a name that now means something else."""
+    diff = [f"{k}={v}" for k, v in cfg.items() if k != "learner" and k in defaults and defaults[k] != v]
+    return f"online-{cfg['learner']}" + (f"[{','.join(diff)}]" if diff else "")
+
+
 def markdown(meta: dict, static: dict, oracle: dict | None, rows: list[dict]) -> str:
     domains = list(static)
 
@@ -135,7 +142,9 @@ def plot(results: dict, static: dict, oracle: dict | None, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     domains = list(static)
-    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    legend_rows = (len(results) + 2 + 1) // 2  # variants, static and oracle, two per row
+    height = 4 + 0.2 * legend_rows
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), height), squeeze=False)
     for ax, d in zip(axes[0], domains):
         for name, r in results.items():
             xs = [0] + [p["captured_tokens"] for p in r["curve"]]
@@ -148,8 +157,9 @@ def plot(results: dict, static: dict, oracle: dict | None, out: Path) -> None:
         ax.set_xlabel("captured tokens (stream order)")
         ax.set_ylabel("E[accepted], greedy chain")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)  # below: never over a curve
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / height, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
 
@@ -259,8 +269,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if prev.get("meta", {}).get("captured_tokens") != captured:
             raise SystemExit(f"--results-from {earlier}: captured from another stream "
                              f"({prev.get('meta', {}).get('captured_tokens')} tokens, this run {captured})")
-        results.update(prev["results"])
-        variants.update({k: v for k, v in prev["meta"]["variants"].items() if k not in variants})
+        for k, cfg in prev["meta"]["variants"].items():
+            label = label_against_defaults(
+                cfg, resolve(ONLINE_PARAMS, {**shared, "learner": cfg["learner"]}, f"--results-from {earlier}"))
+            if label != k:
+                print(f"  {earlier}: {k} is {label} under today's defaults", flush=True)
+            results.setdefault(label, prev["results"][k])
+            variants.setdefault(label, cfg)
     meta = {"date": date, "command": "python -m analysis.learner_curve " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
             "machine": platform.processor() or platform.machine(), "threads": args.threads, "stream": args.stream,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.learner_curve import gap_closed, markdown, run_variant, summarize, score_domains
+from analysis.learner_curve import gap_closed, label_against_defaults, markdown, run_variant, score_domains, summarize
 from sglang_ext.core.learning.control import resolve
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
@@ -39,3 +39,10 @@ def test_a_variant_learns_the_stream_and_the_report_says_so():
             "rounds": 4, "n_threshold": 1, "heldout": "h", "gate_steps": 3}
     text = markdown(meta, static, None, rows)
     assert "| adam |" in text and f"{r['deployed']}/4" in text
+
+
+def test_an_earlier_result_is_named_by_what_differs_from_todays_defaults():
+    defaults = resolve(ONLINE_PARAMS, {"learner": "adam"}, "test")
+    assert label_against_defaults(dict(defaults), defaults) == "online-adam"
+    recorded = {**defaults, "replay_tokens": 0, "epochs": 1}  # run before the replay window became the default
+    assert label_against_defaults(recorded, defaults) == "online-adam[epochs=1,replay_tokens=0]"
