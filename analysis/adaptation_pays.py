@@ -1,7 +1,7 @@
 """When does online adaptation pay on a trace? The simulator's answer from a measured learning curve.
 
     .venv/bin/python -m analysis.adaptation_pays --shift-results analysis/results/workload-shift-.../results.json \\
-        --curve analysis/results/learner-curve-.../results.json --variant 'online-adam[replay_tokens=16384]' \\
+        --curve analysis/results/learner-curve-.../results.json --variant online-adam \\
         --segment code --rate 0.1 --requests 600 --out analysis/results/adaptation-pays-DATE
 
 1. A trace of the segment's real request shapes: the prompt and output lengths the workload-shift run served in
