@@ -110,6 +110,29 @@ def label_against_defaults(cfg: dict, defaults: dict) -> str:
     return f"online-{cfg['learner']}" + (f"[{','.join(diff)}]" if diff else "")
 
 
+def learner_defaults(learner: str, shared: dict) -> dict:
+    """Every online parameter of ``learner`` at today's defaults and the run's ``--set`` values."""
+    from sglang_ext.core.learning.control import resolve
+    from sglang_ext.online import ONLINE_PARAMS
+
+    return resolve(ONLINE_PARAMS, {**shared, "learner": learner}, "--set")
+
+
+def variant_configs(text: str, shared: dict) -> dict[str, dict]:
+    """``--variants`` -> {name: resolved config}. A variant is named by what differs from the defaults (its
+    ``label=`` if it has one), however it was spelled, so one configuration has one name and ``--results-from``
+    reuses it instead of training it again."""
+    from sglang_ext.core.learning.control import resolve
+    from sglang_ext.online import ONLINE_PARAMS
+    from sglang_ext.studies.workload_shift import parse_configs
+
+    out = {}
+    for spec in parse_configs("static," + text)[1:]:
+        cfg = resolve(ONLINE_PARAMS, {**shared, **spec.overrides, "learner": spec.learner}, f"--variants {spec.name}")
+        out[spec.name if spec.labelled else label_against_defaults(cfg, learner_defaults(spec.learner, shared))] = cfg
+    return out
+
+
 def markdown(meta: dict, static: dict, oracle: dict | None, rows: list[dict]) -> str:
     domains = list(static)
 
@@ -196,7 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _value,
         encode_stream,
         load_pools,
-        parse_configs,
         parse_segments,
         select_stream,
     )
@@ -212,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared[k.strip().replace("-", "_")] = _value(v.strip())
     try:
         base = resolve(ONLINE_PARAMS, shared, "--set")
-        specs = parse_configs("static," + args.variants)[1:]
-        variants = {s.name: resolve(ONLINE_PARAMS, {**shared, **s.overrides, "learner": s.learner}, f"--variants {s.name}")
-                    for s in specs}
+        variants = variant_configs(args.variants, shared)
         stream_segs, held_segs = parse_segments(args.stream), parse_segments(args.heldout)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -270,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--results-from {earlier}: captured from another stream "
                              f"({prev.get('meta', {}).get('captured_tokens')} tokens, this run {captured})")
         for k, cfg in prev["meta"]["variants"].items():
-            label = label_against_defaults(
-                cfg, resolve(ONLINE_PARAMS, {**shared, "learner": cfg["learner"]}, f"--results-from {earlier}"))
+            label = label_against_defaults(cfg, learner_defaults(cfg["learner"], shared))
             if label != k:
                 print(f"  {earlier}: {k} is {label} under today's defaults", flush=True)
             results.setdefault(label, prev["results"][k])

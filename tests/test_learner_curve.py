@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from analysis.learner_curve import gap_closed, label_against_defaults, markdown, run_variant, score_domains, summarize
+from analysis.learner_curve import (
+    gap_closed,
+    label_against_defaults,
+    markdown,
+    run_variant,
+    score_domains,
+    summarize,
+    variant_configs,
+)
 from sglang_ext.core.learning.control import resolve
 from sglang_ext.engine.target import TargetModel
 from sglang_ext.models.tiny import tiny_llama
@@ -46,3 +54,12 @@ def test_an_earlier_result_is_named_by_what_differs_from_todays_defaults():
     assert label_against_defaults(dict(defaults), defaults) == "online-adam"
     recorded = {**defaults, "replay_tokens": 0, "epochs": 1}  # run before the replay window became the default
     assert label_against_defaults(recorded, defaults) == "online-adam[epochs=1,replay_tokens=0]"
+
+
+
+def test_one_configuration_has_one_name_however_it_is_spelled():
+    named = variant_configs("adam[replay_tokens=16384],adam[epochs=1,lr=0.0],hedge[label=mine,epochs=1]", {})
+    assert list(named) == ["online-adam", "online-adam[epochs=1]", "mine"]  # defaults dropped, label kept
+    assert named["mine"]["learner"] == "hedge" and named["mine"]["epochs"] == 1
+    shared = variant_configs("adam[epochs=1]", {"epochs": 1})  # --set epochs=1 is then the run's default
+    assert list(shared) == ["online-adam"]

@@ -161,6 +161,7 @@ class ConfigSpec:
     learner: str | None  # None: static
     overrides: dict[str, Any] = field(default_factory=dict)  # per-configuration ONLINE_PARAMS values
     drafter: str | None = None  # this configuration's starting drafter (None: --draft-model-path)
+    labelled: bool = False  # ``name`` is the user's ``label=``, not built from the overrides
 
     @property
     def online(self) -> bool:
@@ -214,9 +215,10 @@ def parse_configs(text: str) -> list[ConfigSpec]:
             if overrides:
                 raise ValueError(f"--configs: {raw!r}: static takes only {' and '.join(SPEC_KEYS)}, "
                                  f"not {', '.join(overrides)}")
-            out.append(ConfigSpec(label or f"static{suffix}", None, drafter=drafter))
+            out.append(ConfigSpec(label or f"static{suffix}", None, drafter=drafter, labelled=label is not None))
         elif base in LEARNER_NAMES:
-            out.append(ConfigSpec(label or f"online-{base}{suffix}", base, overrides, drafter=drafter))
+            out.append(ConfigSpec(label or f"online-{base}{suffix}", base, overrides, drafter=drafter,
+                                  labelled=label is not None))
         else:
             raise ValueError(f"--configs: {raw!r}: not static or one of {', '.join(LEARNER_NAMES)}")
     names = [c.name for c in out]
