@@ -99,30 +99,56 @@ class Drift:
         return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
 
 
-class _Uniforms:
-    """Blocks of uniforms and log-normal KL multipliers as Python lists (fast scalar reads, one seeded stream)."""
+class _Streams:
+    """Two seeded streams read in order: uniforms (accept/reject) and log-normal KL multipliers.
+
+    Each is one fixed sequence however it is read: :meth:`uniforms` / :meth:`kl_noise` return the next ``n`` values,
+    drawing further blocks as needed and keeping what is left of the current one (a ``Generator`` gives the same
+    numbers for ``random(a)`` then ``random(b)`` as for ``random(a + b)``), so a batched draw and one draw per
+    request read the same values.
+    """
 
     def __init__(self, u_rng: np.random.Generator, z_rng: np.random.Generator, kl_noise: float) -> None:
         self.rng = u_rng
         self.z_rng = z_rng
         self.kl_noise = kl_noise
-        self.u: list[float] = []
+        self.u = np.empty(0)
         self.i = 0
-        self.z: list[float] = []
+        self.z = np.empty(0)
         self.j = 0
 
-    def refill_u(self) -> None:
-        self.u = self.rng.random(_BLOCK).tolist()
-        self.i = 0
+    def uniforms(self, n: int) -> np.ndarray:
+        if self.i + n > len(self.u):
+            left = self.u[self.i:]
+            self.u = np.concatenate([left, self.rng.random(max(_BLOCK, n - len(left)))])
+            self.i = 0
+        out = self.u[self.i:self.i + n]
+        self.i += n
+        return out
 
-    def noise(self, n: int) -> list[float]:
+    def noise(self, n: int) -> np.ndarray:
         if self.j + n > len(self.z):
             s = self.kl_noise
-            self.z = np.exp(s * self.z_rng.standard_normal(_BLOCK) - 0.5 * s * s).tolist()
+            left = self.z[self.j:]
+            more = np.exp(s * self.z_rng.standard_normal(max(_BLOCK, n - len(left))) - 0.5 * s * s)
+            self.z = np.concatenate([left, more])
             self.j = 0
         out = self.z[self.j:self.j + n]
         self.j += n
         return out
+
+
+def kl_matrix(kls: Sequence[Sequence[float]], ks: Sequence[int]) -> np.ndarray | None:
+    """Per-request KL lists as one ``[B, max k]`` array (row ``r`` holds its ``k_r`` values, zeros after); None
+    when no request proposed anything."""
+    K = max(ks, default=0)
+    if K <= 0:
+        return None
+    out = np.zeros((len(ks), K))
+    for i, (kl, k) in enumerate(zip(kls, ks)):
+        if k > 0:
+            out[i, :k] = kl[:k]
+    return out
 
 
 class RequestAcceptance:
@@ -158,7 +184,7 @@ class ParametricAcceptance:
         self.ceiling = float(ceiling)
         self.trained = 0.0
         self._mult = 1.0
-        self._buf: _Uniforms | None = None
+        self._buf: _Streams | None = None
         self._log_decay = -math.log(self.decay)
 
     # lifecycle -------------------------------------------------------------------------------------------------
@@ -170,7 +196,7 @@ class ParametricAcceptance:
         """
         a_ss, u_ss, z_ss = np.random.SeedSequence(seed).spawn(3)
         self._rng = np.random.default_rng(a_ss)
-        self._buf = _Uniforms(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
+        self._buf = _Streams(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
         self.trained = 0.0
         self.set_time(0.0)
 
@@ -198,89 +224,74 @@ class ParametricAcceptance:
         return min(a, _ALPHA_MAX) if a < 1.0 else 1.0
 
     # the draw --------------------------------------------------------------------------------------------------
+    def effective_alphas(self, alphas: np.ndarray) -> np.ndarray:
+        """:meth:`effective_alpha` of every entry (capped at ``_ALPHA_MAX`` unless exactly 1)."""
+        if self.trained == 0.0 and self._mult == 1.0:  # no drift, no training (the common case)
+            return np.where((alphas < _ALPHA_MAX) | (alphas >= 1.0), alphas, _ALPHA_MAX)
+        a = alphas * self._mult
+        if self.trained > 0.0:
+            a = np.where(self.ceiling > a, a + self.trained * (self.ceiling - a), a)
+        return np.where(a < 1.0, np.minimum(a, _ALPHA_MAX), 1.0)
+
     def sample(self, st: RequestAcceptance, position: int, k: int, want_kl: bool) -> tuple[int, list[float]]:
         """``(accepted, kl per proposed position)`` for a depth-``k`` draft starting at output ``position``."""
         if k <= 0:
             return 0, []
-        if self.trained == 0.0 and self._mult == 1.0:  # fast path: no drift, no training (the common case)
-            a = st.alpha
-            return self._draw(a if a < _ALPHA_MAX or a >= 1.0 else _ALPHA_MAX, k, want_kl)
-        return self._draw(self.effective_alpha(st.alpha), k, want_kl)
+        a, kl = self.sample_batch([st], [position], [k], want_kl)
+        return a[0], kl[0].tolist() if kl is not None else []
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
-                     want_kl: bool) -> tuple[list[int], list[Sequence[float]]]:
-        """:meth:`sample` of every request of a decode step, in batch order: ``(accepted, kl)`` lists.
+                     want_kl: bool) -> tuple[list[int], np.ndarray | None]:
+        r"""Accepted counts and KL of every request of a decode step, in batch order, as array operations.
 
-        Why: the simulator's cost at scale is per request per step, and three method calls per request were most
-        of a draw. This is the same draw inlined in one loop — the same uniforms and KL multipliers, consumed in
-        the same order (request by request, ``a + [a < k]`` uniforms then ``k`` multipliers each), so the same
-        numbers as calling :meth:`sample` per request. ``k <= 0`` (and ``want_kl`` False) gives ``()`` as KL.
+        Request ``r`` (depth ``k_r``) reads the next ``k_r`` uniforms ``u_{r,0..k_r-1}`` (requests in batch order)
+        and accepts the run of leading positions that pass, position ``i`` with probability
+        :math:`p_{r,i} = \alpha_r\delta^i` (a running product, ``p ← p·δ``):
+
+        .. math::  a_r = \min\{\, i : u_{r,i} \ge p_{r,i} \,\} \ (\text{or } k_r \text{ if none})
+
+        which has the module's distribution. Every request reads exactly ``k_r`` uniforms whatever it accepts, so
+        the offsets are known before the draw and the whole batch is one comparison of ``[B, max k]`` arrays; the
+        KL reads ``k_r`` multipliers the same way. Returns the counts and a ``[B, max k]`` KL array (row ``r``
+        valid up to ``k_r``; None without ``want_kl`` or when nothing is proposed).
         """
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
-        plain = self.trained == 0.0 and self._mult == 1.0
-        d, ld = self.decay, self._log_decay
-        u, i = buf.u, buf.i
-        n = len(u)
-        accepted: list[int] = []
-        kls: list[Sequence[float]] = []
-        for st, k in zip(states, ks):
-            if k <= 0:
-                accepted.append(0)
-                kls.append(())
-                continue
-            if plain:
-                alpha = st.alpha
-                if not (alpha < _ALPHA_MAX or alpha >= 1.0):
-                    alpha = _ALPHA_MAX
-            else:
-                alpha = self.effective_alpha(st.alpha)
-            a, p = 0, alpha
-            while a < k:  # the accept/reject walk of _draw: position a is accepted with probability alpha*d^a
-                if i >= n:
-                    buf.refill_u()
-                    u, i = buf.u, 0
-                    n = len(u)
-                if u[i] >= p:
-                    i += 1
-                    break
-                i += 1
-                a += 1
-                p *= d
-            accepted.append(a)
-            if want_kl:
-                base = -math.log(alpha) if alpha > 0 else 50.0
-                z = buf.noise(k)
-                kls.append([(base + j * ld) * z[j] for j in range(k)])
-            else:
-                kls.append(())
-        buf.i = i
-        return accepted, kls
+        k = np.maximum(np.asarray(ks, dtype=np.int64), 0)
+        B = len(k)
+        K = int(k.max()) if B else 0
+        if K <= 0:
+            return [0] * B, None
+        alpha = self.effective_alphas(np.fromiter((st.alpha for st in states), dtype=float, count=B))
+        total = int(k.sum())
+        start = np.cumsum(k) - k
+        J = np.arange(K)
+        idx = np.minimum(start[:, None] + J, total - 1)
+        valid = J < k[:, None]
+        P = np.empty((B, K))
+        P[:, 0] = alpha
+        P[:, 1:] = self.decay
+        np.multiply.accumulate(P, axis=1, out=P)
+        miss = (buf.uniforms(total)[idx] >= P) | ~valid
+        accepted = np.where(miss.any(axis=1), miss.argmax(axis=1), K).tolist()
+        if not want_kl:
+            return accepted, None
+        with np.errstate(divide="ignore"):
+            base = np.where(alpha > 0, -np.log(alpha), 50.0)
+        kl = (base[:, None] + J * self._log_decay) * buf.noise(total)[idx]
+        return accepted, kl
 
     def _draw(self, alpha: float, k: int, want_kl: bool) -> tuple[int, list[float]]:
-        buf = self._buf
-        if buf is None:
-            raise RuntimeError("acceptance model not reset: call reset(seed) first")
-        u, i = buf.u, buf.i
-        a, p, d = 0, alpha, self.decay
-        while a < k:
-            if i >= len(u):
-                buf.refill_u()
-                u, i = buf.u, 0
-            hit = u[i] < p
-            i += 1
-            if not hit:
-                break
-            a += 1
-            p *= d
-        buf.i = i
-        if not want_kl:
-            return a, []
-        base = -math.log(alpha) if alpha > 0 else 50.0
-        ld = self._log_decay
-        z = buf.noise(k)
-        return a, [(base + j * ld) * z[j] for j in range(k)]
+        """One request's draw at an already effective ``alpha`` (the same streams as :meth:`sample_batch`)."""
+        st = RequestAcceptance(alpha)
+        trained, mult = self.trained, self._mult
+        self.trained, self._mult = 0.0, 1.0  # ``alpha`` is effective already
+        try:
+            a, kl = self.sample_batch([st], [0], [k], want_kl)
+        finally:
+            self.trained, self._mult = trained, mult
+        return a[0], kl[0].tolist() if kl is not None else []
 
     # (de)serialisation -----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -346,34 +357,32 @@ class ReplayAcceptance:
         return a, kl
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
-                     want_kl: bool) -> tuple[list[int], list[Sequence[float]]]:
+                     want_kl: bool) -> tuple[list[int], np.ndarray | None]:
         """:meth:`sample` of every request of a decode step, in batch order (the same draws in the same order).
 
         Why: a trace without recordings (every synthetic one) replays nothing, so the whole batch goes through the
-        fallback's inlined :meth:`ParametricAcceptance.sample_batch`; requests with a record at their position are
+        fallback's batched :meth:`ParametricAcceptance.sample_batch`; requests with a record at their position are
         drawn one by one with :meth:`sample`, between runs of fallback draws, so the stream order is unchanged.
         """
+        fb = self.fallback
+        recorded = [j for j, (st, pos, k) in enumerate(zip(states, positions, ks))
+                    if k > 0 and st.record is not None and pos < len(st.record)]
+        if not recorded:
+            return fb.sample_batch(states, positions, ks, want_kl)
         accepted: list[int] = []
         kls: list[Sequence[float]] = []
-        fb = self.fallback
         start = 0
-        for j, (st, pos, k) in enumerate(zip(states, positions, ks)):
-            rec = st.record
-            if k <= 0 or rec is None or pos >= len(rec):
-                continue
+        for j in [*recorded, len(ks)]:
             if j > start:
                 a, kl = fb.sample_batch(states[start:j], positions[start:j], ks[start:j], want_kl)
                 accepted += a
-                kls += kl
-            a1, kl1 = self.sample(st, pos, k, want_kl)
-            accepted.append(a1)
-            kls.append(kl1 if want_kl else ())
+                kls += (kl[:, :max(ks[start:j])].tolist() if kl is not None else [()] * (j - start))
+            if j < len(ks):
+                a1, kl1 = self.sample(states[j], positions[j], ks[j], want_kl)
+                accepted.append(a1)
+                kls.append(kl1 if want_kl else ())
             start = j + 1
-        if start < len(ks):
-            a, kl = fb.sample_batch(states[start:], positions[start:], ks[start:], want_kl)
-            accepted += a
-            kls += kl
-        return accepted, kls
+        return accepted, kl_matrix(kls, ks) if want_kl else None
 
     def to_json(self) -> dict[str, Any]:
         """The model as JSON, recorded KL included (so sweep and tune workers, which receive it this way, replay

@@ -86,9 +86,9 @@ import numpy as np
 import simpy
 
 from sglang_ext.core.costs import CATCH_UP_SPLIT
-from sglang_ext.core.policies.base import BatchView
-from sglang_ext.core.signals import RequestStep, StepResult
-from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance
+from sglang_ext.core.policies.base import BatchView, lengths_in_order
+from sglang_ext.core.signals import ColumnarRequests, StepColumns, StepResult
+from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance, kl_matrix
 from simulator.cluster import arrivals, make_router
 from sglang_ext.formats.results import REQUEST_COLUMNS, SimResult, summarize
 from simulator.ranges import ProfileRangeError, RangeGuard
@@ -450,18 +450,17 @@ class Replica:
         run = self.running
         rids = [r.rid for r in run]
         ctxs = [r.prompt + r.gen for r in run]
-        view = BatchView(rids=rids, context_lens=ctxs, temperatures=[self.temperature] * len(run))
+        temps = [self.temperature] * len(run)
+        view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
-        ks = self._depths(run, decision.lengths if decision.speculate else None)
+        ks = self._depths(run, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
-            rids, ctxs = rids[:len(run)], ctxs[:len(run)]
+            rids, ctxs, temps = rids[:len(run)], ctxs[:len(run)], temps[:len(run)]
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        accepted, kls = self._draw(run, ks)
-        temp = self.temperature
-        steps = [RequestStep(rid, k, a, kl, (), (), ctx, temp)
-                 for rid, k, a, kl, ctx in zip(rids, ks, accepted, kls, ctxs)]
+        accepted, kl = self._draw(run, ks)
+        columns = StepColumns(rids, ks, accepted, kl, None if kl is None else ks, ctxs, temps)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
         K = max(ks)
@@ -487,20 +486,18 @@ class Replica:
                     r.pending = 0
         else:
             draft_s, verify_s = 0.0, float(self.verify(B, 1, ctx_mean))
-        self._result = StepResult(requests=steps, speculated=K > 0, draft_seconds=draft_s, verify_seconds=verify_s,
-                                  catch_up_seconds=catch_up_s,
+        self._result = StepResult(requests=ColumnarRequests(columns), speculated=K > 0, draft_seconds=draft_s,
+                                  verify_seconds=verify_s, catch_up_seconds=catch_up_s,
                                   verify_tokens=B * (K + 1), drafter="simulated",
                                   config={"tree_budget": decision.tree_budget, "drafter": decision.drafter,
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
 
-    def _depths(self, run: list[_Req], lengths: dict[str, int] | None) -> list[int]:
+    def _depths(self, run: list[_Req], ks: list[int] | None) -> list[int]:
         r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, out_r - gen_r - 1))`
-        (0 everywhere when the policy does not speculate: ``lengths`` None)."""
-        if lengths is None:
+        from the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None)."""
+        if ks is None:
             return [0] * len(run)
-        get = lengths.get
-        ks = [get(r.rid, 0) for r in run]
         cap = self.max_draft
         out = []
         for r, k in zip(run, ks):
@@ -512,8 +509,9 @@ class Replica:
             out.append(k if k > 0 else 0)
         return out
 
-    def _draw(self, run: list[_Req], ks: list[int]) -> tuple[list[int], list]:
-        """Accepted counts and KL of the step's requests, batched when the acceptance model can (same draws)."""
+    def _draw(self, run: list[_Req], ks: list[int]) -> tuple[list[int], np.ndarray | None]:
+        """Accepted counts and KL (``[B, max k]``, row ``r`` valid up to ``k_r``; None without KL) of the step's
+        requests, batched when the acceptance model can (the same draws)."""
         acc = self.sim.acceptance
         states = [r.acc for r in run]
         positions = [r.gen for r in run]
@@ -525,7 +523,7 @@ class Replica:
             a, kl = acc.sample(st, pos, k, self.want_kl) if k > 0 else (0, ())
             accepted.append(a)
             kls.append(kl)
-        return accepted, kls
+        return accepted, kl_matrix(kls, ks) if self.want_kl else None
 
     def _make_room(self, ks: list[int], growth: int) -> int:
         """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""

@@ -159,7 +159,7 @@ def test_dsde_paper_variant_constants():
     p.observe(StepResult([RequestStep("r", 4, 4, kl=[0.05, 0.1, 0.1, 0.15])]))
     p.observe(StepResult([RequestStep("r", 8, 2, kl=[0.1] * 8)]))
     # k_max' = round(4 * (1 + 1.0 * 0.1 / 0.15)) = round(6.67) = 7; k_min' = SL_min = 2
-    assert p._req["r"].bounds == (2, 7)
+    assert p.bounds("r") == (2, 7)
     q = make_policy("dsde", variant="paper", decay=0.9)  # an explicit constant wins over the variant
     assert q.decay == 0.9 and q.max_factor == 1.0
 
@@ -863,3 +863,23 @@ def test_best_length_cap_equals_the_brute_force_search(reqs, floor):
     best_g = max(x[0] for x in brute)
     assert g == pytest.approx(best_g, rel=1e-12)
     assert cap == min(c for x, c in brute if x >= best_g * (1 - 1e-12))
+
+
+def test_capped_expected_totals_has_the_bits_of_the_scalar_loop():
+    """The array form adds the same floats in the same order as summing expected_tokens request by request."""
+    from sglang_ext.core.policies.goodput import capped_expected_totals
+    from sglang_ext.core.signals import expected_tokens
+
+    rng = random.Random(3)
+    for _ in range(400):
+        b, top = rng.randint(1, 70), rng.randint(0, 12)
+        alphas = [rng.random() * 1.2 - 0.1 for _ in range(b)]
+        lengths = None if rng.random() < 0.3 else [rng.randint(-1, top) for _ in range(b)]
+        want = []
+        for c in range(top + 1):
+            total = 0.0
+            for r, a in enumerate(alphas):
+                k = top if lengths is None else lengths[r]
+                total += expected_tokens(a, min(k, c)) if k >= 0 else 0.0
+            want.append(total)
+        assert capped_expected_totals(alphas, lengths, top) == want

@@ -213,7 +213,7 @@ def test_dsde_batch_cap_respected_in_simulated_decisions():
         if cap is not None and result.batch_size > 1:
             seen["capped_steps"] += 1
             for r in result.requests:
-                if policy._req[r.rid].bounds is not None:  # post-warm-up requests are the capped ones
+                if policy.bounds(r.rid) is not None:  # post-warm-up requests are the capped ones
                     assert r.proposed <= cap
                     seen["checked"] += 1
         for r in result.requests:  # the synthetic KL covers every proposed position

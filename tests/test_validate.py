@@ -15,7 +15,8 @@ import torch
 
 from sglang_ext.core.policies import make_policy
 from sglang_ext.core.policies.base import BatchView
-from sglang_ext.core.policies.dsde import DSDEPolicy, weighted_variance, wvir, wvir_many
+from sglang_ext.core.policies.dsde import weighted_variance, wvir, wvir_many
+from tests.dsde_reference import ReferenceDSDE
 from sglang_ext.core.signals import RequestStep, StepResult
 from simulator.acceptance import (
     CategoryAcceptance,
@@ -407,10 +408,12 @@ def test_batched_wvir_matches():
         assert got == pytest.approx(want, rel=1e-12)
 
 
-class _OldDSDE(DSDEPolicy):
+class _OldDSDE(ReferenceDSDE):
     """DSDE as it was: one request at a time, the plain two-pass WVIR."""
 
     def observe(self, result):
+        if self.config["cost_cap"]:
+            self._observe_costs(result)
         for r in result.requests:
             if r.proposed <= 0:
                 continue
@@ -424,12 +427,25 @@ class _OldDSDE(DSDEPolicy):
                 st.pred = self._clip(st.k)
 
 
+class _StepCosts:
+    """V(b, t) = 10 ms + 0.4 ms·b·t, D(b, d) = d·(2 ms + 0.1 ms·b): a cost cap that binds at some depths."""
+
+    def verify_seconds(self, b, t, context_len=0):
+        return 0.010 + 0.0004 * b * t
+
+    def draft_seconds(self, b, d):
+        return d * (0.002 + 0.0001 * b)
+
+
+@pytest.mark.parametrize("cost_cap", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_fast_dsde_decides_exactly_as_before(seed):
+def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
+    """The array implementation against the per-request one (tests/dsde_reference.py), decision by decision."""
     rng = random.Random(seed)
     params = {"window": rng.choice([6, 12, 30]), "max_k": 8, "init_k": 3, "variant": rng.choice(["code", "paper"]),
-              "cost_cap": False}
-    new, old = make_policy("dsde", **params), _OldDSDE(**params)
+              "cost_cap": cost_cap}
+    costs = {"cost_model": _StepCosts()} if cost_cap else {}
+    new, old = make_policy("dsde", **costs, **params), _OldDSDE(**costs, **params)
     pool = [f"r{i}" for i in range(24)]
     for _ in range(150):
         rids = rng.sample(pool, rng.randint(1, 20))  # large batches: the numpy path
@@ -447,6 +463,10 @@ def test_fast_dsde_decides_exactly_as_before(seed):
             gone = rng.choice(rids)
             new.release(gone)
             old.release(gone)
+        if rng.random() < 0.05:  # a saved and restored policy carries on identically
+            restored = make_policy("dsde", **costs, **params)
+            restored.load_state_dict(json.loads(json.dumps(new.state_dict())))
+            new = restored
 
 
 # ---- end to end on the real model -----------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ has no KL, a model-free drafter has no q); policies that need them must say so a
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Iterable, Sequence, overload
+
+import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,18 +44,106 @@ class RequestStep:
             raise ValueError(f"request {self.rid}: accepted={self.accepted} outside 0..proposed={self.proposed}")
 
 
+class StepColumns:
+    """A step's per-request outcomes as arrays in batch order: the same facts as a list of :class:`RequestStep`.
+
+    Why two forms: a host with a handful of requests (the engine, the SGLang plugin) builds ``RequestStep`` objects;
+    a host that steps 64 requests millions of times (the simulator) builds these arrays instead, and the policies
+    read whichever is cheaper for them (:attr:`StepResult.columns`), each form derived lazily from the other.
+
+    ``kl`` is ``[B, K]`` (``K`` ≥ every row's ``kl_len``) or None when no request has KL; row ``r`` holds
+    ``kl_len[r]`` values (0: that request's drafter gave no q), the rest is padding and must not be read.
+    """
+
+    __slots__ = ("rids", "proposed", "accepted", "kl", "kl_len", "context_lens", "temperatures")
+
+    def __init__(self, rids: Sequence[str], proposed: np.ndarray, accepted: np.ndarray, kl: np.ndarray | None = None,
+                 kl_len: np.ndarray | None = None, context_lens: np.ndarray | None = None,
+                 temperatures: np.ndarray | None = None) -> None:
+        n = len(rids)
+        self.rids = rids
+        self.proposed = np.asarray(proposed, dtype=np.int64)
+        self.accepted = np.asarray(accepted, dtype=np.int64)
+        self.kl = kl
+        self.kl_len = (np.zeros(n, dtype=np.int64) if kl is None else np.minimum(self.proposed, kl.shape[1])
+                       ) if kl_len is None else np.asarray(kl_len, dtype=np.int64)
+        self.context_lens = np.zeros(n, dtype=np.int64) if context_lens is None else np.asarray(context_lens)
+        self.temperatures = np.zeros(n) if temperatures is None else np.asarray(temperatures, dtype=float)
+        if len(self.proposed) != n or len(self.accepted) != n:
+            raise ValueError(f"step columns: {n} rids but {len(self.proposed)} proposed / {len(self.accepted)} accepted")
+        bad = (self.accepted < 0) | (self.accepted > np.maximum(self.proposed, 0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"request {rids[i]}: accepted={int(self.accepted[i])} outside 0..proposed="
+                             f"{int(self.proposed[i])}")
+
+    @classmethod
+    def from_requests(cls, requests: Sequence[RequestStep]) -> StepColumns:
+        n = len(requests)
+        proposed = np.fromiter((r.proposed for r in requests), dtype=np.int64, count=n)
+        kls = [r.kl[: max(r.proposed, 0)] if len(r.kl) else () for r in requests]
+        kl_len = np.fromiter((len(v) for v in kls), dtype=np.int64, count=n)
+        kl = None
+        if n and kl_len.max() > 0:
+            kl = np.zeros((n, int(kl_len.max())))
+            for i, v in enumerate(kls):
+                if len(v):
+                    kl[i, : len(v)] = [float(x) for x in v]
+        return cls([r.rid for r in requests], proposed,
+                   np.fromiter((r.accepted for r in requests), dtype=np.int64, count=n), kl, kl_len,
+                   np.fromiter((r.context_len for r in requests), dtype=np.int64, count=n),
+                   np.fromiter((r.temperature for r in requests), dtype=float, count=n))
+
+    def to_requests(self) -> list[RequestStep]:
+        kl, kl_len = self.kl, self.kl_len.tolist()
+        rows = kl.tolist() if kl is not None else None
+        return [RequestStep(rid, k, a, rows[i][: kl_len[i]] if rows is not None and kl_len[i] else (), (), (), c, t)
+                for i, (rid, k, a, c, t) in enumerate(zip(self.rids, self.proposed.tolist(), self.accepted.tolist(),
+                                                          self.context_lens.tolist(), self.temperatures.tolist()))]
+
+
+class ColumnarRequests(Sequence[RequestStep]):
+    """``StepResult.requests`` backed by :class:`StepColumns`: the ``RequestStep`` list is built on first use only."""
+
+    __slots__ = ("columns", "_list")
+
+    def __init__(self, columns: StepColumns) -> None:
+        self.columns = columns
+        self._list: list[RequestStep] | None = None
+
+    def _items(self) -> list[RequestStep]:
+        if self._list is None:
+            self._list = self.columns.to_requests()
+        return self._list
+
+    def __len__(self) -> int:
+        return len(self.columns.rids)
+
+    @overload
+    def __getitem__(self, i: int) -> RequestStep: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[RequestStep]: ...
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __iter__(self) -> Iterator[RequestStep]:
+        return iter(self._items())
+
+
 @dataclass
 class StepResult:
     """One speculative (or plain) step of a whole batch, with its measured costs in seconds.
 
     ``speculated`` is False for a plain decode step (every request has ``proposed == 0``).
+    ``requests`` is a list of :class:`RequestStep` or, from a host that works in arrays, a
+    :class:`ColumnarRequests` over :class:`StepColumns`; :attr:`columns` gives the arrays either way.
     ``verify_tokens`` is the number of token positions the target forward processed (batch × tree nodes of the
     widest tree: the batch is padded to it). ``catch_up_seconds`` is the drafter's one-off catch-up on backlogs
     (a fresh prompt, or the tokens decoded while speculation was off): part of the step's time, but kept out of
     ``draft_seconds`` so that policies learn the steady per-step drafting cost from it.
     """
 
-    requests: list[RequestStep]
+    requests: Sequence[RequestStep]
     speculated: bool = True
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -71,9 +163,15 @@ class StepResult:
         return (self.draft_seconds + self.verify_seconds + self.overhead_seconds + self.train_seconds
                 + self.catch_up_seconds)
 
+    @cached_property
+    def columns(self) -> StepColumns:
+        """The requests as arrays (:class:`StepColumns`), the host's own when it built them."""
+        reqs = self.requests
+        return reqs.columns if isinstance(reqs, ColumnarRequests) else StepColumns.from_requests(reqs)
+
     @property
     def committed_tokens(self) -> int:
-        return sum(r.accepted + 1 for r in self.requests)
+        return int(self.columns.accepted.sum()) + self.batch_size
 
     @property
     def tokens_per_second(self) -> float:

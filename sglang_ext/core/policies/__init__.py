@@ -18,7 +18,7 @@ and loads any of them as JSON; :func:`tunables` lists what the simulator's tuner
 from __future__ import annotations
 
 from .bandit import BanditPolicy
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy, lengths_in_order
 from .compose import ComposedPolicy, apply_batch_cap, batch_length
 from .dsde import DSDEPolicy
 from .goodput import GoodputPolicy
@@ -29,8 +29,8 @@ from .tide import TideControlPolicy
 from .update_bandit import UpdateBandit, UpdateRoundStats, throughput_gain
 
 __all__ = [
-    "BanditPolicy", "BatchView", "ComposedPolicy", "DSDEPolicy", "Decision", "GoodputPolicy", "LENGTH_POLICIES",
+    "BanditPolicy", "BatchLengths", "BatchView", "ComposedPolicy", "DSDEPolicy", "Decision", "GoodputPolicy", "LENGTH_POLICIES",
     "POLICIES", "Param", "Policy", "SGLangAdaptivePolicy", "StaticPolicy", "TideControlPolicy", "UpdateBandit",
-    "UpdateRoundStats", "apply_batch_cap", "batch_length", "make_policy", "oracle_static", "policy_class", "throughput_gain",
+    "UpdateRoundStats", "apply_batch_cap", "batch_length", "lengths_in_order", "make_policy", "oracle_static", "policy_class", "throughput_gain",
     "tunables",
 ]

@@ -9,9 +9,12 @@ so a policy reads costs the same way whether they were given or learned; the lea
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..signals import StepResult, chain_trials
+import numpy as np
+
+from ..signals import StepColumns, StepResult
 
 
 class RatioEMA:
@@ -46,50 +49,158 @@ class RatioEMA:
         return self
 
 
+class SlotTable:
+    """Request ids mapped to rows of per-request numpy arrays, rows reused after :meth:`release`.
+
+    Why: a policy's per-request state held as one array per field (indexed by slot) is updated for a whole batch
+    with a few array operations, where a dict of small objects costs a Python call per request per step — the
+    simulator's dominant cost at 64 running requests. ``fields`` maps a name to ``(dtype, fill, row shape)``; a new
+    slot's row is reset to ``fill``.
+    """
+
+    def __init__(self, **fields: tuple[Any, Any, tuple[int, ...]]) -> None:
+        self.index: dict[str, int] = {}
+        self.free: list[int] = []
+        self.fields = fields
+        self.cols: dict[str, np.ndarray] = {name: np.full((0, *shape), fill, dtype=dt)
+                                            for name, (dt, fill, shape) in fields.items()}
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self.index
+
+    def _grow(self) -> None:
+        old = self.size
+        self.size = max(64, 2 * old)
+        for name, (dt, fill, shape) in self.fields.items():
+            grown = np.full((self.size, *shape), fill, dtype=dt)
+            grown[:old] = self.cols[name]
+            self.cols[name] = grown
+        self.free.extend(range(self.size - 1, old - 1, -1))
+
+    def add(self, rid: str) -> int:
+        """The request's slot, a fresh one (reset to the fills) when it has none."""
+        got = self.index.get(rid)
+        if got is not None:
+            return got
+        if not self.free:
+            self._grow()
+        slot = self.free.pop()
+        for name, (_, fill, _) in self.fields.items():
+            self.cols[name][slot] = fill
+        self.index[rid] = slot
+        return slot
+
+    def slots(self, rids: Sequence[str]) -> np.ndarray:
+        """Slots of ``rids`` in order, new requests added."""
+        get, add = self.index.get, self.add
+        return np.array([s if (s := get(r)) is not None else add(r) for r in rids], dtype=np.intp)
+
+    def lookup(self, rids: Sequence[str]) -> np.ndarray:
+        """Slots of ``rids`` in order, -1 for a request without one."""
+        get = self.index.get
+        return np.array([get(r, -1) for r in rids], dtype=np.intp)
+
+    def release(self, rid: str) -> None:
+        slot = self.index.pop(rid, None)
+        if slot is not None:
+            self.free.append(slot)
+
+    def items(self) -> list[tuple[str, int]]:
+        return list(self.index.items())
+
+
+def step_trial_arrays(c: StepColumns) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~sglang_ext.core.signals.chain_trials` of every request of a step: ``(successes, trials)`` arrays."""
+    trials = np.where(c.proposed > 0, c.accepted + (c.accepted < c.proposed), 0)
+    return c.accepted, trials
+
+
 class RequestAlphas:
-    """Per-request per-token acceptance α (the chain MLE as a :class:`RatioEMA`), with the batch-wide estimate for
-    a request not yet verified and ``prior`` before any step. Shared by the cost-aware length policies."""
+    r"""Per-request per-token acceptance α (the chain MLE as a :class:`RatioEMA`), with the batch-wide estimate for
+    a request not yet verified and ``prior`` before any step. Shared by the cost-aware length policies.
+
+    The per-request ratios live in a :class:`SlotTable` (``num``, ``den``) and are updated per step with array
+    operations, the same float operations as one :class:`RatioEMA` per request:
+    :math:`S_r \leftarrow \lambda S_r + s_r,\ N_r \leftarrow \lambda N_r + n_r` for every request with trials.
+    """
 
     def __init__(self, decay: float, prior: float = 0.5) -> None:
         self.decay = float(decay)
         self.prior = float(prior)
-        self.per_request: dict[str, RatioEMA] = {}
+        self.table = SlotTable(num=(float, 0.0, ()), den=(float, 0.0, ()))
         self.batch = RatioEMA(decay)
 
     def update(self, result: StepResult) -> None:
-        for r in result.requests:
-            s, t = chain_trials(r.proposed, r.accepted)
-            if t:
-                self.per_request.setdefault(r.rid, RatioEMA(self.decay)).update(s, t)
-                self.batch.update(s, t)
+        c = result.columns
+        succ, trials = step_trial_arrays(c)
+        idx = np.flatnonzero(trials > 0)
+        if len(idx) == 0:
+            return
+        rids = c.rids
+        slots = self.table.slots([rids[i] for i in idx.tolist()])
+        s, t = succ[idx], trials[idx]
+        num, den, d = self.table.cols["num"], self.table.cols["den"], self.decay
+        if len(set(slots.tolist())) == len(slots):
+            num[slots] = d * num[slots] + s
+            den[slots] = d * den[slots] + t
+        else:  # a request listed twice in one step: apply its entries in order, as one RatioEMA would
+            for slot, si, ti in zip(slots.tolist(), s.tolist(), t.tolist()):
+                num[slot] = d * num[slot] + si
+                den[slot] = d * den[slot] + ti
+        # the batch-wide ratio, as if updated request by request in batch order:
+        # S ← λ^m S + Σ_i λ^(m-1-i) s_i  (the same value up to rounding in the last bits)
+        b, m = self.batch, len(s)
+        w = d ** np.arange(m - 1, -1, -1, dtype=float)
+        b.num = d ** m * b.num + float(w @ s)
+        b.den = d ** m * b.den + float(w @ t)
 
-    def value(self, rid: str) -> float:
-        e = self.per_request.get(rid)
-        if e is not None and e.value is not None:
-            return e.value
+    def fallback(self) -> float:
+        """α of a request without its own estimate: the batch-wide one, or the prior before any step."""
         a = self.batch.value
         return self.prior if a is None else a
 
+    def value(self, rid: str) -> float:
+        slot = self.table.index.get(rid)
+        if slot is not None:
+            return float(self.table.cols["num"][slot] / self.table.cols["den"][slot])
+        return self.fallback()
+
+    def values(self, rids: Sequence[str]) -> np.ndarray:
+        """:meth:`value` of every request in ``rids``, as one array."""
+        slots = self.table.lookup(rids)
+        out = np.full(len(slots), self.fallback())
+        known = slots >= 0
+        if known.any():
+            ks = slots[known]
+            out[known] = self.table.cols["num"][ks] / self.table.cols["den"][ks]
+        return out
+
     def release(self, rid: str) -> None:
-        self.per_request.pop(rid, None)
+        self.table.release(rid)
 
     def state_dict(self) -> dict:
-        return {"alpha_req": {rid: e.state_dict() for rid, e in self.per_request.items()},
+        num, den = self.table.cols["num"], self.table.cols["den"]
+        return {"alpha_req": {rid: [float(num[s]), float(den[s])] for rid, s in self.table.items()},
                 "alpha_all": self.batch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.per_request = {rid: RatioEMA(self.decay).load(v) for rid, v in state.get("alpha_req", {}).items()}
+        self.table = SlotTable(num=(float, 0.0, ()), den=(float, 0.0, ()))
+        for rid, (n, d) in state.get("alpha_req", {}).items():
+            slot = self.table.add(rid)
+            self.table.cols["num"][slot] = float(n)
+            self.table.cols["den"][slot] = float(d)
         if "alpha_all" in state:
             self.batch = RatioEMA(self.decay).load(state["alpha_all"])
 
 
 def step_trials(result: StepResult) -> tuple[int, int]:
     """(successes, trials) of a whole step, summing :func:`chain_trials` over its requests."""
-    s = t = 0
-    for r in result.requests:
-        ds, dt = chain_trials(r.proposed, r.accepted)
-        s, t = s + ds, t + dt
-    return s, t
+    succ, trials = step_trial_arrays(result.columns)
+    return int(succ[trials > 0].sum()), int(trials.sum())
 
 
 def tokens_per_request(result: StepResult) -> int:
@@ -99,12 +210,13 @@ def tokens_per_request(result: StepResult) -> int:
         return 1
     if result.verify_tokens > 0:
         return max(1, round(result.verify_tokens / b))
-    return max((r.proposed for r in result.requests), default=0) + 1
+    return step_depth(result) + 1
 
 
 def step_depth(result: StepResult) -> int:
     """Draft depth of the step (the deepest request's proposal)."""
-    return max((r.proposed for r in result.requests), default=0)
+    p = result.columns.proposed
+    return max(int(p.max()), 0) if len(p) else 0
 
 
 class CallableCosts:

@@ -34,7 +34,7 @@ import random
 
 from ..signals import StepResult
 from ._estimators import rng_state, set_rng_state
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 DEFAULT_ARMS = [1, 2, 3, 4]  # BanditSpec's code: γ ∈ {1..4}
 
@@ -153,7 +153,7 @@ class BanditPolicy(Policy):
         arm = self.choose(key)
         self._last = (key, arm)
         a = self.arms[arm]
-        return Decision(speculate=a["k"] > 0, lengths={rid: a["k"] for rid in batch.rids},
+        return Decision(speculate=a["k"] > 0, lengths=BatchLengths(batch.rids, uniform=a["k"]),
                         tree_budget=a["tree_budget"], drafter=a["drafter"], info={"arm": arm, "context": key})
 
     def observe(self, result: StepResult) -> None:

@@ -72,29 +72,29 @@ Steps where the request proposed nothing (plain decode steps) carry no informati
 skipped. (The fork fed them to the warm-up as "accepted 0, no KL", which changes neither k, max(a_warm) nor
 the KL mean, so skipping is equivalent.)
 
-**Speed.** WVIR is the hot spot of a simulated DSDE run (two weighted variances over a ``W``-value history per
-request per step). The decay-weight vectors are cached per ``(length, δ)``; :func:`weighted_variance` runs its two
-passes as C-level ``map`` pipelines, bit-identical to the plain formula (same operations, same order); and
-:meth:`DSDEPolicy.observe` evaluates the steady requests of a step together (:func:`wvir_many`: one numpy
-two-pass over a ``[requests, W]`` matrix when there are :data:`BATCH_WVIR_MIN` or more; the sums round
-differently in the last bits, which changes no decision — ``tests/test_policies.py`` compares both paths with
-the plain formula on random histories).
+**Speed.** A simulated run steps 64 requests per step for hours of simulated time, so the per-request state lives
+in arrays (:class:`~._estimators.SlotTable`: current and predicted length, bounds, the KL window as a ring) and a
+step is a handful of array operations over its requests. Requests still in warm-up (a few steps each) go through
+the plain per-request rule. The float operations are those of the scalar formulas, in the same order (the KL
+sums per step add position by position; WVIR is :func:`wvir_many`: one numpy two-pass over a ``[requests, W]``
+matrix when there are :data:`BATCH_WVIR_MIN` or more, the plain :func:`wvir` otherwise, whose sums round
+differently in the last bits, which changes no decision). ``tests/test_validate.py`` replays random steps through
+this and the per-request reference implementation and compares every decision.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from itertools import chain, repeat
+from itertools import repeat
 from operator import mul, sub
 from typing import Any, Callable
 
 import numpy as np
 
-from ..signals import RequestStep, SignalHistory, StepResult
-from ._estimators import OnlineLinearCost, RequestAlphas, resolve_costs
-from .base import BatchView, Decision, Param, Policy
-from .compose import apply_batch_cap
+from ..signals import StepColumns, StepResult
+from ._estimators import OnlineLinearCost, RequestAlphas, SlotTable, resolve_costs
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 from .goodput import best_length_cap
 
 VARIANTS = {
@@ -161,33 +161,32 @@ def _np_weights(n: int, decay: float) -> tuple[np.ndarray, float, np.ndarray, fl
     return got
 
 
-def wvir_many(histories: Sequence[Sequence[float]], decay: float) -> list[float]:
-    """:func:`wvir` of every history (the same value up to float rounding in the last bits).
+def wvir_rows(X: np.ndarray, decay: float) -> np.ndarray:
+    """:func:`wvir` of every row of ``X`` (``[m, n]``, oldest value first; the same value up to float rounding in
+    the last bits): the numpy two-pass when ``m >= BATCH_WVIR_MIN`` and ``n >= 2``, the plain formula otherwise."""
+    m, n = X.shape
+    if n < 2 or m < BATCH_WVIR_MIN:
+        return np.array([wvir(row, decay) for row in X.tolist()], dtype=float)
+    w, sw, ws, sws = _np_weights(n, decay)
+    short = len(ws)
+    D = X - ((X @ w) / sw)[:, None]
+    long_var = ((D * D) @ w) / sw
+    S = X[:, n - short:]
+    Ds = S - ((S @ ws) / sws)[:, None]
+    short_var = ((Ds * Ds) @ ws) / sws
+    flat = long_var < VAR_EPS
+    return np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
 
-    Histories of one length ``n >= 2`` (a steady DSDE request always holds a full window) with at least
-    :data:`BATCH_WVIR_MIN` members go through one numpy two-pass over a ``[m, n]`` matrix; the rest one by one.
-    """
+
+def wvir_many(histories: Sequence[Sequence[float]], decay: float) -> list[float]:
+    """:func:`wvir` of every history: those of one length go through :func:`wvir_rows` together."""
     out: list[float] = [0.0] * len(histories)
     groups: dict[int, list[int]] = {}
     for i, h in enumerate(histories):
         groups.setdefault(len(h), []).append(i)
     for n, idx in groups.items():
-        if n < 2 or len(idx) < BATCH_WVIR_MIN:
-            for i in idx:
-                out[i] = wvir(histories[i], decay)
-            continue
-        w, sw, ws, sws = _np_weights(n, decay)
-        short = len(ws)
-        X = np.fromiter(chain.from_iterable(histories[i] for i in idx), dtype=float, count=n * len(idx))
-        X = X.reshape(len(idx), n)
-        D = X - ((X @ w) / sw)[:, None]
-        long_var = ((D * D) @ w) / sw
-        S = X[:, n - short:]
-        Ds = S - ((S @ ws) / sws)[:, None]
-        short_var = ((Ds * Ds) @ ws) / sws
-        flat = long_var < VAR_EPS
-        ratio = np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
-        for i, v in zip(idx, ratio.tolist()):
+        X = np.array([list(histories[i]) for i in idx], dtype=float).reshape(len(idx), n)
+        for i, v in zip(idx, wvir_rows(X, decay).tolist()):
             out[i] = v
     return out
 
@@ -206,30 +205,17 @@ def dsl_step(wvir_value: float, sf: float, k_min: int, k_max: int) -> int:
     return k_min
 
 
-class _RequestState:
-    """One request's controller: the KL history, the warm-up samples and the one-shot bounds."""
-
-    def __init__(self, k: int, window: int) -> None:
-        self.k = k
-        self.hist = SignalHistory(kl_window=window, step_window=window)
-        self.warm_acc: list[int] = []
-        self.warm_kl: list[float] = []
-        self.bounds: tuple[int, int] | None = None  # (k_min', k_max') once warm-up ended
-        self.pred = k
-
-    def state_dict(self) -> dict:
-        return {"k": self.k, "hist": self.hist.state_dict(), "warm_acc": self.warm_acc, "warm_kl": self.warm_kl,
-                "bounds": list(self.bounds) if self.bounds else None, "pred": self.pred}
-
-    @classmethod
-    def from_state(cls, s: dict) -> _RequestState:
-        st = cls(int(s["k"]), 1)
-        st.hist = SignalHistory.from_state(s["hist"])
-        st.warm_acc = [int(a) for a in s["warm_acc"]]
-        st.warm_kl = [float(v) for v in s["warm_kl"]]
-        st.bounds = tuple(s["bounds"]) if s["bounds"] else None
-        st.pred = int(s["pred"])
-        return st
+#: per-request state of :class:`DSDEPolicy` (:class:`~._estimators.SlotTable` fields; ``kl`` is the window ring)
+def _state_fields(window: int, init_k: int) -> dict[str, tuple[Any, Any, tuple[int, ...]]]:
+    return {
+        "k": (np.int64, init_k, ()),  # the controller's length
+        "pred": (np.int64, init_k, ()),  # its clipped prediction k̂ (the next length before the batch caps)
+        "steady": (bool, False, ()),  # warm-up ended: bounds set
+        "lo": (np.int64, 0, ()), "hi": (np.int64, 0, ()),  # (k_min', k_max') once steady
+        "warm_n": (np.int64, 0, ()), "warm_acc_max": (np.int64, 0, ()),  # warm-up samples: accepted counts
+        "warm_kl_sum": (float, 0.0, ()), "warm_kl_n": (np.int64, 0, ()), "warm_kl_max": (float, 0.0, ()),
+        "kl": (float, 0.0, (window,)), "kl_n": (np.int64, 0, ()), "kl_ptr": (np.int64, 0, ()),  # KL window ring
+    }
 
 
 class DSDEPolicy(Policy):
@@ -271,118 +257,203 @@ class DSDEPolicy(Policy):
         self.min_frac: float = c["min_frac"] if c["min_frac"] is not None else variant["min_frac"]
         if self.k_floor > c["max_k"]:
             raise ValueError(f"{self.name}: min_k={self.k_floor} > max_k={c['max_k']}")
-        self._req: dict[str, _RequestState] = {}
+        self.window: int = c["window"]
+        self.table = self._new_table()
         self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
         self.learned = OnlineLinearCost(c["forget"])
         self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
         self._probe = 0
 
+    def _new_table(self) -> SlotTable:
+        return SlotTable(**_state_fields(self.window, self.config["init_k"]))
+
     # request lifetime ---------------------------------------------------------------------------------------------
     def admit(self, rid: str) -> None:
-        if rid not in self._req:
-            st = _RequestState(self.config["init_k"], self.config["window"])
-            st.pred = self._clip(st.k)
-            self._req[rid] = st
+        if rid not in self.table:
+            slot = self.table.add(rid)
+            self.table.cols["pred"][slot] = self._clip(self.config["init_k"])
+
+    def _slots(self, rids: Sequence[str]) -> np.ndarray:
+        """Slots of ``rids``, admitting the new ones (as :meth:`admit`)."""
+        slots = self.table.lookup(rids)
+        if len(slots) and slots.min() < 0:
+            for r in rids:
+                self.admit(r)
+            slots = self.table.lookup(rids)
+        return slots
 
     def release(self, rid: str) -> None:
-        self._req.pop(rid, None)
+        self.table.release(rid)
         self.alphas.release(rid)
 
     def _clip(self, k: int) -> int:
         return min(max(int(k), self.k_floor), self.config["max_k"])
 
     # the controller -----------------------------------------------------------------------------------------------
-    def _step_values(self, r: RequestStep) -> tuple[list[float], bool]:
-        """This step's KL values, or the acceptance-only proxy (second item True) when the drafter gave none."""
-        if len(r.kl) > 0:
-            return [float(v) for v in r.kl[: r.proposed]], False
-        miss = [self.config["miss_kl"]] if r.accepted < r.proposed else []
-        return [0.0] * r.accepted + miss, True
+    def _step_values(self, c: StepColumns, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This step's KL values of ``rows`` as ``(V [n, K], count per row, proxy per row)``: the drafter's KL at
+        the proposed positions, or the acceptance-only proxy ``[0]·a + [miss_kl]·[a < k]`` where it gave none."""
+        prop, acc = c.proposed[rows], c.accepted[rows]
+        kl_len = c.kl_len[rows]
+        proxy = kl_len <= 0
+        counts = np.where(proxy, acc + (acc < prop), np.minimum(kl_len, prop))
+        width = int(counts.max())
+        V = np.zeros((len(rows), width))
+        if c.kl is not None and not proxy.all():
+            src = c.kl[rows, :min(width, c.kl.shape[1])]
+            V[:, :src.shape[1]] = src
+            V[proxy] = 0.0
+        cols = np.arange(width)[None, :]
+        V[cols >= counts[:, None]] = 0.0  # padding: zeros, so that position-by-position sums add nothing
+        if proxy.any():
+            miss_rows = np.flatnonzero(proxy & (acc < prop))
+            V[miss_rows, acc[miss_rows]] = self.config["miss_kl"]
+        return V, counts, proxy
 
-    def _end_warmup(self, st: _RequestState) -> tuple[int, int]:
+    def _record_window(self, slots: np.ndarray, V: np.ndarray, counts: np.ndarray) -> None:
+        """Append each row's values to its request's KL window (a ring of ``W``; only the last ``W`` are kept)."""
+        W = self.window
+        cols = self.table.cols
+        ptr = cols["kl_ptr"][slots]
+        width = V.shape[1]
+        j = np.arange(width)[None, :]
+        keep = (j < counts[:, None]) & (j >= (counts - W)[:, None])
+        r, jj = np.nonzero(keep)
+        cols["kl"][slots[r], (ptr[r] + jj) % W] = V[r, jj]
+        cols["kl_ptr"][slots] = (ptr + counts) % W
+        cols["kl_n"][slots] = np.minimum(cols["kl_n"][slots] + counts, W)
+
+    def _warm_rows(self, idx: np.ndarray, slots: np.ndarray, V: np.ndarray, counts: np.ndarray,
+                   accepted: np.ndarray) -> None:
+        """The warm-up rule (module docstring) for the rows ``idx`` of requests still warming up, after this step's
+        values were recorded: rows whose window is still short collect warm-up samples and double/keep ``k``; rows
+        whose window just filled end their warm-up (bounds from the samples) and are steady from this step on."""
+        cols = self.table.cols
+        ss = slots[idx]
+        filling = cols["kl_n"][ss] < self.window
+        if filling.any():
+            w = idx[filling]
+            ws = slots[w]
+            acc = accepted[w]
+            cols["warm_n"][ws] += 1
+            cols["warm_acc_max"][ws] = np.maximum(cols["warm_acc_max"][ws], acc)
+            vals = V[w]
+            # running sum of every warm-up KL in order: old sum, then this step's values one position at a time
+            cols["warm_kl_sum"][ws] = np.add.reduce(np.ascontiguousarray(
+                np.concatenate([cols["warm_kl_sum"][ws][:, None], vals], axis=1).T), axis=0)
+            valid = np.arange(vals.shape[1])[None, :] < counts[w][:, None]
+            top = np.where(valid, vals, -np.inf).max(axis=1)
+            had = cols["warm_kl_n"][ws] > 0
+            cols["warm_kl_max"][ws] = np.where(had, np.maximum(cols["warm_kl_max"][ws], top), top)
+            cols["warm_kl_n"][ws] += counts[w]
+            k = cols["k"][ws]
+            k = np.where(acc >= k, np.minimum(np.where(k > 0, 2 * k, 1), self.config["max_k"]),
+                         np.maximum(k, self.k_floor))
+            cols["k"][ws] = k
+            cols["pred"][ws] = np.minimum(np.maximum(k, self.k_floor), self.config["max_k"])
+        if not filling.all():
+            es = ss[~filling]
+            lo, hi = self._end_warmup(es)
+            cols["lo"][es], cols["hi"][es] = lo, hi
+            cols["steady"][es] = True
+
+    def _end_warmup(self, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r"""Bounds at the end of warm-up, for the requests at slots ``ss``:
+        :math:`k_{max}' = \mathrm{clip}(\mathrm{round}(\max a \cdot (1 + f\,\overline{KL}/\max KL)))`,
+        :math:`k_{min}' = \mathrm{clip}(\lceil m\,k_{max}' \rceil)` (a max KL of 0 counts as 1; no samples: the floor
+        and ``max_k``)."""
+        cols = self.table.cols
         lo, hi = self.k_floor, self.config["max_k"]
-        if not st.warm_acc:
-            return lo, hi
-        mean_kl = sum(st.warm_kl) / len(st.warm_kl) if st.warm_kl else 0.0
-        max_kl = max(st.warm_kl) if st.warm_kl else 1.0
-        if max_kl == 0:
-            max_kl = 1.0
-        k_max = min(hi, max(lo, round(max(st.warm_acc) * (1 + self.max_factor * mean_kl / max_kl))))
-        k_min = min(k_max, max(lo, math.ceil(self.min_frac * k_max)))
-        st.warm_acc, st.warm_kl = [], []
-        return k_min, k_max
-
-    def _record(self, st: _RequestState, r: RequestStep) -> float | None:
-        """Record one step; warm-up logic. Returns the step's SF when the request is steady (its length then
-        follows from WVIR, :meth:`_update` / :meth:`observe`), None when its length is already set."""
-        values, proxy = self._step_values(r)
-        st.hist.record(r, kl=values)
-        W = self.config["window"]
-        if st.bounds is None:
-            if len(st.hist.kl) < W:
-                st.warm_acc.append(r.accepted)
-                st.warm_kl.extend(values)
-                if r.accepted >= st.k:
-                    st.k = min(2 * st.k if st.k > 0 else 1, self.config["max_k"])
-                else:
-                    st.k = max(st.k, self.k_floor)
-            else:
-                st.bounds = self._end_warmup(st)
-        if st.bounds is None:
-            st.pred = self._clip(st.k)
-            return None
-        return scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
-
-    def _update(self, st: _RequestState, r: RequestStep) -> None:
-        sf = self._record(st, r)
-        if sf is not None:
-            st.k = dsl_step(wvir(st.hist.kl, self.decay), sf, *st.bounds)
-            st.pred = self._clip(st.k)
+        n = cols["warm_kl_n"][ss]
+        some = n > 0
+        mean_kl = np.where(some, cols["warm_kl_sum"][ss] / np.maximum(n, 1), 0.0)
+        max_kl = np.where(some, cols["warm_kl_max"][ss], 1.0)
+        max_kl = np.where(max_kl == 0, 1.0, max_kl)
+        k_max = np.minimum(hi, np.maximum(lo, np.rint(cols["warm_acc_max"][ss] * (1 + self.max_factor * mean_kl / max_kl))))
+        k_max = k_max.astype(np.int64)
+        k_min = np.minimum(k_max, np.maximum(lo, np.ceil(self.min_frac * k_max))).astype(np.int64)
+        none = cols["warm_n"][ss] == 0
+        return np.where(none, lo, k_min), np.where(none, hi, k_max)
 
     def observe(self, result: StepResult) -> None:
-        # every request's state is its own, so recording all of them first and then computing the steady ones'
-        # WVIR together (in order; a repeated rid's last entry wins, as sequentially) gives the same lengths
         if self.config["cost_cap"]:
             self._observe_costs(result)
-        steady: list[tuple[_RequestState, float]] = []
-        for r in result.requests:
-            if r.proposed <= 0:
-                continue
-            self.admit(r.rid)
-            st = self._req[r.rid]
-            sf = self._record(st, r)
-            if sf is not None:
-                steady.append((st, sf))
-        if not steady:
+        c = result.columns
+        rows = np.flatnonzero(c.proposed > 0)
+        if len(rows) == 0:
             return
-        ratios = wvir_many([st.hist.kl for st, _ in steady], self.decay)
-        for (st, sf), ratio in zip(steady, ratios):
-            st.k = dsl_step(ratio, sf, *st.bounds)
-            st.pred = self._clip(st.k)
+        rids = c.rids
+        row_rids = [rids[i] for i in rows.tolist()]
+        if len(set(row_rids)) < len(row_rids):  # a request listed twice: its entries in order, one step each
+            for i in rows.tolist():
+                self._observe_rows(c, np.array([i]), [rids[i]])
+            return
+        self._observe_rows(c, rows, row_rids)
+
+    def _observe_rows(self, c: StepColumns, rows: np.ndarray, row_rids: list[str]) -> None:
+        slots = self._slots(row_rids)
+        V, counts, proxy = self._step_values(c, rows)
+        self._record_window(slots, V, counts)
+        cols = self.table.cols
+        warm = ~cols["steady"][slots]
+        if warm.any():
+            self._warm_rows(np.flatnonzero(warm), slots, V, counts, c.accepted[rows])
+        steady = cols["steady"][slots]
+        if not steady.any():
+            return
+        idx = np.flatnonzero(steady)
+        ss = slots[idx]
+        # SF from this step's mean KL (summed position by position, as the scalar sum does)
+        kl_last = np.add.reduce(np.ascontiguousarray(V[idx].T), axis=0) / counts[idx]
+        temp = c.temperatures[rows[idx]]
+        scaled = ~proxy[idx] & (np.abs(temp) >= _EPS_T)
+        x = np.where(scaled, kl_last / (temp + _EPS_T), kl_last)
+        sf = np.expm1(np.minimum(self.config["sf_alpha"] * x, 700.0))
+        # WVIR over each window, oldest first
+        W = self.window
+        order = (cols["kl_ptr"][ss][:, None] + np.arange(W)[None, :]) % W
+        ratio = wvir_rows(cols["kl"][ss[:, None], order], self.decay)
+        # DSDE's length rule, then the clip
+        lo, hi = cols["lo"][ss], cols["hi"][ss]
+        r = ratio * sf
+        k = np.where(r <= 1, np.maximum(lo, np.ceil((hi - lo) * (1 - np.minimum(r, 1.0)) + lo)), lo).astype(np.int64)
+        cols["k"][ss] = k
+        cols["pred"][ss] = np.minimum(np.maximum(k, self.k_floor), self.config["max_k"])
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
-        st = self._req.get(rid)
-        return st is None or st.bounds is None
+        slot = self.table.index.get(rid)
+        return slot is None or not bool(self.table.cols["steady"][slot])
+
+    def bounds(self, rid: str) -> tuple[int, int] | None:
+        """The request's ``(k_min', k_max')`` once its warm-up ended (None before, or for an unknown request)."""
+        slot = self.table.index.get(rid)
+        if slot is None or not self.table.cols["steady"][slot]:
+            return None
+        return int(self.table.cols["lo"][slot]), int(self.table.cols["hi"][slot])
 
     def predictions(self, rids: Sequence[str]) -> dict[str, int]:
         """Each request's own next length k̂_r, before the batch cap."""
-        for rid in rids:
-            self.admit(rid)
-        return {rid: self._req[rid].pred for rid in rids}
+        slots = self._slots(rids)  # first: admitting may grow the table (new arrays)
+        preds = self.table.cols["pred"][slots].tolist()
+        return dict(zip(rids, preds))
 
     def decide(self, batch: BatchView) -> Decision:
-        preds = self.predictions(batch.rids)
-        lengths = dict(preds)
+        rids = batch.rids
+        slots = self._slots(rids)
+        cols = self.table.cols
+        lengths = cols["pred"][slots]
         cap = None
         if self.config["cap"]:
-            steady = {rid: k for rid, k in preds.items() if not self.warming_up(rid)}
-            capped, cap = apply_batch_cap(steady)
-            lengths.update(capped)
+            steady = cols["steady"][slots]
+            if steady.any():  # apply_batch_cap over the post-warm-up requests
+                cap = math.ceil(int(lengths[steady].sum()) / int(steady.sum()) - 1e-12)
+                lengths = np.where(steady, np.minimum(lengths, cap), lengths)
         info: dict = {"sl_cap": cap}
         if self.config["cost_cap"]:
             lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
-        return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths, info=info)
+        ks = lengths.tolist()
+        return Decision(speculate=any(k > 0 for k in ks), lengths=BatchLengths(rids, ks=ks), info=info)
 
     # the cost cap -------------------------------------------------------------------------------------------------
     @property
@@ -398,29 +469,55 @@ class DSDEPolicy(Policy):
         """The request's running per-token acceptance (batch-wide before its first verify; 0.5 before any)."""
         return self.alphas.value(rid)
 
-    def _apply_cost_cap(self, batch: BatchView, lengths: dict[str, int]) -> tuple[dict[str, int], int | None]:
+    def _apply_cost_cap(self, batch: BatchView, lengths: np.ndarray) -> tuple[np.ndarray, int | None]:
         floor = max(1, self.k_floor)
-        if max(lengths.values(), default=0) <= floor:
+        if len(lengths) == 0 or int(lengths.max()) <= floor:
             return lengths, None
         known = self.given_costs is not None or (self.learned.knows_verify() and self.learned.knows_draft())
         if not known:  # probe: alternate uncapped and floor-capped steps until the linear fit is identifiable
             self._probe += 1
             cap = floor if self._probe % 2 == 0 else None
         else:
-            ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
-            cap, _ = best_length_cap(self.costs, [self.alpha(rid) for rid in batch.rids],
-                                     [lengths[rid] for rid in batch.rids], floor, ctx)
+            ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if len(batch.context_lens) else 0
+            cap, _ = best_length_cap(self.costs, self.alphas.values(batch.rids), lengths, floor, ctx)
         if cap is None:
             return lengths, None
-        return {rid: min(k, cap) for rid, k in lengths.items()}, cap
+        return np.minimum(lengths, cap), cap
 
     # persistence --------------------------------------------------------------------------------------------------
+    def _request_state(self, slot: int) -> dict:
+        cols = self.table.cols
+        n, ptr, W = int(cols["kl_n"][slot]), int(cols["kl_ptr"][slot]), self.window
+        ring = cols["kl"][slot].tolist()
+        window = [ring[(ptr - n + i) % W] for i in range(n)]
+        return {"k": int(cols["k"][slot]), "pred": int(cols["pred"][slot]), "kl": window,
+                "bounds": [int(cols["lo"][slot]), int(cols["hi"][slot])] if cols["steady"][slot] else None,
+                "warm": [int(cols["warm_n"][slot]), int(cols["warm_acc_max"][slot]), float(cols["warm_kl_sum"][slot]),
+                         int(cols["warm_kl_n"][slot]), float(cols["warm_kl_max"][slot])]}
+
+    def _load_request(self, rid: str, s: dict) -> None:
+        slot = self.table.add(rid)
+        cols = self.table.cols
+        cols["k"][slot], cols["pred"][slot] = int(s["k"]), int(s["pred"])
+        window = [float(v) for v in s.get("kl", [])][-self.window:]
+        cols["kl"][slot, :len(window)] = window
+        cols["kl_n"][slot], cols["kl_ptr"][slot] = len(window), len(window) % self.window
+        if s.get("bounds"):
+            cols["steady"][slot] = True
+            cols["lo"][slot], cols["hi"][slot] = (int(v) for v in s["bounds"])
+        warm = s.get("warm")
+        if warm:
+            (cols["warm_n"][slot], cols["warm_acc_max"][slot], cols["warm_kl_sum"][slot], cols["warm_kl_n"][slot],
+             cols["warm_kl_max"][slot]) = warm
+
     def state_dict(self) -> dict:
-        return {"requests": {rid: st.state_dict() for rid, st in self._req.items()},
+        return {"requests": {rid: self._request_state(slot) for rid, slot in self.table.items()},
                 **self.alphas.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
 
     def load_state_dict(self, state: dict) -> None:
-        self._req = {rid: _RequestState.from_state(s) for rid, s in state.get("requests", {}).items()}
+        self.table = self._new_table()
+        for rid, s in state.get("requests", {}).items():
+            self._load_request(rid, s)
         self.alphas.load_state_dict(state)
         if "learned" in state:
             self.learned.load_state_dict(state["learned"])

@@ -30,6 +30,8 @@ import random
 from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
+
 from ..signals import StepResult, expected_tokens
 from ._estimators import (
     OnlineLinearCost,
@@ -38,7 +40,7 @@ from ._estimators import (
     rng_state,
     set_rng_state,
 )
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 
 def batch_goodput(costs: Any, alphas: Sequence[float], lengths: Sequence[int], context_len: int = 0) -> float | None:
@@ -61,28 +63,32 @@ def batch_goodput(costs: Any, alphas: Sequence[float], lengths: Sequence[int], c
     return sum(expected_tokens(a, k) for a, k in zip(alphas, lengths)) / (v + d)
 
 
-def capped_expected_totals(alphas: Sequence[float], lengths: Sequence[int] | None, top: int) -> list[float]:
-    r"""``E_total(c)`` for every cap ``c = 0..top`` at once: one pass of powers per request.
+def capped_expected_totals(alphas: Sequence[float] | np.ndarray, lengths: Sequence[int] | np.ndarray | None,
+                           top: int) -> list[float]:
+    r"""``E_total(c)`` for every cap ``c = 0..top`` at once, as array operations over the batch.
 
     .. math::  E_{\rm total}(c) = \sum_r E_{\alpha_r}[\ell](\min(k_r, c)) = \sum_r \sum_{i=0}^{\min(k_r, c)} \alpha_r^i
 
     ``lengths`` None means no per-request limit (every ``k_r = top``: the uncapped ``Σ_r E_{α_r}[ℓ](c)``).
-    Why: ``O(b · top)`` instead of ``b`` geometric sums per candidate ``c``, and the *same floats* as
-    :func:`~sglang_ext.core.signals.expected_tokens` summed over the batch in order (the running sum after ``c + 1``
-    terms is exactly that function's loop, and the totals add the requests in batch order starting from 0).
+    Why: ``O(b · top)`` work in three array passes instead of ``b`` geometric sums per candidate ``c``, and the
+    *same floats* as :func:`~sglang_ext.core.signals.expected_tokens` summed over the batch in order: the powers are
+    a running product (``multiply.accumulate``: ``1, α, α·α, …``), the partial sums a running sum, a capped request
+    adds zeros past ``k_r``, and the totals add the requests row by row in batch order (a reduction over the outer
+    axis; ``tests/test_policies.py`` checks the bits against the scalar loop).
     """
-    totals = [0.0] * (top + 1)
-    caps = range(top + 1)
-    for r, a in enumerate(alphas):
-        a = min(max(float(a), 0.0), 1.0)
-        k = top if lengths is None else lengths[r]
-        run, term = 0.0, 1.0
-        for c in caps:
-            if c <= k:
-                run += term
-                term *= a
-            totals[c] += run
-    return totals
+    a = np.clip(np.asarray(alphas, dtype=float), 0.0, 1.0)
+    b = len(a)
+    if b == 0:
+        return [0.0] * (top + 1)
+    terms = np.empty((b, top + 1))
+    terms[:, 0] = 1.0
+    terms[:, 1:] = a[:, None]
+    np.multiply.accumulate(terms, axis=1, out=terms)
+    if lengths is not None:  # a capped request adds nothing past its k (x + 0.0 is x: the sums keep their bits)
+        k = np.asarray(lengths, dtype=np.intp)
+        terms[np.arange(top + 1)[None, :] > k[:, None]] = 0.0
+    run = np.add.accumulate(terms, axis=1)
+    return np.add.reduce(run, axis=0).tolist()
 
 
 def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int], floor: int = 1,
@@ -153,7 +159,8 @@ class GoodputPolicy(Policy):
         """G(k) for a batch with these per-request α (None while a cost is unknown)."""
         return batch_goodput(self.costs, alphas, [k] * len(alphas), context_len)
 
-    def _scores(self, alphas: list[float], lo: int, hi: int, context_len: int) -> dict[int, float | None]:
+    def _scores(self, alphas: Sequence[float] | np.ndarray, lo: int, hi: int,
+                context_len: int) -> dict[int, float | None]:
         """:meth:`goodput` of every depth ``lo..hi`` (None where a cost is unknown), the same floats, in one pass.
 
         Why: the per-depth form summed ``b`` geometric series per depth (a few million calls on a long replay);
@@ -187,7 +194,7 @@ class GoodputPolicy(Policy):
             self._probe += 1
             info["reason"] = "probe: costs unknown"
         else:
-            alphas = [self.alpha(rid) for rid in batch.rids]
+            alphas = self.alphas.values(batch.rids)
             scores = self._scores(alphas, lo, hi, ctx)
             known = {k: g for k, g in scores.items() if g is not None}
             k = max(known, key=lambda j: (known[j], -j)) if known else hi
@@ -195,7 +202,7 @@ class GoodputPolicy(Policy):
             if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
                 k = self.rng.randint(lo, hi)
                 info["reason"] = "explore: epsilon"
-        return Decision(speculate=k > 0, lengths={rid: k for rid in batch.rids}, info=info)
+        return Decision(speculate=k > 0, lengths=BatchLengths(batch.rids, uniform=k), info=info)
 
     def observe(self, result: StepResult) -> None:
         if result.batch_size == 0:

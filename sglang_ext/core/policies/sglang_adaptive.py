@@ -32,7 +32,7 @@ import copy
 import math
 
 from ..signals import StepResult
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 #: SGLang 0.5.23's DEFAULT_ADAPTIVE_CONFIG
 DEFAULT_SLOTS: dict[str, dict] = {
@@ -167,12 +167,12 @@ class SGLangAdaptivePolicy(Policy):
     def decide(self, batch: BatchView) -> Decision:
         key = self.route(batch.batch_size)
         k = self.slots[key].steps
-        return Decision(speculate=k > 0, lengths={rid: k for rid in batch.rids}, info={"slot": key})
+        return Decision(speculate=k > 0, lengths=BatchLengths(batch.rids, uniform=k), info={"slot": key})
 
     def observe(self, result: StepResult) -> None:
         if result.batch_size == 0:
             return
-        self.slots[self.route(result.batch_size)].update([r.accepted for r in result.requests])
+        self.slots[self.route(result.batch_size)].update(result.columns.accepted.tolist())
 
     def state_dict(self) -> dict:
         return {"slots": {str(bs): s.state_dict() for bs, s in self.slots.items()}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 
 class StaticPolicy(Policy):
@@ -20,7 +20,7 @@ class StaticPolicy(Policy):
 
     def decide(self, batch: BatchView) -> Decision:
         k = self.config["k"]
-        return Decision(speculate=k > 0, lengths={rid: k for rid in batch.rids})
+        return Decision(speculate=k > 0, lengths=BatchLengths(batch.rids, uniform=k))
 
 
 def oracle_static(evaluate: Callable[[int], float], ks: Iterable[int]) -> tuple[int, dict[int, float]]:

@@ -73,7 +73,7 @@ from typing import Any, Callable
 
 from ..signals import StepResult, expected_tokens
 from ._estimators import OnlineCostTable, RatioEMA, resolve_costs, rng_state, set_rng_state, step_trials
-from .base import BatchView, Decision, Param, Policy
+from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 
 class TideControlPolicy(Policy):
@@ -200,7 +200,7 @@ class TideControlPolicy(Policy):
         ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
         on, info = self._choose(batch.batch_size, None, ctx)
         k = info["gamma"] if on else 0
-        return Decision(speculate=on, lengths={rid: k for rid in batch.rids}, info=info)
+        return Decision(speculate=on, lengths=BatchLengths(batch.rids, uniform=k), info=info)
 
     def observe(self, result: StepResult) -> None:
         if result.batch_size == 0:

@@ -1,0 +1,215 @@
+"""DSDE as it was before its state moved into arrays: one ``_RequestState`` per request, the plain per-request rule.
+
+A test-only copy, kept verbatim as the oracle for ``tests/test_validate.py`` (the array policy must decide exactly
+as this one on random steps). Not imported by the package.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from sglang_ext.core.policies._estimators import OnlineLinearCost, RequestAlphas, resolve_costs
+from sglang_ext.core.policies.base import BatchView, Decision
+from sglang_ext.core.policies.compose import apply_batch_cap
+from sglang_ext.core.policies.dsde import VARIANTS, DSDEPolicy, dsl_step, scale_factor, wvir, wvir_many
+from sglang_ext.core.policies.goodput import best_length_cap
+from sglang_ext.core.signals import RequestStep, SignalHistory, StepResult
+
+
+class _RequestState:
+    """One request's controller: the KL history, the warm-up samples and the one-shot bounds."""
+
+    def __init__(self, k: int, window: int) -> None:
+        self.k = k
+        self.hist = SignalHistory(kl_window=window, step_window=window)
+        self.warm_acc: list[int] = []
+        self.warm_kl: list[float] = []
+        self.bounds: tuple[int, int] | None = None  # (k_min', k_max') once warm-up ended
+        self.pred = k
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "hist": self.hist.state_dict(), "warm_acc": self.warm_acc, "warm_kl": self.warm_kl,
+                "bounds": list(self.bounds) if self.bounds else None, "pred": self.pred}
+
+    @classmethod
+    def from_state(cls, s: dict) -> _RequestState:
+        st = cls(int(s["k"]), 1)
+        st.hist = SignalHistory.from_state(s["hist"])
+        st.warm_acc = [int(a) for a in s["warm_acc"]]
+        st.warm_kl = [float(v) for v in s["warm_kl"]]
+        st.bounds = tuple(s["bounds"]) if s["bounds"] else None
+        st.pred = int(s["pred"])
+        return st
+
+
+class ReferenceDSDE(DSDEPolicy):
+    """DSDE one request at a time (the pre-array implementation): the oracle the array policy is compared with."""
+
+    def __init__(self, cost_model: Any = None, verify_cost: Callable[[int, int], float] | None = None,
+                 draft_cost: Callable[[int], float] | None = None, **overrides) -> None:
+        super().__init__(**overrides)
+        c = self.config
+        variant = VARIANTS[c["variant"]]
+        #: resolved constants (explicit params win over the variant)
+        self.k_floor: int = c["min_k"] if c["min_k"] is not None else variant["min_k"]
+        self.decay: float = c["decay"] if c["decay"] is not None else variant["decay"]
+        self.max_factor: float = c["max_factor"] if c["max_factor"] is not None else variant["max_factor"]
+        self.min_frac: float = c["min_frac"] if c["min_frac"] is not None else variant["min_frac"]
+        if self.k_floor > c["max_k"]:
+            raise ValueError(f"{self.name}: min_k={self.k_floor} > max_k={c['max_k']}")
+        self._req: dict[str, _RequestState] = {}
+        self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
+        self.learned = OnlineLinearCost(c["forget"])
+        self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
+        self._probe = 0
+
+    # request lifetime ---------------------------------------------------------------------------------------------
+    def admit(self, rid: str) -> None:
+        if rid not in self._req:
+            st = _RequestState(self.config["init_k"], self.config["window"])
+            st.pred = self._clip(st.k)
+            self._req[rid] = st
+
+    def release(self, rid: str) -> None:
+        self._req.pop(rid, None)
+        self.alphas.release(rid)
+
+    def _clip(self, k: int) -> int:
+        return min(max(int(k), self.k_floor), self.config["max_k"])
+
+    # the controller -----------------------------------------------------------------------------------------------
+    def _step_values(self, r: RequestStep) -> tuple[list[float], bool]:
+        """This step's KL values, or the acceptance-only proxy (second item True) when the drafter gave none."""
+        if len(r.kl) > 0:
+            return [float(v) for v in r.kl[: r.proposed]], False
+        miss = [self.config["miss_kl"]] if r.accepted < r.proposed else []
+        return [0.0] * r.accepted + miss, True
+
+    def _end_warmup(self, st: _RequestState) -> tuple[int, int]:
+        lo, hi = self.k_floor, self.config["max_k"]
+        if not st.warm_acc:
+            return lo, hi
+        mean_kl = sum(st.warm_kl) / len(st.warm_kl) if st.warm_kl else 0.0
+        max_kl = max(st.warm_kl) if st.warm_kl else 1.0
+        if max_kl == 0:
+            max_kl = 1.0
+        k_max = min(hi, max(lo, round(max(st.warm_acc) * (1 + self.max_factor * mean_kl / max_kl))))
+        k_min = min(k_max, max(lo, math.ceil(self.min_frac * k_max)))
+        st.warm_acc, st.warm_kl = [], []
+        return k_min, k_max
+
+    def _record(self, st: _RequestState, r: RequestStep) -> float | None:
+        """Record one step; warm-up logic. Returns the step's SF when the request is steady (its length then
+        follows from WVIR, :meth:`_update` / :meth:`observe`), None when its length is already set."""
+        values, proxy = self._step_values(r)
+        st.hist.record(r, kl=values)
+        W = self.config["window"]
+        if st.bounds is None:
+            if len(st.hist.kl) < W:
+                st.warm_acc.append(r.accepted)
+                st.warm_kl.extend(values)
+                if r.accepted >= st.k:
+                    st.k = min(2 * st.k if st.k > 0 else 1, self.config["max_k"])
+                else:
+                    st.k = max(st.k, self.k_floor)
+            else:
+                st.bounds = self._end_warmup(st)
+        if st.bounds is None:
+            st.pred = self._clip(st.k)
+            return None
+        return scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
+
+    def _update(self, st: _RequestState, r: RequestStep) -> None:
+        sf = self._record(st, r)
+        if sf is not None:
+            st.k = dsl_step(wvir(st.hist.kl, self.decay), sf, *st.bounds)
+            st.pred = self._clip(st.k)
+
+    def observe(self, result: StepResult) -> None:
+        # every request's state is its own, so recording all of them first and then computing the steady ones'
+        # WVIR together (in order; a repeated rid's last entry wins, as sequentially) gives the same lengths
+        if self.config["cost_cap"]:
+            self._observe_costs(result)
+        steady: list[tuple[_RequestState, float]] = []
+        for r in result.requests:
+            if r.proposed <= 0:
+                continue
+            self.admit(r.rid)
+            st = self._req[r.rid]
+            sf = self._record(st, r)
+            if sf is not None:
+                steady.append((st, sf))
+        if not steady:
+            return
+        ratios = wvir_many([st.hist.kl for st, _ in steady], self.decay)
+        for (st, sf), ratio in zip(steady, ratios):
+            st.k = dsl_step(ratio, sf, *st.bounds)
+            st.pred = self._clip(st.k)
+
+    def warming_up(self, rid: str) -> bool:
+        """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
+        st = self._req.get(rid)
+        return st is None or st.bounds is None
+
+    def predictions(self, rids: Sequence[str]) -> dict[str, int]:
+        """Each request's own next length k̂_r, before the batch cap."""
+        for rid in rids:
+            self.admit(rid)
+        return {rid: self._req[rid].pred for rid in rids}
+
+    def decide(self, batch: BatchView) -> Decision:
+        preds = self.predictions(batch.rids)
+        lengths = dict(preds)
+        cap = None
+        if self.config["cap"]:
+            steady = {rid: k for rid, k in preds.items() if not self.warming_up(rid)}
+            capped, cap = apply_batch_cap(steady)
+            lengths.update(capped)
+        info: dict = {"sl_cap": cap}
+        if self.config["cost_cap"]:
+            lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
+        return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths, info=info)
+
+    # the cost cap -------------------------------------------------------------------------------------------------
+    @property
+    def costs(self):
+        return self.given_costs if self.given_costs is not None else self.learned
+
+    def _observe_costs(self, result: StepResult) -> None:
+        if self.given_costs is None:
+            self.learned.update(result)
+        self.alphas.update(result)
+
+    def alpha(self, rid: str) -> float:
+        """The request's running per-token acceptance (batch-wide before its first verify; 0.5 before any)."""
+        return self.alphas.value(rid)
+
+    def _apply_cost_cap(self, batch: BatchView, lengths: dict[str, int]) -> tuple[dict[str, int], int | None]:
+        floor = max(1, self.k_floor)
+        if max(lengths.values(), default=0) <= floor:
+            return lengths, None
+        known = self.given_costs is not None or (self.learned.knows_verify() and self.learned.knows_draft())
+        if not known:  # probe: alternate uncapped and floor-capped steps until the linear fit is identifiable
+            self._probe += 1
+            cap = floor if self._probe % 2 == 0 else None
+        else:
+            ctx = round(sum(batch.context_lens) / len(batch.context_lens)) if batch.context_lens else 0
+            cap, _ = best_length_cap(self.costs, [self.alpha(rid) for rid in batch.rids],
+                                     [lengths[rid] for rid in batch.rids], floor, ctx)
+        if cap is None:
+            return lengths, None
+        return {rid: min(k, cap) for rid, k in lengths.items()}, cap
+
+    # persistence --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"requests": {rid: st.state_dict() for rid, st in self._req.items()},
+                **self.alphas.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._req = {rid: _RequestState.from_state(s) for rid, s in state.get("requests", {}).items()}
+        self.alphas.load_state_dict(state)
+        if "learned" in state:
+            self.learned.load_state_dict(state["learned"])
+        self._probe = int(state.get("probe", 0))
