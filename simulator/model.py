@@ -444,8 +444,9 @@ class Replica:
         """Ask the policy, clip its lengths, make KV room, draw every request's acceptance: one decode step.
 
         Why batch-shaped: at saturation this runs for 64 requests per step for hours of simulated time, so the
-        per-request work is kept to list comprehensions and one inlined acceptance loop
-        (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`, the same draws in the same order).
+        per-request work is kept to list comprehensions, one array draw of the whole batch's acceptance
+        (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`), and a step result handed to the policy
+        as arrays (:class:`~sglang_ext.core.signals.StepColumns`; no ``RequestStep`` objects unless a policy asks).
         """
         run = self.running
         rids = [r.rid for r in run]
