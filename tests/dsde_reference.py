@@ -10,10 +10,9 @@ import math
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from sglang_ext.core.policies._estimators import OnlineLinearCost, RequestAlphas, resolve_costs
 from sglang_ext.core.policies.base import BatchView, Decision
 from sglang_ext.core.policies.compose import apply_batch_cap
-from sglang_ext.core.policies.dsde import VARIANTS, DSDEPolicy, dsl_step, scale_factor, wvir, wvir_many
+from sglang_ext.core.policies.dsde import DSDEPolicy, dsl_step, scale_factor, wvir
 from sglang_ext.core.policies.goodput import best_length_cap
 from sglang_ext.core.signals import RequestStep, SignalHistory, StepResult
 
@@ -49,21 +48,10 @@ class ReferenceDSDE(DSDEPolicy):
 
     def __init__(self, cost_model: Any = None, verify_cost: Callable[[int, int], float] | None = None,
                  draft_cost: Callable[[int], float] | None = None, **overrides) -> None:
-        super().__init__(**overrides)
-        c = self.config
-        variant = VARIANTS[c["variant"]]
-        #: resolved constants (explicit params win over the variant)
-        self.k_floor: int = c["min_k"] if c["min_k"] is not None else variant["min_k"]
-        self.decay: float = c["decay"] if c["decay"] is not None else variant["decay"]
-        self.max_factor: float = c["max_factor"] if c["max_factor"] is not None else variant["max_factor"]
-        self.min_frac: float = c["min_frac"] if c["min_frac"] is not None else variant["min_frac"]
-        if self.k_floor > c["max_k"]:
-            raise ValueError(f"{self.name}: min_k={self.k_floor} > max_k={c['max_k']}")
+        # the constants, the cost estimators and α come from the package's constructor; the per-request state is
+        # this reference's own (one _RequestState per request)
+        super().__init__(cost_model, verify_cost, draft_cost, **overrides)
         self._req: dict[str, _RequestState] = {}
-        self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
-        self.learned = OnlineLinearCost(c["forget"])
-        self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
-        self._probe = 0
 
     # request lifetime ---------------------------------------------------------------------------------------------
     def admit(self, rid: str) -> None:
@@ -121,32 +109,24 @@ class ReferenceDSDE(DSDEPolicy):
             return None
         return scale_factor(st.hist.mean_last_kl, r.temperature, self.config["sf_alpha"], divide_by_t=not proxy)
 
+    #: the WVIR of one history (a test may swap in another formulation of the same formula)
+    wvir_fn = staticmethod(wvir)
+
     def _update(self, st: _RequestState, r: RequestStep) -> None:
         sf = self._record(st, r)
         if sf is not None:
-            st.k = dsl_step(wvir(st.hist.kl, self.decay), sf, *st.bounds)
+            st.k = dsl_step(self.wvir_fn(st.hist.kl, self.decay), sf, *st.bounds)
             st.pred = self._clip(st.k)
 
     def observe(self, result: StepResult) -> None:
-        # every request's state is its own, so recording all of them first and then computing the steady ones'
-        # WVIR together (in order; a repeated rid's last entry wins, as sequentially) gives the same lengths
+        """One request at a time, in batch order (a repeated rid's last entry wins)."""
         if self.config["cost_cap"]:
             self._observe_costs(result)
-        steady: list[tuple[_RequestState, float]] = []
         for r in result.requests:
             if r.proposed <= 0:
                 continue
             self.admit(r.rid)
-            st = self._req[r.rid]
-            sf = self._record(st, r)
-            if sf is not None:
-                steady.append((st, sf))
-        if not steady:
-            return
-        ratios = wvir_many([st.hist.kl for st, _ in steady], self.decay)
-        for (st, sf), ratio in zip(steady, ratios):
-            st.k = dsl_step(ratio, sf, *st.bounds)
-            st.pred = self._clip(st.k)
+            self._update(self._req[r.rid], r)
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""

@@ -411,20 +411,7 @@ def test_batched_wvir_matches():
 class _OldDSDE(ReferenceDSDE):
     """DSDE as it was: one request at a time, the plain two-pass WVIR."""
 
-    def observe(self, result):
-        if self.config["cost_cap"]:
-            self._observe_costs(result)
-        for r in result.requests:
-            if r.proposed <= 0:
-                continue
-            self.admit(r.rid)
-            st = self._req[r.rid]
-            sf = self._record(st, r)
-            if sf is not None:
-                from sglang_ext.core.policies.dsde import dsl_step
-
-                st.k = dsl_step(old_wvir(st.hist.kl, self.decay), sf, *st.bounds)
-                st.pred = self._clip(st.k)
+    wvir_fn = staticmethod(old_wvir)
 
 
 class _StepCosts:
