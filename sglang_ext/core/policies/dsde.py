@@ -74,11 +74,10 @@ the KL mean, so skipping is equivalent.)
 
 **Speed.** A simulated run steps 64 requests per step for hours of simulated time, so the per-request state lives
 in arrays (:class:`~._estimators.SlotTable`: current and predicted length, bounds, the KL window as a ring) and a
-step is a handful of array operations over its requests. Requests still in warm-up (a few steps each) go through
-the plain per-request rule. The float operations are those of the scalar formulas, in the same order (the KL
-sums per step add position by position; WVIR is :func:`wvir_many`: one numpy two-pass over a ``[requests, W]``
-matrix when there are :data:`BATCH_WVIR_MIN` or more, the plain :func:`wvir` otherwise, whose sums round
-differently in the last bits, which changes no decision). ``tests/test_validate.py`` replays random steps through
+step is a handful of array operations over its requests, warm-up included. The float operations are those of the
+scalar formulas, in the same order (the KL sums add position by position; WVIR is :func:`wvir_rows`: one numpy
+two-pass over a ``[requests, W]`` matrix when there are :data:`BATCH_WVIR_MIN` or more, the plain :func:`wvir`
+otherwise, whose sums round differently in the last bits, which changes no decision). ``tests/test_validate.py`` replays random steps through
 this and the per-request reference implementation and compares every decision.
 """
 
@@ -206,10 +205,10 @@ def dsl_step(wvir_value: float, sf: float, k_min: int, k_max: int) -> int:
 
 
 #: per-request state of :class:`DSDEPolicy` (:class:`~._estimators.SlotTable` fields; ``kl`` is the window ring)
-def _state_fields(window: int, init_k: int) -> dict[str, tuple[Any, Any, tuple[int, ...]]]:
+def _state_fields(window: int, init_k: int, init_pred: int) -> dict[str, tuple[Any, Any, tuple[int, ...]]]:
     return {
         "k": (np.int64, init_k, ()),  # the controller's length
-        "pred": (np.int64, init_k, ()),  # its clipped prediction k̂ (the next length before the batch caps)
+        "pred": (np.int64, init_pred, ()),  # its clipped prediction k̂ (the next length before the batch caps)
         "steady": (bool, False, ()),  # warm-up ended: bounds set
         "lo": (np.int64, 0, ()), "hi": (np.int64, 0, ()),  # (k_min', k_max') once steady
         "warm_n": (np.int64, 0, ()), "warm_acc_max": (np.int64, 0, ()),  # warm-up samples: accepted counts
@@ -265,22 +264,12 @@ class DSDEPolicy(Policy):
         self._probe = 0
 
     def _new_table(self) -> SlotTable:
-        return SlotTable(**_state_fields(self.window, self.config["init_k"]))
+        init_k = self.config["init_k"]
+        return SlotTable(**_state_fields(self.window, init_k, self._clip(init_k)))
 
     # request lifetime ---------------------------------------------------------------------------------------------
     def admit(self, rid: str) -> None:
-        if rid not in self.table:
-            slot = self.table.add(rid)
-            self.table.cols["pred"][slot] = self._clip(self.config["init_k"])
-
-    def _slots(self, rids: Sequence[str]) -> np.ndarray:
-        """Slots of ``rids``, admitting the new ones (as :meth:`admit`)."""
-        slots = self.table.lookup(rids)
-        if len(slots) and slots.min() < 0:
-            for r in rids:
-                self.admit(r)
-            slots = self.table.lookup(rids)
-        return slots
+        self.table.add(rid)
 
     def release(self, rid: str) -> None:
         self.table.release(rid)
@@ -391,7 +380,7 @@ class DSDEPolicy(Policy):
         self._observe_rows(c, rows, row_rids)
 
     def _observe_rows(self, c: StepColumns, rows: np.ndarray, row_rids: list[str]) -> None:
-        slots = self._slots(row_rids)
+        slots = self.table.slots(row_rids)
         V, counts, proxy = self._step_values(c, rows)
         self._record_window(slots, V, counts)
         cols = self.table.cols
@@ -434,13 +423,13 @@ class DSDEPolicy(Policy):
 
     def predictions(self, rids: Sequence[str]) -> dict[str, int]:
         """Each request's own next length k̂_r, before the batch cap."""
-        slots = self._slots(rids)  # first: admitting may grow the table (new arrays)
+        slots = self.table.slots(rids)  # first: admitting may grow the table (new arrays)
         preds = self.table.cols["pred"][slots].tolist()
         return dict(zip(rids, preds))
 
     def decide(self, batch: BatchView) -> Decision:
         rids = batch.rids
-        slots = self._slots(rids)
+        slots = self.table.slots(rids)
         cols = self.table.cols
         lengths = cols["pred"][slots]
         cap = None
