@@ -201,7 +201,9 @@ def load_cost_model(args) -> Any:
         raise ValueError(f"--profile/--cost-model need sglang_ext.core.costs ({e}); use the Python API "
                          "(simulator.model.simulate) with your own cost object") from None
     if args.profile is not None:
-        return CostModel.fit(args.profile)
+        from sglang_ext.cache import cache_root
+
+        return CostModel.fit_cached(args.profile, cache_root() / "cost-fits")
     return CostModel.load(args.cost_model)
 
 

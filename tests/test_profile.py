@@ -415,3 +415,38 @@ def test_shipped_cpu_profile_fits():
     assert rep["prefill"]["mean_rel_error"] < 0.12 and model.prefill_seconds(512, 512) > model.prefill_seconds(512, 0)
     assert model.verify_seconds(8, 4, 1024) > model.verify_seconds(1, 1, 128) > 0
     assert math.isfinite(model.train_seconds(1024))
+
+
+def test_a_cached_fit_answers_exactly_as_a_fresh_one_and_an_edited_profile_refits(tmp_path):
+    """CostModel.fit_cached: the second call reads the cache (same predictions, same ranges); changing the profile's
+    bytes changes the key; a bad profile still fails naming the file; an unusable cache is passed over."""
+    from sglang_ext.core.costs import CostModel
+
+    src = Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json"
+    prof = tmp_path / "p.json"
+    prof.write_bytes(src.read_bytes())
+    cache = tmp_path / "fits"
+    fresh = CostModel.fit(prof)
+    first = CostModel.fit_cached(prof, cache)
+    assert len(list(cache.glob("*.json"))) == 1
+    again = CostModel.fit_cached(prof, cache)
+    grid = [(b, t, c) for b in (1, 8, 64) for t in (1, 3, 9) for c in (0, 300, 2000)]
+    for m in (first, again):
+        assert [m.verify_seconds(*g) for g in grid] == [fresh.verify_seconds(*g) for g in grid]
+        assert [m.draft_seconds(b, d) for b in (1, 8, 64) for d in (1, 4)] == \
+               [fresh.draft_seconds(b, d) for b in (1, 8, 64) for d in (1, 4)]
+        assert [m.prefill_seconds(t, c) for t in (16, 512, 4096) for c in (0, 1000)] == \
+               [fresh.prefill_seconds(t, c) for t in (16, 512, 4096) for c in (0, 1000)]
+        assert m.source == fresh.source
+    data = json.loads(prof.read_text())
+    data["target"] = data["target"][: len(data["target"]) // 2 + 1]
+    prof.write_text(json.dumps(data))
+    CostModel.fit_cached(prof, cache)
+    assert len(list(cache.glob("*.json"))) == 2  # new bytes, new key: fitted again
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ProfileError, match="bad.json"):
+        CostModel.fit_cached(bad, cache)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache directory should be")
+    assert CostModel.fit_cached(src, blocked).verify_seconds(8, 3, 300) == fresh.verify_seconds(8, 3, 300)

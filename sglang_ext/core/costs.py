@@ -66,6 +66,7 @@ Pure numpy/scipy: no torch import.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -718,6 +719,37 @@ class CostModel:
                 raise ProfileError(f"{source}: {name} must be an object or null")
             parts[name] = FittedTerm.from_dict(terms, sub, f"{source}: {name}")
         return cls(parts["verify"], parts["draft"], parts["train"], dict(d.get("source") or {}), parts["prefill"])
+
+    @classmethod
+    def fit_cached(cls, path: str | Path, cache_dir: str | Path | None,
+                   statistic: str = "seconds") -> CostModel:
+        """:meth:`fit` of a profile file, remembered under ``cache_dir`` (None: no cache, just fit).
+
+        Why: the fit takes milliseconds but needs ``scipy.optimize``, whose import is about 0.4 s, a third of a
+        short ``sim replay``. The key is the SHA-256 of the profile's bytes, its path, ``statistic`` and this
+        module's own source, so an edited profile or fitting code fits again. A cache that cannot be read or
+        written is passed over (the fit runs; a bad profile still fails in :meth:`fit`, naming the file).
+        """
+        if cache_dir is None:
+            return cls.fit(path, statistic)
+        try:
+            key = hashlib.sha256(Path(path).read_bytes())
+        except OSError:
+            return cls.fit(path, statistic)  # raises the profile error that names the file
+        for part in (str(path), statistic):
+            key.update(b"\0" + part.encode())
+        key.update(Path(__file__).read_bytes())
+        cached = Path(cache_dir) / f"{key.hexdigest()[:32]}.json"
+        try:
+            return cls.from_dict(json.loads(cached.read_text()), str(cached))
+        except (OSError, ValueError):  # absent, unreadable or not a model (ProfileError is a ValueError)
+            pass
+        model = cls.fit(path, statistic)
+        try:
+            model.save(cached)
+        except OSError:
+            pass
+        return model
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:

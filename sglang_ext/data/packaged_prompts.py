@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sglang_ext.models.provision import cache_root
+from sglang_ext.cache import cache_root
 from sglang_ext.packaged import PackageFetchError, extract_member, obtain_wheel
 
 Row = dict[str, Any]

