@@ -317,14 +317,17 @@ class ReplayAcceptance:
                  kl: dict[str, list[float | None]] | None = None) -> None:
         self.fallback = fallback or ParametricAcceptance()
         self.kl = kl
+        self.recorded = 0
 
     def reset(self, seed: int) -> None:
         self.fallback.reset(seed)
+        self.recorded = 0  # requests started with a recording (none: every draw is the fallback's)
 
     def start(self, request: Request) -> RequestAcceptance:
         st = self.fallback.start(request)
         if request.acceptance is not None:
             st.record = positions_from_steps(request.acceptance, request.output_tokens)
+            self.recorded += 1
         if self.kl is not None and request.id is not None:
             st.kl = self.kl.get(request.id)
         return st
@@ -366,7 +369,7 @@ class ReplayAcceptance:
         """
         fb = self.fallback
         recorded = [j for j, (st, pos, k) in enumerate(zip(states, positions, ks))
-                    if k > 0 and st.record is not None and pos < len(st.record)]
+                    if k > 0 and st.record is not None and pos < len(st.record)] if self.recorded else []
         if not recorded:
             return fb.sample_batch(states, positions, ks, want_kl)
         accepted: list[int] = []

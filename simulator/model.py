@@ -78,7 +78,7 @@ import copy
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -177,8 +177,13 @@ class SimulationError(RuntimeError):
 class _Req:
     """A request inside a replica (plain slots: one per request, never one per token)."""
 
-    __slots__ = ("acc", "accepted", "admitted", "arrival", "done", "first", "gen", "index", "kv",
+    __slots__ = ("acc", "accepted", "admitted", "arrival", "done", "first", "gen", "holds", "index", "last",
                  "need", "out", "pending", "preempt", "prompt", "replica", "rid", "spec_steps")
+
+    @property
+    def kv(self) -> int:
+        """KV tokens held."""
+        return self.prompt + self.gen if self.holds else 0
 
     def __init__(self, index: int, request: Request, acc: RequestAcceptance, replica: int) -> None:
         self.index = index
@@ -186,10 +191,12 @@ class _Req:
         self.arrival = request.arrival
         self.prompt = request.prompt_tokens
         self.out = request.output_tokens
+        self.last = request.prompt_tokens + request.output_tokens - 1  # context before the last output token
         self.gen = 0  # output tokens emitted
         self.need = request.prompt_tokens  # tokens the current prefill must process (prompt, or recompute)
         self.done = 0  # of ``need``, processed so far
-        self.kv = 0  # KV tokens held
+        self.holds = False  # holds KV: then its KV is prompt + gen (admission writes need = prompt + gen, and
+        # every committed token adds one to both), so the count is derived, not updated per step
         self.first = math.nan
         self.preempt = 0
         self.spec_steps = 0
@@ -198,6 +205,24 @@ class _Req:
         self.admitted = False
         self.replica = replica
         self.pending = 0  # reference schedule: committed pairs the drafter has not absorbed yet
+
+
+class _Positions(Sequence[int]):
+    """The output positions (tokens emitted so far) of a step's requests, read only if the acceptance model asks
+    (a parametric model never does; replay does for requests with a recording)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: list[_Req]) -> None:
+        self.run = run
+
+    def __len__(self) -> int:
+        return len(self.run)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [r.gen for r in self.run[i]]
+        return self.run[i].gen
 
 
 class _Trainer:
@@ -302,6 +327,7 @@ class Replica:
         self._result: StepResult | None = None
         self._reserve = 0
         self._prefilled = 0  # reference schedule: prompt tokens prefilled by the current iteration
+        self._decode_tokens = 0  # tokens the current iteration's decode step commits
         self._admitted = 0  # requests admitted (first chunk scheduled) by the current iteration
 
     # router interface ------------------------------------------------------------------------------------------
@@ -397,7 +423,7 @@ class Replica:
             if self.kv_cap is not None and self.kv_used + self._reserve + r.need > self.kv_cap:
                 break
             waiting.popleft()
-            r.kv = r.need
+            r.holds = True  # r.need == r.prompt + r.gen
             self.kv_used += r.need
             self.prefilling.append(r)
             self._admitted += 1
@@ -424,7 +450,7 @@ class Replica:
         seconds = 0.0
         while waiting and len(self.running) < self.max_bs:
             r = waiting.popleft()
-            r.kv = r.need
+            r.holds = True  # r.need == r.prompt + r.gen
             self.kv_used += r.need
             if not r.admitted:
                 r.admitted = True
@@ -454,7 +480,7 @@ class Replica:
         temps = [self.temperature] * len(run)
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
-        ks = self._depths(run, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
+        ks = self._depths(run, ctxs, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
@@ -464,6 +490,7 @@ class Replica:
         columns = StepColumns(rids, ks, accepted, kl, None if kl is None else ks, ctxs, temps)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
+        self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
         K = max(ks)
         ctx_sum = sum(ctxs)
         ctx_max = max(ctxs)
@@ -494,28 +521,24 @@ class Replica:
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
 
-    def _depths(self, run: list[_Req], ks: list[int] | None) -> list[int]:
-        r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, out_r - gen_r - 1))`
-        from the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None)."""
+    def _depths(self, run: list[_Req], ctxs: list[int], ks: list[int] | None) -> list[int]:
+        r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, left_r))`,
+        ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r``, from the policy's lengths in batch order
+        (0 everywhere when the policy does not speculate: ``ks`` None). Array operations: this runs per step."""
         if ks is None:
             return [0] * len(run)
-        cap = self.max_draft
-        out = []
-        for r, k in zip(run, ks):
-            if cap is not None and k > cap:  # noqa: PLR1730 - plain comparisons: this runs per request per step
-                k = cap
-            left = r.out - r.gen - 1
-            if k > left:  # noqa: PLR1730
-                k = left
-            out.append(k if k > 0 else 0)
-        return out
+        left = np.fromiter([r.last for r in run], dtype=np.int64, count=len(run)) - np.array(ctxs, dtype=np.int64)
+        k = np.minimum(np.array(ks, dtype=np.int64), left)
+        if self.max_draft is not None:
+            k = np.minimum(k, self.max_draft)
+        return np.maximum(k, 0).tolist()
 
     def _draw(self, run: list[_Req], ks: list[int]) -> tuple[list[int], np.ndarray | None]:
         """Accepted counts and KL (``[B, max k]``, row ``r`` valid up to ``k_r``; None without KL) of the step's
         requests, batched when the acceptance model can (the same draws)."""
         acc = self.sim.acceptance
         states = [r.acc for r in run]
-        positions = [r.gen for r in run]
+        positions = _Positions(run)
         batch = getattr(acc, "sample_batch", None)
         if batch is not None:
             return batch(states, positions, ks, self.want_kl)
@@ -542,7 +565,7 @@ class Replica:
 
     def _preempt(self, r: _Req) -> None:
         self.kv_used -= r.kv
-        r.kv = 0
+        r.holds = False
         r.need = r.prompt + r.gen
         r.done = 0
         r.preempt += 1
@@ -554,20 +577,35 @@ class Replica:
         collected = 0
         finished: list[_Req] = []
         collected += self._prefilled
-        for r, k, a in self._decode:
-            n = a + 1
-            if r.gen == 0 and r.first != r.first:  # NaN: the reference schedule's first token comes from here
-                r.first = now
-            r.gen += n
-            r.kv += n
-            r.pending += n
-            self.kv_used += n
-            collected += n
-            if k > 0:
-                r.spec_steps += 1
-                r.accepted += a
-            if r.gen >= r.out:
-                finished.append(r)
+        decode = self._decode
+        if decode:
+            if self.reference:  # the reference schedule's first token comes from its first decode step
+                for r, _, _ in decode:
+                    if r.gen == 0 and r.first != r.first:  # NaN: no token yet
+                        r.first = now
+            if self._decode_tokens == len(decode):  # a plain step (or nothing accepted): one token each
+                for r, k, _ in decode:
+                    g = r.gen + 1
+                    r.gen = g
+                    if k > 0:
+                        r.spec_steps += 1
+                    if g >= r.out:
+                        finished.append(r)
+            else:
+                for r, k, a in decode:
+                    g = r.gen + a + 1
+                    r.gen = g
+                    if k > 0:
+                        r.spec_steps += 1
+                        r.accepted += a
+                    if g >= r.out:
+                        finished.append(r)
+            if self.absorb:
+                for r, _, a in decode:
+                    r.pending += a + 1
+            total = self._decode_tokens
+            self.kv_used += total
+            collected += total
         if self._chunks:
             completed = False
             for r, c in self._chunks:
@@ -575,8 +613,7 @@ class Replica:
                 collected += c
                 if r.done >= r.need:
                     completed = True
-                    r.gen += 1
-                    r.kv += 1
+                    r.gen += 1  # (its KV, prompt + gen, grows with it)
                     self.kv_used += 1
                     if r.first != r.first:  # NaN: first token of this request
                         r.first = now
@@ -593,7 +630,7 @@ class Replica:
             self.running = [r for r in self.running if id(r) not in done]
             for r in finished:
                 self.kv_used -= r.kv
-                r.kv = 0
+                r.holds = False
                 self.policy.release(r.rid)
                 sim.record(r, now)
         if sim.trainer.mode != "none":

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Iterable, Sequence, overload
 
 import numpy as np
@@ -163,11 +162,16 @@ class StepResult:
         return (self.draft_seconds + self.verify_seconds + self.overhead_seconds + self.train_seconds
                 + self.catch_up_seconds)
 
-    @cached_property
+    @property
     def columns(self) -> StepColumns:
-        """The requests as arrays (:class:`StepColumns`), the host's own when it built them."""
+        """The requests as arrays (:class:`StepColumns`): the host's own when it built them, else built once."""
         reqs = self.requests
-        return reqs.columns if isinstance(reqs, ColumnarRequests) else StepColumns.from_requests(reqs)
+        if isinstance(reqs, ColumnarRequests):
+            return reqs.columns
+        built = self.__dict__.get("_columns")
+        if built is None or built[0] is not reqs:
+            built = self.__dict__["_columns"] = (reqs, StepColumns.from_requests(reqs))
+        return built[1]
 
     @property
     def committed_tokens(self) -> int:
