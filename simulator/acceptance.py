@@ -266,20 +266,19 @@ class ParametricAcceptance:
         alpha = self.effective_alphas(np.fromiter((st.alpha for st in states), dtype=float, count=B))
         total = int(k.sum())
         start = np.cumsum(k) - k
-        J = np.arange(K)
+        J = np.arange(K + 1)  # one column past the deepest draft: always a miss, so every row has one
         idx = np.minimum(start[:, None] + J, total - 1)
-        valid = J < k[:, None]
-        P = np.empty((B, K))
+        P = np.empty((B, K + 1))
         P[:, 0] = alpha
         P[:, 1:] = self.decay
         np.multiply.accumulate(P, axis=1, out=P)
-        miss = (buf.uniforms(total)[idx] >= P) | ~valid
-        accepted = np.where(miss.any(axis=1), miss.argmax(axis=1), K).tolist()
+        P *= J < k[:, None]  # positions past k_r: probability 0, a miss (u >= 0)
+        accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1).tolist()  # the first miss
         if not want_kl:
             return accepted, None
         with np.errstate(divide="ignore"):
             base = np.where(alpha > 0, -np.log(alpha), 50.0)
-        kl = (base[:, None] + J * self._log_decay) * buf.noise(total)[idx]
+        kl = (base[:, None] + J[:K] * self._log_decay) * buf.noise(total)[idx[:, :K]]
         return accepted, kl
 
     def _draw(self, alpha: float, k: int, want_kl: bool) -> tuple[int, list[float]]:

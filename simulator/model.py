@@ -487,7 +487,7 @@ class Replica:
             rids, ctxs, temps = rids[:len(run)], ctxs[:len(run)], temps[:len(run)]
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
         accepted, kl = self._draw(run, ks)
-        columns = StepColumns(rids, ks, accepted, kl, None if kl is None else ks, ctxs, temps)
+        columns = StepColumns(rids, ks, accepted, kl, None if kl is None else ks, ctxs, temps, check=False)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
         self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)

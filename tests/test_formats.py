@@ -31,3 +31,23 @@ def test_old_names_are_the_same_modules_and_the_simulator_path_has_no_torch():
             "import simulator.model, simulator.tune, simulator.sim_cli\n"
             "assert 'torch' not in sys.modules, 'the simulator imported torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_a_saved_result_reads_back_as_its_json_with_nan_as_null(tmp_path):
+    """SimResult.save writes the per-request columns compactly; the file is still exactly to_json (NaN -> null)."""
+    import json as _json
+
+    import numpy as _np
+
+    from sglang_ext.formats.results import REQUEST_COLUMNS, SimResult
+
+    cols = {name: _np.arange(4, dtype=float if name in ("arrival", "first_token", "finish") else _np.int64)
+            for name in REQUEST_COLUMNS}
+    cols["first_token"][2] = _np.nan
+    res = SimResult({"requests": 4, "x": float("inf")}, cols, {"wall_s": 1.0}, {"seed": 0}, steps={"t": [0.5]})
+    path = res.save(tmp_path / "r.json")
+    got = _json.loads(path.read_text())
+    assert got["requests"]["first_token"] == [0.0, 1.0, None, 3.0]
+    assert got["summary"]["x"] is None and got["steps"] == {"t": [0.5]}
+    assert got["requests"]["index"] == [0, 1, 2, 3]
+    assert SimResult.load(path).requests["arrival"].tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -52,13 +52,15 @@ class StepColumns:
 
     ``kl`` is ``[B, K]`` (``K`` ≥ every row's ``kl_len``) or None when no request has KL; row ``r`` holds
     ``kl_len[r]`` values (0: that request's drafter gave no q), the rest is padding and must not be read.
+    Lengths and ``0 <= accepted <= max(proposed, 0)`` are checked unless ``check=False`` (a host whose counts are
+    valid by construction, in its hot loop).
     """
 
     __slots__ = ("rids", "proposed", "accepted", "kl", "kl_len", "context_lens", "temperatures")
 
     def __init__(self, rids: Sequence[str], proposed: np.ndarray, accepted: np.ndarray, kl: np.ndarray | None = None,
                  kl_len: np.ndarray | None = None, context_lens: np.ndarray | None = None,
-                 temperatures: np.ndarray | None = None) -> None:
+                 temperatures: np.ndarray | None = None, check: bool = True) -> None:
         n = len(rids)
         self.rids = rids
         self.proposed = np.asarray(proposed, dtype=np.int64)
@@ -68,6 +70,8 @@ class StepColumns:
                        ) if kl_len is None else np.asarray(kl_len, dtype=np.int64)
         self.context_lens = np.zeros(n, dtype=np.int64) if context_lens is None else np.asarray(context_lens)
         self.temperatures = np.zeros(n) if temperatures is None else np.asarray(temperatures, dtype=float)
+        if not check:  # the host built them valid (the simulator: accepted counts drawn within 0..k)
+            return
         if len(self.proposed) != n or len(self.accepted) != n:
             raise ValueError(f"step columns: {n} rids but {len(self.proposed)} proposed / {len(self.accepted)} accepted")
         bad = (self.accepted < 0) | (self.accepted > np.maximum(self.proposed, 0))
