@@ -317,9 +317,22 @@ class FittedTerm:
     def __post_init__(self) -> None:
         self._knot_values = None if self.knots is None else \
             [self.coefficients.get(_knot_name(self.terms, k), 0.0) for k in self.knots]
+        self._memo: dict[float, float] = {}
 
     def curve_at(self, x: float) -> float:
-        """The part of the formula that depends on the hinge variable alone (scalar; microseconds)."""
+        """The part of the formula that depends on the hinge variable alone (scalar; memoised per ``x``).
+
+        Why memoised: a policy pricing every depth of every step asks for the same few hundred ``x`` (batched
+        tokens, batch sizes) millions of times in a simulated run; the answer is a pure function of ``x``.
+        """
+        got = self._memo.get(x)
+        if got is None:
+            if len(self._memo) >= 1 << 16:  # prefill sizes are unbounded: keep the memo bounded
+                self._memo.clear()
+            got = self._memo[x] = self._curve_at(x)
+        return got
+
+    def _curve_at(self, x: float) -> float:
         if self._knot_values is not None:
             return knot_curve(self.knots, self._knot_values, x)
         c0, s1, s2, jump = self.terms.curve

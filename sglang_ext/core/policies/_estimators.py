@@ -65,6 +65,7 @@ class SlotTable:
         self.cols: dict[str, np.ndarray] = {name: np.full((0, *shape), fill, dtype=dt)
                                             for name, (dt, fill, shape) in fields.items()}
         self.size = 0
+        self._last: tuple[list[str], np.ndarray] | None = None  # the last lookup, while no request came or went
 
     def __len__(self) -> int:
         return len(self.index)
@@ -92,22 +93,43 @@ class SlotTable:
         for name, (_, fill, _) in self.fields.items():
             self.cols[name][slot] = fill
         self.index[rid] = slot
+        self._last = None
         return slot
 
     def slots(self, rids: Sequence[str]) -> np.ndarray:
         """Slots of ``rids`` in order, new requests added."""
+        got = self._cached(rids)
+        if got is not None:
+            return got
         get, add = self.index.get, self.add
-        return np.array([s if (s := get(r)) is not None else add(r) for r in rids], dtype=np.intp)
+        out = np.array([s if (s := get(r)) is not None else add(r) for r in rids], dtype=np.intp)
+        self._last = (list(rids), out)
+        return out
 
     def lookup(self, rids: Sequence[str]) -> np.ndarray:
         """Slots of ``rids`` in order, -1 for a request without one."""
+        got = self._cached(rids)
+        if got is not None:
+            return got
         get = self.index.get
-        return np.array([get(r, -1) for r in rids], dtype=np.intp)
+        out = np.array([get(r, -1) for r in rids], dtype=np.intp)
+        if (out >= 0).all():
+            self._last = (list(rids), out)
+        return out
+
+    def _cached(self, rids: Sequence[str]) -> np.ndarray | None:
+        """The last answer when asked about the same requests again (a batch is asked about at its decide and its
+        observe, and it changes only when a request joins or leaves). A copy: callers may write to it."""
+        last = self._last
+        if last is not None and last[0] == rids:
+            return last[1].copy()
+        return None
 
     def release(self, rid: str) -> None:
         slot = self.index.pop(rid, None)
         if slot is not None:
             self.free.append(slot)
+            self._last = None
 
     def items(self) -> list[tuple[str, int]]:
         return list(self.index.items())
@@ -141,7 +163,7 @@ class RequestAlphas:
         if len(idx) == 0:
             return
         rids = c.rids
-        slots = self.table.slots([rids[i] for i in idx.tolist()])
+        slots = self.table.slots(rids if len(idx) == len(rids) else [rids[i] for i in idx.tolist()])
         s, t = succ[idx], trials[idx]
         num, den, d = self.table.cols["num"], self.table.cols["den"], self.decay
         if len(set(slots.tolist())) == len(slots):
