@@ -185,6 +185,8 @@ class ParametricAcceptance:
         self.trained = 0.0
         self._mult = 1.0
         self._buf: _Streams | None = None
+        self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
+        self._last_alphas = np.empty(0)
         self._log_decay = -math.log(self.decay)
 
     # lifecycle -------------------------------------------------------------------------------------------------
@@ -197,6 +199,7 @@ class ParametricAcceptance:
         a_ss, u_ss, z_ss = np.random.SeedSequence(seed).spawn(3)
         self._rng = np.random.default_rng(a_ss)
         self._buf = _Streams(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
+        self._last_states = None
         self.trained = 0.0
         self.set_time(0.0)
 
@@ -238,10 +241,10 @@ class ParametricAcceptance:
         if k <= 0:
             return 0, []
         a, kl = self.sample_batch([st], [position], [k], want_kl)
-        return a[0], kl[0].tolist() if kl is not None else []
+        return int(a[0]), kl[0].tolist() if kl is not None else []
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
-                     want_kl: bool) -> tuple[list[int], np.ndarray | None]:
+                     want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
         r"""Accepted counts and KL of every request of a decode step, in batch order, as array operations.
 
         Request ``r`` (depth ``k_r``) reads the next ``k_r`` uniforms ``u_{r,0..k_r-1}`` (requests in batch order)
@@ -252,8 +255,10 @@ class ParametricAcceptance:
 
         which has the module's distribution. Every request reads exactly ``k_r`` uniforms whatever it accepts, so
         the offsets are known before the draw and the whole batch is one comparison of ``[B, max k]`` arrays; the
-        KL reads ``k_r`` multipliers the same way. Returns the counts and a ``[B, max k]`` KL array (row ``r``
-        valid up to ``k_r``; None without ``want_kl`` or when nothing is proposed).
+        KL reads ``k_r`` multipliers the same way. Returns the counts (an int array) and a ``[B, max k]`` KL array
+        (row ``r`` valid up to ``k_r``; None without ``want_kl`` or when nothing is proposed). The requests' α are
+        read again only when ``states`` is a different list from the last call's (a host reuses its list while
+        the batch is unchanged).
         """
         buf = self._buf
         if buf is None:
@@ -262,8 +267,11 @@ class ParametricAcceptance:
         B = len(k)
         K = int(k.max()) if B else 0
         if K <= 0:
-            return [0] * B, None
-        alpha = self.effective_alphas(np.fromiter((st.alpha for st in states), dtype=float, count=B))
+            return np.zeros(B, dtype=np.int64), None
+        if states is not self._last_states:
+            self._last_states = states
+            self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=B)
+        alpha = self.effective_alphas(self._last_alphas)
         total = int(k.sum())
         start = np.cumsum(k) - k
         J = np.arange(K + 1)  # one column past the deepest draft: always a miss, so every row has one
@@ -273,7 +281,7 @@ class ParametricAcceptance:
         P[:, 1:] = self.decay
         np.multiply.accumulate(P, axis=1, out=P)
         P *= J < k[:, None]  # positions past k_r: probability 0, a miss (u >= 0)
-        accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1).tolist()  # the first miss
+        accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1)  # the first miss
         if not want_kl:
             return accepted, None
         with np.errstate(divide="ignore"):
@@ -290,7 +298,7 @@ class ParametricAcceptance:
             a, kl = self.sample_batch([st], [0], [k], want_kl)
         finally:
             self.trained, self._mult = trained, mult
-        return a[0], kl[0].tolist() if kl is not None else []
+        return int(a[0]), kl[0].tolist() if kl is not None else []
 
     # (de)serialisation -----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -359,7 +367,7 @@ class ReplayAcceptance:
         return a, kl
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
-                     want_kl: bool) -> tuple[list[int], np.ndarray | None]:
+                     want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`sample` of every request of a decode step, in batch order (the same draws in the same order).
 
         Why: a trace without recordings (every synthetic one) replays nothing, so the whole batch goes through the
@@ -377,14 +385,14 @@ class ReplayAcceptance:
         for j in [*recorded, len(ks)]:
             if j > start:
                 a, kl = fb.sample_batch(states[start:j], positions[start:j], ks[start:j], want_kl)
-                accepted += a
+                accepted += a.tolist()
                 kls += (kl[:, :max(ks[start:j])].tolist() if kl is not None else [()] * (j - start))
             if j < len(ks):
                 a1, kl1 = self.sample(states[j], positions[j], ks[j], want_kl)
                 accepted.append(a1)
                 kls.append(kl1 if want_kl else ())
             start = j + 1
-        return accepted, kl_matrix(kls, ks) if want_kl else None
+        return np.array(accepted, dtype=np.int64), kl_matrix(kls, ks) if want_kl else None
 
     def to_json(self) -> dict[str, Any]:
         """The model as JSON, recorded KL included (so sweep and tune workers, which receive it this way, replay

@@ -308,6 +308,8 @@ class Replica:
         self.waiting: deque[_Req] = deque()
         self.prefilling: list[_Req] = []
         self.running: list[_Req] = []
+        self._running_version = 0  # bumped whenever ``running`` changes: the per-batch lists below are reused until
+        self._batch_lists: tuple[int, list[str], list[RequestAcceptance], np.ndarray] | None = None  # (then)
         self.kv_used = 0
         self.wake: simpy.Event | None = None
         self.iterations = 0
@@ -464,6 +466,7 @@ class Replica:
             r.done = r.need
             r.pending = body
             self.running.append(r)
+            self._running_version += 1
         return seconds
 
     def _plan_decode(self) -> tuple[float, float]:
@@ -475,19 +478,29 @@ class Replica:
         as arrays (:class:`~sglang_ext.core.signals.StepColumns`; no ``RequestStep`` objects unless a policy asks).
         """
         run = self.running
-        rids = [r.rid for r in run]
+        lists = self._batch_lists
+        if lists is None or lists[0] != self._running_version:  # the batch changed: its constant per-request lists
+            lists = self._batch_lists = (self._running_version, [r.rid for r in run], [r.acc for r in run],
+                                         np.fromiter([r.last for r in run], dtype=np.int64, count=len(run)))
+        _, rids, states, lasts = lists
         ctxs = [r.prompt + r.gen for r in run]
         temps = [self.temperature] * len(run)
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
-        ks = self._depths(run, ctxs, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
+        ks_arr, ctx_arr = self._depths(lasts, ctxs, lengths_in_order(decision.lengths, rids)
+                                       if decision.speculate else None)
+        ks = ks_arr.tolist()
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
-            rids, ctxs, temps = rids[:len(run)], ctxs[:len(run)], temps[:len(run)]
+            n = len(run)
+            rids, ctxs, states, ctx_arr = rids[:n], ctxs[:n], states[:n], ctx_arr[:n]
+            ks_arr = np.array(ks, dtype=np.int64)
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        accepted, kl = self._draw(run, ks)
-        columns = StepColumns(rids, ks, accepted, kl, None if kl is None else ks, ctxs, temps, check=False)
+        accepted_arr, kl = self._draw(run, states, ks_arr)
+        accepted = accepted_arr.tolist()
+        columns = StepColumns(rids, ks_arr, accepted_arr, kl, None if kl is None else ks_arr, ctx_arr,
+                              self.temperature, check=False)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
         self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
@@ -521,33 +534,35 @@ class Replica:
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
 
-    def _depths(self, run: list[_Req], ctxs: list[int], ks: list[int] | None) -> list[int]:
+    def _depths(self, lasts: np.ndarray, ctxs: list[int], ks: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
         r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, left_r))`,
-        ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r``, from the policy's lengths in batch order
-        (0 everywhere when the policy does not speculate: ``ks`` None). Array operations: this runs per step."""
+        ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r`` (``lasts``: ``prompt_r + out_r - 1``), from
+        the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None), with the
+        contexts as an array. Array operations: this runs per step."""
+        ctx = np.array(ctxs, dtype=np.int64)
         if ks is None:
-            return [0] * len(run)
-        left = np.fromiter([r.last for r in run], dtype=np.int64, count=len(run)) - np.array(ctxs, dtype=np.int64)
-        k = np.minimum(np.array(ks, dtype=np.int64), left)
+            return np.zeros(len(ctxs), dtype=np.int64), ctx
+        k = np.minimum(np.array(ks, dtype=np.int64), lasts - ctx)
         if self.max_draft is not None:
             k = np.minimum(k, self.max_draft)
-        return np.maximum(k, 0).tolist()
+        return np.maximum(k, 0), ctx
 
-    def _draw(self, run: list[_Req], ks: list[int]) -> tuple[list[int], np.ndarray | None]:
+    def _draw(self, run: list[_Req], states: list[RequestAcceptance], ks: np.ndarray) -> tuple[np.ndarray,
+                                                                                             np.ndarray | None]:
         """Accepted counts and KL (``[B, max k]``, row ``r`` valid up to ``k_r``; None without KL) of the step's
         requests, batched when the acceptance model can (the same draws)."""
         acc = self.sim.acceptance
-        states = [r.acc for r in run]
         positions = _Positions(run)
         batch = getattr(acc, "sample_batch", None)
         if batch is not None:
             return batch(states, positions, ks, self.want_kl)
         accepted, kls = [], []
-        for st, pos, k in zip(states, positions, ks):
+        klist = ks.tolist()
+        for st, pos, k in zip(states, positions, klist):
             a, kl = acc.sample(st, pos, k, self.want_kl) if k > 0 else (0, ())
             accepted.append(a)
             kls.append(kl)
-        return accepted, kl_matrix(kls, ks) if self.want_kl else None
+        return np.array(accepted, dtype=np.int64), kl_matrix(kls, klist) if self.want_kl else None
 
     def _make_room(self, ks: list[int], growth: int) -> int:
         """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""
@@ -556,6 +571,7 @@ class Replica:
             self._preempt(self.prefilling.pop())
         while self.kv_used + growth > cap and len(self.running) > 1:
             victim = self.running.pop()
+            self._running_version += 1
             growth -= ks.pop() + 1
             self._preempt(victim)
         if self.kv_used + growth > cap:  # one request left: draft only what fits
@@ -621,6 +637,7 @@ class Replica:
                         finished.append(r)
                     else:
                         self.running.append(r)
+                        self._running_version += 1
             if completed:
                 self.prefilling = [r for r in self.prefilling if r.done < r.need]
         if self._result is not None:
@@ -628,6 +645,7 @@ class Replica:
         if finished:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
+            self._running_version += 1
             for r in finished:
                 self.kv_used -= r.kv
                 r.holds = False

@@ -52,7 +52,7 @@ class StepColumns:
 
     ``kl`` is ``[B, K]`` (``K`` ≥ every row's ``kl_len``) or None when no request has KL; row ``r`` holds
     ``kl_len[r]`` values (0: that request's drafter gave no q), the rest is padding and must not be read.
-    Lengths and ``0 <= accepted <= max(proposed, 0)`` are checked unless ``check=False`` (a host whose counts are
+    ``temperatures`` may be one number for the whole batch. Lengths and ``0 <= accepted <= max(proposed, 0)`` are checked unless ``check=False`` (a host whose counts are
     valid by construction, in its hot loop).
     """
 
@@ -60,7 +60,7 @@ class StepColumns:
 
     def __init__(self, rids: Sequence[str], proposed: np.ndarray, accepted: np.ndarray, kl: np.ndarray | None = None,
                  kl_len: np.ndarray | None = None, context_lens: np.ndarray | None = None,
-                 temperatures: np.ndarray | None = None, check: bool = True) -> None:
+                 temperatures: np.ndarray | float | None = None, check: bool = True) -> None:
         n = len(rids)
         self.rids = rids
         self.proposed = np.asarray(proposed, dtype=np.int64)
@@ -69,7 +69,8 @@ class StepColumns:
         self.kl_len = (np.zeros(n, dtype=np.int64) if kl is None else np.minimum(self.proposed, kl.shape[1])
                        ) if kl_len is None else np.asarray(kl_len, dtype=np.int64)
         self.context_lens = np.zeros(n, dtype=np.int64) if context_lens is None else np.asarray(context_lens)
-        self.temperatures = np.zeros(n) if temperatures is None else np.asarray(temperatures, dtype=float)
+        self.temperatures = (np.zeros(n) if temperatures is None else np.full(n, float(temperatures))
+                             if isinstance(temperatures, (int, float)) else np.asarray(temperatures, dtype=float))
         if not check:  # the host built them valid (the simulator: accepted counts drawn within 0..k)
             return
         if len(self.proposed) != n or len(self.accepted) != n:
