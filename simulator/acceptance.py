@@ -185,6 +185,8 @@ class ParametricAcceptance:
         self.trained = 0.0
         self._mult = 1.0
         self._buf: _Streams | None = None
+        #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
+        self.small_batch = 16
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
         self._log_decay = -math.log(self.decay)
@@ -263,6 +265,8 @@ class ParametricAcceptance:
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
+        if len(ks) <= self.small_batch:
+            return self._sample_small(states, ks.tolist() if isinstance(ks, np.ndarray) else list(ks), want_kl)
         k = np.maximum(np.asarray(ks, dtype=np.int64), 0)
         B = len(k)
         K = int(k.max()) if B else 0
@@ -288,6 +292,46 @@ class ParametricAcceptance:
             base = np.where(alpha > 0, -np.log(alpha), 50.0)
         kl = (base[:, None] + J[:K] * self._log_decay) * buf.noise(total)[idx[:, :K]]
         return accepted, kl
+
+    def _sample_small(self, states: Sequence[RequestAcceptance], ks: list[int],
+                      want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`sample_batch` for a few requests, one by one in Python (numpy's per-call cost dominates there):
+        the same uniforms, the same running products and comparisons, so the same counts; the KL by the same
+        array expression."""
+        buf = self._buf
+        assert buf is not None
+        ks = [k if k > 0 else 0 for k in ks]
+        total = sum(ks)
+        if total == 0:
+            return np.zeros(len(ks), dtype=np.int64), None
+        u = buf.uniforms(total).tolist()
+        plain = self.trained == 0.0 and self._mult == 1.0
+        d = self.decay
+        accepted: list[int] = []
+        alphas: list[float] = []
+        i = 0
+        for st, k in zip(states, ks):
+            a = st.alpha
+            if plain:
+                alpha = a if a < _ALPHA_MAX or a >= 1.0 else _ALPHA_MAX
+            else:
+                alpha = self.effective_alpha(a)
+            alphas.append(alpha)
+            n, p = 0, alpha
+            while n < k and u[i + n] < p:  # the first miss (u >= p) ends the accepted run
+                n += 1
+                p *= d
+            accepted.append(n)
+            i += k
+        if not want_kl:
+            return np.array(accepted, dtype=np.int64), None
+        k_arr = np.array(ks, dtype=np.int64)
+        K = int(k_arr.max())
+        alpha_arr = np.array(alphas)
+        idx = np.minimum((np.cumsum(k_arr) - k_arr)[:, None] + np.arange(K), total - 1)
+        with np.errstate(divide="ignore"):
+            base = np.where(alpha_arr > 0, -np.log(alpha_arr), 50.0)
+        return np.array(accepted, dtype=np.int64), (base[:, None] + np.arange(K) * self._log_decay) * buf.noise(total)[idx]
 
     def _draw(self, alpha: float, k: int, want_kl: bool) -> tuple[int, list[float]]:
         """One request's draw at an already effective ``alpha`` (the same streams as :meth:`sample_batch`)."""

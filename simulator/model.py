@@ -95,6 +95,10 @@ from simulator.ranges import ProfileRangeError, RangeGuard
 from sglang_ext.formats.trace import Request, Trace, TraceError
 
 Schedule = Literal["prefill_first", "mixed", "reference"]
+
+#: up to this many requests per step, per-request work runs as a Python loop; above it, as array operations
+#: (numpy's fixed cost per call outweighs the loop for a few requests; both give the same integers)
+SMALL_BATCH = 16
 TrainerMode = Literal["none", "separate", "shared"]
 
 
@@ -487,20 +491,17 @@ class Replica:
         temps = [self.temperature] * len(run)
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
-        ks_arr, ctx_arr = self._depths(lasts, ctxs, lengths_in_order(decision.lengths, rids)
-                                       if decision.speculate else None)
-        ks = ks_arr.tolist()
+        ks = self._depths(run, lasts, ctxs, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
             n = len(run)
-            rids, ctxs, states, ctx_arr = rids[:n], ctxs[:n], states[:n], ctx_arr[:n]
-            ks_arr = np.array(ks, dtype=np.int64)
+            rids, ctxs, states = rids[:n], ctxs[:n], states[:n]
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        accepted_arr, kl = self._draw(run, states, ks_arr)
+        accepted_arr, kl = self._draw(run, states, ks)
         accepted = accepted_arr.tolist()
-        columns = StepColumns(rids, ks_arr, accepted_arr, kl, None if kl is None else ks_arr, ctx_arr,
-                              self.temperature, check=False)
+        columns = StepColumns(rids, ks, accepted_arr, kl, None if kl is None else ks, ctxs, self.temperature,
+                              check=False)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
         self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
@@ -534,21 +535,31 @@ class Replica:
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
 
-    def _depths(self, lasts: np.ndarray, ctxs: list[int], ks: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _depths(self, run: list[_Req], lasts: np.ndarray, ctxs: list[int], ks: list[int] | None) -> list[int]:
         r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, left_r))`,
         ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r`` (``lasts``: ``prompt_r + out_r - 1``), from
-        the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None), with the
-        contexts as an array. Array operations: this runs per step."""
-        ctx = np.array(ctxs, dtype=np.int64)
+        the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None). Array
+        operations for a large batch, a Python loop for a small one (the same integers)."""
         if ks is None:
-            return np.zeros(len(ctxs), dtype=np.int64), ctx
-        k = np.minimum(np.array(ks, dtype=np.int64), lasts - ctx)
-        if self.max_draft is not None:
-            k = np.minimum(k, self.max_draft)
-        return np.maximum(k, 0), ctx
+            return [0] * len(ctxs)
+        cap = self.max_draft
+        if len(ks) > SMALL_BATCH:
+            k = np.minimum(np.array(ks, dtype=np.int64), lasts - np.array(ctxs, dtype=np.int64))
+            if cap is not None:
+                k = np.minimum(k, cap)
+            return np.maximum(k, 0).tolist()
+        out = []
+        for r, k, c in zip(run, ks, ctxs):
+            if cap is not None and k > cap:  # noqa: PLR1730 - plain comparisons: this runs per request per step
+                k = cap
+            left = r.last - c
+            if k > left:  # noqa: PLR1730
+                k = left
+            out.append(k if k > 0 else 0)
+        return out
 
-    def _draw(self, run: list[_Req], states: list[RequestAcceptance], ks: np.ndarray) -> tuple[np.ndarray,
-                                                                                             np.ndarray | None]:
+    def _draw(self, run: list[_Req], states: list[RequestAcceptance], ks: list[int]) -> tuple[np.ndarray,
+                                                                                           np.ndarray | None]:
         """Accepted counts and KL (``[B, max k]``, row ``r`` valid up to ``k_r``; None without KL) of the step's
         requests, batched when the acceptance model can (the same draws)."""
         acc = self.sim.acceptance
@@ -557,12 +568,11 @@ class Replica:
         if batch is not None:
             return batch(states, positions, ks, self.want_kl)
         accepted, kls = [], []
-        klist = ks.tolist()
-        for st, pos, k in zip(states, positions, klist):
+        for st, pos, k in zip(states, positions, ks):
             a, kl = acc.sample(st, pos, k, self.want_kl) if k > 0 else (0, ())
             accepted.append(a)
             kls.append(kl)
-        return np.array(accepted, dtype=np.int64), kl_matrix(kls, klist) if self.want_kl else None
+        return np.array(accepted, dtype=np.int64), kl_matrix(kls, ks) if self.want_kl else None
 
     def _make_room(self, ks: list[int], growth: int) -> int:
         """Preempt the newest requests until the decode step's KV writes fit (module docstring, item 3)."""

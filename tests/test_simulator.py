@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -555,3 +556,30 @@ def test_cli_replay_compare_static(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: a positive number
         _cli(*flags, "--trainer", "separate", "--train-round-seconds", "-1")
     assert "--train-round-seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_small_and_large_batch_draws_give_the_same_numbers(trained):
+    """A few requests are drawn one by one in Python, many as arrays: the same counts and KL for the same seed."""
+    from simulator.acceptance import Drift, ParametricAcceptance, RequestAcceptance
+
+    rng = random.Random(7)
+    drift = Drift(((0.0, 1.0), (10.0, 0.7)))
+    one_by_one, arrays = ParametricAcceptance(decay=0.9, drift=drift), ParametricAcceptance(decay=0.9, drift=drift)
+    for m, small in ((one_by_one, 10**9), (arrays, 0)):
+        m.reset(3)
+        m.small_batch = small
+        m.set_time(5.0)
+        if trained:
+            m.improve(0.3)
+    for _ in range(200):
+        b = rng.randint(1, 20)
+        states = [RequestAcceptance(rng.choice([rng.random(), 1.0, 0.0, 0.99995])) for _ in range(b)]
+        ks = [rng.randint(-1, 8) for _ in range(b)]
+        want_kl = rng.random() < 0.5
+        a1, kl1 = one_by_one.sample_batch(states, [0] * b, ks, want_kl)
+        a2, kl2 = arrays.sample_batch(states, [0] * b, ks, want_kl)
+        assert a1.tolist() == a2.tolist()
+        assert all(0 <= a <= max(k, 0) for a, k in zip(a1.tolist(), ks))
+        if want_kl and max(ks) > 0:
+            assert all(kl1[r, :k].tolist() == kl2[r, :k].tolist() for r, k in enumerate(ks) if k > 0)

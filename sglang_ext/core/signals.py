@@ -52,27 +52,24 @@ class StepColumns:
 
     ``kl`` is ``[B, K]`` (``K`` ≥ every row's ``kl_len``) or None when no request has KL; row ``r`` holds
     ``kl_len[r]`` values (0: that request's drafter gave no q), the rest is padding and must not be read.
-    ``temperatures`` may be one number for the whole batch. Lengths and ``0 <= accepted <= max(proposed, 0)`` are checked unless ``check=False`` (a host whose counts are
-    valid by construction, in its hot loop).
+    Any column may be given as a list (made an array on first read); ``temperatures`` may be one number for the
+    whole batch. Lengths and ``0 <= accepted <= max(proposed, 0)`` are checked unless ``check=False`` (a host
+    whose counts are valid by construction, in its hot loop).
     """
 
-    __slots__ = ("rids", "proposed", "accepted", "kl", "kl_len", "context_lens", "temperatures")
+    __slots__ = ("_accepted", "_context_lens", "_kl_len", "_proposed", "_temperatures", "kl", "rids")
 
-    def __init__(self, rids: Sequence[str], proposed: np.ndarray, accepted: np.ndarray, kl: np.ndarray | None = None,
-                 kl_len: np.ndarray | None = None, context_lens: np.ndarray | None = None,
-                 temperatures: np.ndarray | float | None = None, check: bool = True) -> None:
-        n = len(rids)
+    def __init__(self, rids: Sequence[str], proposed: Sequence[int], accepted: Sequence[int],
+                 kl: np.ndarray | None = None, kl_len: Sequence[int] | None = None,
+                 context_lens: Sequence[int] | None = None, temperatures: Sequence[float] | float | None = None,
+                 check: bool = True) -> None:
+        # stored as given and made arrays on first read: a policy that reads nothing (static k) costs nothing
         self.rids = rids
-        self.proposed = np.asarray(proposed, dtype=np.int64)
-        self.accepted = np.asarray(accepted, dtype=np.int64)
-        self.kl = kl
-        self.kl_len = (np.zeros(n, dtype=np.int64) if kl is None else np.minimum(self.proposed, kl.shape[1])
-                       ) if kl_len is None else np.asarray(kl_len, dtype=np.int64)
-        self.context_lens = np.zeros(n, dtype=np.int64) if context_lens is None else np.asarray(context_lens)
-        self.temperatures = (np.zeros(n) if temperatures is None else np.full(n, float(temperatures))
-                             if isinstance(temperatures, (int, float)) else np.asarray(temperatures, dtype=float))
+        self._proposed, self._accepted, self.kl = proposed, accepted, kl
+        self._kl_len, self._context_lens, self._temperatures = kl_len, context_lens, temperatures
         if not check:  # the host built them valid (the simulator: accepted counts drawn within 0..k)
             return
+        n = len(rids)
         if len(self.proposed) != n or len(self.accepted) != n:
             raise ValueError(f"step columns: {n} rids but {len(self.proposed)} proposed / {len(self.accepted)} accepted")
         bad = (self.accepted < 0) | (self.accepted > np.maximum(self.proposed, 0))
@@ -80,6 +77,53 @@ class StepColumns:
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"request {rids[i]}: accepted={int(self.accepted[i])} outside 0..proposed="
                              f"{int(self.proposed[i])}")
+
+    @property
+    def proposed(self) -> np.ndarray:
+        v = self._proposed
+        if not isinstance(v, np.ndarray) or v.dtype != np.int64:
+            v = self._proposed = np.asarray(v, dtype=np.int64)
+        return v
+
+    @property
+    def accepted(self) -> np.ndarray:
+        v = self._accepted
+        if not isinstance(v, np.ndarray) or v.dtype != np.int64:
+            v = self._accepted = np.asarray(v, dtype=np.int64)
+        return v
+
+    @property
+    def kl_len(self) -> np.ndarray:
+        v = self._kl_len
+        if v is None:
+            n = len(self.rids)
+            v = np.zeros(n, dtype=np.int64) if self.kl is None else np.minimum(self.proposed, self.kl.shape[1])
+        elif not isinstance(v, np.ndarray) or v.dtype != np.int64:
+            v = np.asarray(v, dtype=np.int64)
+        self._kl_len = v
+        return v
+
+    @property
+    def context_lens(self) -> np.ndarray:
+        v = self._context_lens
+        if v is None:
+            v = np.zeros(len(self.rids), dtype=np.int64)
+        elif not isinstance(v, np.ndarray):
+            v = np.asarray(v)
+        self._context_lens = v
+        return v
+
+    @property
+    def temperatures(self) -> np.ndarray:
+        v = self._temperatures
+        if v is None:
+            v = np.zeros(len(self.rids))
+        elif isinstance(v, (int, float)):
+            v = np.full(len(self.rids), float(v))
+        elif not isinstance(v, np.ndarray) or v.dtype != float:
+            v = np.asarray(v, dtype=float)
+        self._temperatures = v
+        return v
 
     @classmethod
     def from_requests(cls, requests: Sequence[RequestStep]) -> StepColumns:
