@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
     from simulator.generator import PRESETS, TraceFit, generate
     from sglang_ext.formats.trace import write_trace
 
-    if args.fit in PRESETS and not Path(args.fit).exists():
+    if args.fit in PRESETS and not Path(args.fit).is_file():  # a directory named like a preset is not a fit
         fit = PRESETS[args.fit]
     else:
         fit = TraceFit.load(args.fit)

@@ -378,3 +378,12 @@ def test_main_cli_has_trace_group(tmp_path, capsys):
 
     assert main(["trace", "stats", str(REPO / "traces" / "tiny_chat.jsonl")]) == 0
     assert "tiny_chat" in capsys.readouterr().out
+
+
+def test_a_preset_name_is_not_shadowed_by_a_directory_of_that_name(tmp_path, monkeypatch):
+    """`--fit chat` run where a directory `chat/` exists still means the preset (a directory is never a fit)."""
+    (tmp_path / "chat").mkdir()
+    monkeypatch.chdir(tmp_path)
+    gen = tmp_path / "gen.jsonl"
+    assert _trace_cli(["trace", "generate", "--fit", "chat", "--num-requests", "5", "-o", str(gen)]) == 0
+    assert len(read_trace(gen)) == 5
