@@ -1,4 +1,5 @@
-"""Signals: KL / entropy over the vocabulary (DSDE's clamped definition), the chain α estimate, SignalHistory."""
+"""Signals: KL / entropy over the vocabulary (DSDE's clamped definition), the chain α estimate, and the
+per-request SignalHistory of the DSDE reference (tests/dsde_reference.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 
 from sglang_ext.core.signals import (
     RequestStep,
-    SignalHistory,
     chain_trials,
     entropy,
     expected_tokens,
     kl_divergence,
 )
+from tests.dsde_reference import SignalHistory
 
 
 def test_kl_matches_hand_value_and_is_batched():

@@ -7,10 +7,9 @@ has no KL, a model-free drafter has no q); policies that need them must say so a
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Sequence, overload
+from typing import TYPE_CHECKING, Sequence, overload
 
 import numpy as np
 
@@ -232,10 +231,10 @@ class StepResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-position signals (batched torch) and per-request history (bounded memory)
+# Per-position signals (batched torch) and the chain acceptance helpers
 # ---------------------------------------------------------------------------------------------------------------
 #
-# Only the two tensor functions use torch (imported inside them); everything a policy touches is plain Python.
+# Only the two tensor functions use torch (imported inside them); everything a policy touches is plain Python or numpy.
 
 #: DSDE clamps both distributions at this floor before taking logs (``compute_kl_divergence``, eps=1e-8).
 PROB_FLOOR = 1e-8
@@ -296,68 +295,3 @@ def expected_tokens(alpha: float, k: int) -> float:
         total += term
         term *= alpha
     return total
-
-
-class SignalHistory:
-    """One request's recent signals with bounded memory: KL per proposed position, and per step its proposed
-    and accepted lengths (from which acceptance per position and the chain α estimate are derived).
-
-    ``kl_window`` bounds the token-level KL deque (DSDE's W); ``step_window`` the per-step deques.
-    """
-
-    def __init__(self, kl_window: int = 30, step_window: int = 64) -> None:
-        self.kl: deque[float] = deque(maxlen=max(int(kl_window), 1))
-        self.proposed: deque[int] = deque(maxlen=max(int(step_window), 1))
-        self.accepted: deque[int] = deque(maxlen=max(int(step_window), 1))
-        self.last_kl: list[float] = []
-        self.steps = 0  # lifetime count of recorded steps (an int, not a buffer)
-
-    def record(self, step: RequestStep, kl: Iterable[float] | None = None) -> None:
-        """Append one step. ``kl`` overrides ``step.kl`` (e.g. a proxy for a model-free drafter)."""
-        values = [float(x) for x in (step.kl[: step.proposed] if kl is None else kl)]
-        self.kl.extend(values)
-        self.last_kl = values
-        self.proposed.append(int(step.proposed))
-        self.accepted.append(int(step.accepted))
-        self.steps += 1
-
-    @property
-    def mean_last_kl(self) -> float:
-        """Mean KL over the positions of the latest step (0.0 when it had none)."""
-        return sum(self.last_kl) / len(self.last_kl) if self.last_kl else 0.0
-
-    def acceptance_rate(self) -> float | None:
-        """Chain MLE of the per-token α over the step window (None before any proposed token)."""
-        s = t = 0
-        for k, a in zip(self.proposed, self.accepted):
-            ds, dt = chain_trials(k, a)
-            s, t = s + ds, t + dt
-        return s / t if t else None
-
-    def acceptance_by_position(self) -> list[float]:
-        """P(position i accepted | position i was proposed and reached), i = 0.. max proposed − 1."""
-        depth = max(self.proposed, default=0)
-        hits, tries = [0] * depth, [0] * depth
-        for k, a in zip(self.proposed, self.accepted):
-            for i in range(min(k, a + 1)):  # positions 0..a were verified (a < k: the a-th one was rejected)
-                tries[i] += 1
-                hits[i] += i < a
-        return [h / n if n else 0.0 for h, n in zip(hits, tries)]
-
-    def mean_accepted(self) -> float:
-        return sum(self.accepted) / len(self.accepted) if self.accepted else 0.0
-
-    def state_dict(self) -> dict:
-        return {"kl": list(self.kl), "proposed": list(self.proposed), "accepted": list(self.accepted),
-                "last_kl": list(self.last_kl), "steps": self.steps,
-                "kl_window": self.kl.maxlen, "step_window": self.proposed.maxlen}
-
-    @classmethod
-    def from_state(cls, state: dict) -> SignalHistory:
-        h = cls(state.get("kl_window", 30), state.get("step_window", 64))
-        h.kl.extend(state.get("kl", []))
-        h.proposed.extend(state.get("proposed", []))
-        h.accepted.extend(state.get("accepted", []))
-        h.last_kl = list(state.get("last_kl", []))
-        h.steps = int(state.get("steps", 0))
-        return h

@@ -107,7 +107,7 @@ VAR_EPS = 1e-6
 _EPS_T = 1e-8
 
 
-#: from this many steady requests in one step on, WVIR is evaluated as one numpy batch (:func:`wvir_many`)
+#: from this many steady requests in one step on, WVIR is evaluated as one numpy batch (:func:`wvir_rows`)
 BATCH_WVIR_MIN = 8
 
 _WEIGHTS: dict[tuple[int, float], tuple[list[float], float]] = {}
@@ -175,19 +175,6 @@ def wvir_rows(X: np.ndarray, decay: float) -> np.ndarray:
     short_var = ((Ds * Ds) @ ws) / sws
     flat = long_var < VAR_EPS
     return np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
-
-
-def wvir_many(histories: Sequence[Sequence[float]], decay: float) -> list[float]:
-    """:func:`wvir` of every history: those of one length go through :func:`wvir_rows` together."""
-    out: list[float] = [0.0] * len(histories)
-    groups: dict[int, list[int]] = {}
-    for i, h in enumerate(histories):
-        groups.setdefault(len(h), []).append(i)
-    for n, idx in groups.items():
-        X = np.array([list(histories[i]) for i in idx], dtype=float).reshape(len(idx), n)
-        for i, v in zip(idx, wvir_rows(X, decay).tolist()):
-            out[i] = v
-    return out
 
 
 def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
