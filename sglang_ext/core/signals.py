@@ -42,6 +42,11 @@ class RequestStep:
             raise ValueError(f"request {self.rid}: accepted={self.accepted} outside 0..proposed={self.proposed}")
 
 
+def _int64(v: Sequence[int] | np.ndarray) -> np.ndarray:
+    """``v`` as an int64 array (itself when it already is one)."""
+    return v if isinstance(v, np.ndarray) and v.dtype == np.int64 else np.asarray(v, dtype=np.int64)
+
+
 class StepColumns:
     """A step's per-request outcomes as arrays in batch order: the same facts as a list of :class:`RequestStep`.
 
@@ -79,27 +84,21 @@ class StepColumns:
 
     @property
     def proposed(self) -> np.ndarray:
-        v = self._proposed
-        if not isinstance(v, np.ndarray) or v.dtype != np.int64:
-            v = self._proposed = np.asarray(v, dtype=np.int64)
+        self._proposed = v = _int64(self._proposed)
         return v
 
     @property
     def accepted(self) -> np.ndarray:
-        v = self._accepted
-        if not isinstance(v, np.ndarray) or v.dtype != np.int64:
-            v = self._accepted = np.asarray(v, dtype=np.int64)
+        self._accepted = v = _int64(self._accepted)
         return v
 
     @property
     def kl_len(self) -> np.ndarray:
         v = self._kl_len
         if v is None:
-            n = len(self.rids)
-            v = np.zeros(n, dtype=np.int64) if self.kl is None else np.minimum(self.proposed, self.kl.shape[1])
-        elif not isinstance(v, np.ndarray) or v.dtype != np.int64:
-            v = np.asarray(v, dtype=np.int64)
-        self._kl_len = v
+            v = (np.zeros(len(self.rids), dtype=np.int64) if self.kl is None
+                 else np.minimum(self.proposed, self.kl.shape[1]))
+        self._kl_len = v = _int64(v)
         return v
 
     @property
