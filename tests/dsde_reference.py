@@ -16,7 +16,7 @@ import numpy as np
 
 from sglang_ext.core.policies.base import BatchView, Decision
 from sglang_ext.core.policies.compose import apply_batch_cap
-from sglang_ext.core.policies.dsde import DSDEPolicy, dsl_step, scale_factor, wvir, wvir_rows
+from sglang_ext.core.policies.dsde import VAR_EPS, WVIR_FLAT, DSDEPolicy, _weights, dsl_step, scale_factor, wvir
 from sglang_ext.core.policies.goodput import best_length_cap
 from sglang_ext.core.signals import RequestStep, StepResult, chain_trials
 
@@ -84,6 +84,25 @@ class SignalHistory:
         h.last_kl = list(state.get("last_kl", []))
         h.steps = int(state.get("steps", 0))
         return h
+
+
+def wvir_rows(X: np.ndarray, decay: float) -> np.ndarray:
+    """:func:`wvir` of every row of ``X`` (``[m, n]``, oldest value first) as one numpy two-pass (the same value up
+    to float rounding in the last bits); the package's numpy DSDE used it before its controller step was compiled."""
+    m, n = X.shape
+    if n < 2 or m == 0:
+        return np.array([wvir(row, decay) for row in X.tolist()], dtype=float)
+    w, sw = _weights(n, decay)
+    ws, sws = _weights(max(1, n // 3), decay)
+    w, ws = np.array(w), np.array(ws)
+    short = len(ws)
+    D = X - ((X @ w) / sw)[:, None]
+    long_var = ((D * D) @ w) / sw
+    S = X[:, n - short:]
+    Ds = S - ((S @ ws) / sws)[:, None]
+    short_var = ((Ds * Ds) @ ws) / sws
+    flat = long_var < VAR_EPS
+    return np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
 
 
 def wvir_many(histories: Sequence[Sequence[float]], decay: float) -> list[float]:

@@ -17,6 +17,20 @@ import numpy as np
 from ..signals import StepColumns, StepResult
 
 
+_KERNELS = None
+
+
+def kernels():
+    """The compiled per-step functions (:mod:`._kernels`), imported on first use: numba's import and load (~0.7 s)
+    are paid only by a process whose policy steps through them."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels as compiled
+
+        _KERNELS = compiled
+    return _KERNELS
+
+
 class RatioEMA:
     r"""Exponentially weighted ratio of sums, for a rate such as α = successes / trials.
 
@@ -50,20 +64,26 @@ class RatioEMA:
 
 
 class SlotTable:
-    """Request ids mapped to rows of per-request numpy arrays, rows reused after :meth:`release`.
+    """Request ids mapped to rows of per-request state, rows reused after :meth:`release`.
 
     Why: a policy's per-request state held as one array per field (indexed by slot) is updated for a whole batch
-    with a few array operations, where a dict of small objects costs a Python call per request per step — the
-    simulator's dominant cost at 64 running requests. ``fields`` maps a name to ``(dtype, fill, row shape)``; a new
-    slot's row is reset to ``fill``.
+    with a few array operations (or one compiled pass), where a dict of small objects costs a Python call per
+    request per step — the simulator's dominant cost at 64 running requests. ``fields`` maps a name to
+    ``(dtype, fill, row shape)``; a new slot's row is reset to ``fill``. The rows are one numpy structured array
+    (:attr:`records`, one record per slot, what a compiled step takes as a single argument); :attr:`cols` holds a
+    view of each field.
     """
 
     def __init__(self, **fields: tuple[Any, Any, tuple[int, ...]]) -> None:
         self.index: dict[str, int] = {}
         self.free: list[int] = []
         self.fields = fields
-        self.cols: dict[str, np.ndarray] = {name: np.full((0, *shape), fill, dtype=dt)
-                                            for name, (dt, fill, shape) in fields.items()}
+        self.dtype = np.dtype([(name, dt, shape) for name, (dt, _, shape) in fields.items()], align=True)
+        self._fill = np.zeros((), self.dtype)
+        for name, (_, fill, _) in fields.items():
+            self._fill[name] = fill
+        self.records = np.zeros(0, self.dtype)
+        self.cols: dict[str, np.ndarray] = {name: self.records[name] for name in fields}
         self.size = 0
         self._last: tuple[list[str], np.ndarray] | None = None  # the last lookup, while no request came or went
 
@@ -76,10 +96,10 @@ class SlotTable:
     def _grow(self) -> None:
         old = self.size
         self.size = max(64, 2 * old)
-        for name, (dt, fill, shape) in self.fields.items():
-            grown = np.full((self.size, *shape), fill, dtype=dt)
-            grown[:old] = self.cols[name]
-            self.cols[name] = grown
+        grown = np.full(self.size, self._fill, self.dtype)
+        grown[:old] = self.records
+        self.records = grown
+        self.cols = {name: grown[name] for name in self.fields}
         self.free.extend(range(self.size - 1, old - 1, -1))
 
     def add(self, rid: str) -> int:
@@ -90,8 +110,7 @@ class SlotTable:
         if not self.free:
             self._grow()
         slot = self.free.pop()
-        for name, (_, fill, _) in self.fields.items():
-            self.cols[name][slot] = fill
+        self.records[slot] = self._fill
         self.index[rid] = slot
         self._last = None
         return slot
@@ -145,9 +164,10 @@ class RequestAlphas:
     r"""Per-request per-token acceptance α (the chain MLE as a :class:`RatioEMA`), with the batch-wide estimate for
     a request not yet verified and ``prior`` before any step. Shared by the cost-aware length policies.
 
-    The per-request ratios live in a :class:`SlotTable` (``num``, ``den``) and are updated per step with array
-    operations, the same float operations as one :class:`RatioEMA` per request:
-    :math:`S_r \leftarrow \lambda S_r + s_r,\ N_r \leftarrow \lambda N_r + n_r` for every request with trials.
+    The per-request ratios live in a :class:`SlotTable` (``num``, ``den``) and are updated per step in one compiled
+    pass (:func:`._kernels.ratio_update`), the same float operations as one :class:`RatioEMA` per request:
+    :math:`S_r \leftarrow \lambda S_r + s_r,\ N_r \leftarrow \lambda N_r + n_r` for every request with trials,
+    and the batch-wide ratio updated the same way by every such request in batch order.
     """
 
     def __init__(self, decay: float, prior: float = 0.5) -> None:
@@ -164,21 +184,9 @@ class RequestAlphas:
             return
         rids = c.rids
         slots = self.table.slots(rids if len(idx) == len(rids) else [rids[i] for i in idx.tolist()])
-        s, t = succ[idx], trials[idx]
-        num, den, d = self.table.cols["num"], self.table.cols["den"], self.decay
-        if len(set(slots.tolist())) == len(slots):
-            num[slots] = d * num[slots] + s
-            den[slots] = d * den[slots] + t
-        else:  # a request listed twice in one step: apply its entries in order, as one RatioEMA would
-            for slot, si, ti in zip(slots.tolist(), s.tolist(), t.tolist()):
-                num[slot] = d * num[slot] + si
-                den[slot] = d * den[slot] + ti
-        # the batch-wide ratio, as if updated request by request in batch order:
-        # S ← λ^m S + Σ_i λ^(m-1-i) s_i  (the same value up to rounding in the last bits)
-        b, m = self.batch, len(s)
-        w = d ** np.arange(m - 1, -1, -1, dtype=float)
-        b.num = d ** m * b.num + float(w @ s)
-        b.den = d ** m * b.den + float(w @ t)
+        b = self.batch
+        b.num, b.den = kernels().ratio_update(slots, succ[idx], trials[idx], self.table.records, self.decay,
+                                              b.num, b.den)
 
     def fallback(self) -> float:
         """α of a request without its own estimate: the batch-wide one, or the prior before any step."""

@@ -74,11 +74,10 @@ the KL mean, so skipping is equivalent.)
 
 **Speed.** A simulated run steps 64 requests per step for hours of simulated time, so the per-request state lives
 in arrays (:class:`~._estimators.SlotTable`: current and predicted length, bounds, the KL window as a ring) and a
-step is a handful of array operations over its requests, warm-up included. The float operations are those of the
-scalar formulas, in the same order (the KL sums add position by position; WVIR is :func:`wvir_rows`: one numpy
-two-pass over a ``[requests, W]`` matrix when there are :data:`BATCH_WVIR_MIN` or more, the plain :func:`wvir`
-otherwise, whose sums round differently in the last bits, which changes no decision). ``tests/test_validate.py`` replays random steps through
-this and the per-request reference implementation and compares every decision.
+step is one compiled pass over its requests (:func:`._kernels.dsde_observe`, numba), warm-up included, with the
+float operations of the scalar formulas above in their order (the sums add position by position). The decision
+(SL cap, cost cap) stays numpy. ``tests/test_validate.py`` replays random steps through this and the per-request
+reference implementation and compares every decision.
 """
 
 from __future__ import annotations
@@ -91,8 +90,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..signals import StepColumns, StepResult
-from ._estimators import OnlineLinearCost, RequestAlphas, SlotTable, resolve_costs
+from ..signals import StepResult
+from ._estimators import OnlineLinearCost, RequestAlphas, SlotTable, kernels, resolve_costs
 from .base import BatchLengths, BatchView, Decision, Param, Policy
 from .goodput import best_length_cap
 
@@ -107,11 +106,7 @@ VAR_EPS = 1e-6
 _EPS_T = 1e-8
 
 
-#: from this many steady requests in one step on, WVIR is evaluated as one numpy batch (:func:`wvir_rows`)
-BATCH_WVIR_MIN = 8
-
 _WEIGHTS: dict[tuple[int, float], tuple[list[float], float]] = {}
-_NP_WEIGHTS: dict[tuple[int, float], tuple[np.ndarray, float, np.ndarray, float]] = {}
 
 
 def _weights(n: int, decay: float) -> tuple[list[float], float]:
@@ -147,34 +142,6 @@ def wvir(history: Sequence[float], decay: float) -> float:
     if long_var < VAR_EPS:
         return WVIR_FLAT
     return weighted_variance(x[-short:], decay) / long_var
-
-
-def _np_weights(n: int, decay: float) -> tuple[np.ndarray, float, np.ndarray, float]:
-    got = _NP_WEIGHTS.get((n, decay))
-    if got is None:
-        if len(_NP_WEIGHTS) >= 4096:
-            _NP_WEIGHTS.clear()
-        w, sw = _weights(n, decay)
-        ws, sws = _weights(max(1, n // 3), decay)
-        got = _NP_WEIGHTS[(n, decay)] = (np.array(w), sw, np.array(ws), sws)
-    return got
-
-
-def wvir_rows(X: np.ndarray, decay: float) -> np.ndarray:
-    """:func:`wvir` of every row of ``X`` (``[m, n]``, oldest value first; the same value up to float rounding in
-    the last bits): the numpy two-pass when ``m >= BATCH_WVIR_MIN`` and ``n >= 2``, the plain formula otherwise."""
-    m, n = X.shape
-    if n < 2 or m < BATCH_WVIR_MIN:
-        return np.array([wvir(row, decay) for row in X.tolist()], dtype=float)
-    w, sw, ws, sws = _np_weights(n, decay)
-    short = len(ws)
-    D = X - ((X @ w) / sw)[:, None]
-    long_var = ((D * D) @ w) / sw
-    S = X[:, n - short:]
-    Ds = S - ((S @ ws) / sws)[:, None]
-    short_var = ((Ds * Ds) @ ws) / sws
-    flat = long_var < VAR_EPS
-    return np.where(flat, WVIR_FLAT, short_var / np.where(flat, 1.0, long_var))
 
 
 def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
@@ -249,6 +216,7 @@ class DSDEPolicy(Policy):
         self.learned = OnlineLinearCost(c["forget"])
         self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
         self._probe = 0
+        self._kernel_consts: tuple | None = None
 
     def _new_table(self) -> SlotTable:
         init_k = self.config["init_k"]
@@ -266,90 +234,19 @@ class DSDEPolicy(Policy):
         return min(max(int(k), self.k_floor), self.config["max_k"])
 
     # the controller -----------------------------------------------------------------------------------------------
-    def _step_values(self, c: StepColumns, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """This step's KL values of ``rows`` as ``(V [n, K], count per row, proxy per row)``: the drafter's KL at
-        the proposed positions, or the acceptance-only proxy ``[0]·a + [miss_kl]·[a < k]`` where it gave none."""
-        prop, acc = c.proposed[rows], c.accepted[rows]
-        kl_len = c.kl_len[rows]
-        proxy = kl_len <= 0
-        counts = np.where(proxy, acc + (acc < prop), np.minimum(kl_len, prop))
-        width = int(counts.max())
-        V = np.zeros((len(rows), width))
-        if c.kl is not None and not proxy.all():
-            src = c.kl[rows, :min(width, c.kl.shape[1])]
-            V[:, :src.shape[1]] = src
-            V[proxy] = 0.0
-        cols = np.arange(width)[None, :]
-        V[cols >= counts[:, None]] = 0.0  # padding: zeros, so that position-by-position sums add nothing
-        if proxy.any():
-            miss_rows = np.flatnonzero(proxy & (acc < prop))
-            V[miss_rows, acc[miss_rows]] = self.config["miss_kl"]
-        return V, counts, proxy
-
-    def _record_window(self, slots: np.ndarray, V: np.ndarray, counts: np.ndarray) -> None:
-        """Append each row's values to its request's KL window (a ring of ``W``; only the last ``W`` are kept)."""
-        W = self.window
-        cols = self.table.cols
-        ptr = cols["kl_ptr"][slots]
-        width = V.shape[1]
-        j = np.arange(width)[None, :]
-        keep = (j < counts[:, None]) & (j >= (counts - W)[:, None])
-        r, jj = np.nonzero(keep)
-        cols["kl"][slots[r], (ptr[r] + jj) % W] = V[r, jj]
-        cols["kl_ptr"][slots] = (ptr + counts) % W
-        cols["kl_n"][slots] = np.minimum(cols["kl_n"][slots] + counts, W)
-
-    def _warm_rows(self, idx: np.ndarray, slots: np.ndarray, V: np.ndarray, counts: np.ndarray,
-                   accepted: np.ndarray) -> None:
-        """The warm-up rule (module docstring) for the rows ``idx`` of requests still warming up, after this step's
-        values were recorded: rows whose window is still short collect warm-up samples and double/keep ``k``; rows
-        whose window just filled end their warm-up (bounds from the samples) and are steady from this step on."""
-        cols = self.table.cols
-        ss = slots[idx]
-        filling = cols["kl_n"][ss] < self.window
-        if filling.any():
-            w = idx[filling]
-            ws = slots[w]
-            acc = accepted[w]
-            cols["warm_n"][ws] += 1
-            cols["warm_acc_max"][ws] = np.maximum(cols["warm_acc_max"][ws], acc)
-            vals = V[w]
-            # running sum of every warm-up KL in order: old sum, then this step's values one position at a time
-            cols["warm_kl_sum"][ws] = np.add.reduce(np.ascontiguousarray(
-                np.concatenate([cols["warm_kl_sum"][ws][:, None], vals], axis=1).T), axis=0)
-            valid = np.arange(vals.shape[1])[None, :] < counts[w][:, None]
-            top = np.where(valid, vals, -np.inf).max(axis=1)
-            had = cols["warm_kl_n"][ws] > 0
-            cols["warm_kl_max"][ws] = np.where(had, np.maximum(cols["warm_kl_max"][ws], top), top)
-            cols["warm_kl_n"][ws] += counts[w]
-            k = cols["k"][ws]
-            k = np.where(acc >= k, np.minimum(np.where(k > 0, 2 * k, 1), self.config["max_k"]),
-                         np.maximum(k, self.k_floor))
-            cols["k"][ws] = k
-            cols["pred"][ws] = np.minimum(np.maximum(k, self.k_floor), self.config["max_k"])
-        if not filling.all():
-            es = ss[~filling]
-            lo, hi = self._end_warmup(es)
-            cols["lo"][es], cols["hi"][es] = lo, hi
-            cols["steady"][es] = True
-
-    def _end_warmup(self, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        r"""Bounds at the end of warm-up, for the requests at slots ``ss``:
-        :math:`k_{max}' = \mathrm{clip}(\mathrm{round}(\max a \cdot (1 + f\,\overline{KL}/\max KL)))`,
-        :math:`k_{min}' = \mathrm{clip}(\lceil m\,k_{max}' \rceil)` (a max KL of 0 counts as 1; no samples: the floor
-        and ``max_k``)."""
-        cols = self.table.cols
-        lo, hi = self.k_floor, self.config["max_k"]
-        n = cols["warm_kl_n"][ss]
-        some = n > 0
-        mean_kl = np.where(some, cols["warm_kl_sum"][ss] / np.maximum(n, 1), 0.0)
-        max_kl = np.where(some, cols["warm_kl_max"][ss], 1.0)
-        max_kl = np.where(max_kl == 0, 1.0, max_kl)
-        k_max = np.minimum(hi, np.maximum(lo, np.rint(cols["warm_acc_max"][ss] * (1 + self.max_factor * mean_kl / max_kl))))
-        k_max = k_max.astype(np.int64)
-        k_min = np.minimum(k_max, np.maximum(lo, np.ceil(self.min_frac * k_max))).astype(np.int64)
-        none = cols["warm_n"][ss] == 0
-        return np.where(none, lo, k_min), np.where(none, hi, k_max)
+    def _kernel_args(self) -> tuple:
+        """The constants the compiled controller step reads: WVIR weights (whole window, last third) and the rule's
+        constants."""
+        got = self._kernel_consts
+        if got is None:
+            W = self.window
+            w, sw = _weights(W, self.decay)
+            ws, sws = _weights(max(1, W // 3), self.decay)
+            c = self.config
+            got = self._kernel_consts = (np.array(w), np.array(ws), np.array([sw, sws, self.max_factor, self.min_frac,
+                                                                               c["sf_alpha"], c["miss_kl"]], dtype=float),
+                                         self.k_floor, c["max_k"])
+        return got
 
     def observe(self, result: StepResult) -> None:
         if self.config["cost_cap"]:
@@ -359,42 +256,12 @@ class DSDEPolicy(Policy):
         if len(rows) == 0:
             return
         rids = c.rids
-        row_rids = [rids[i] for i in rows.tolist()]
-        if len(set(row_rids)) < len(row_rids):  # a request listed twice: its entries in order, one step each
-            for i in rows.tolist():
-                self._observe_rows(c, np.array([i]), [rids[i]])
-            return
-        self._observe_rows(c, rows, row_rids)
-
-    def _observe_rows(self, c: StepColumns, rows: np.ndarray, row_rids: list[str]) -> None:
-        slots = self.table.slots(row_rids)
-        V, counts, proxy = self._step_values(c, rows)
-        self._record_window(slots, V, counts)
-        cols = self.table.cols
-        warm = ~cols["steady"][slots]
-        if warm.any():
-            self._warm_rows(np.flatnonzero(warm), slots, V, counts, c.accepted[rows])
-        steady = cols["steady"][slots]
-        if not steady.any():
-            return
-        idx = np.flatnonzero(steady)
-        ss = slots[idx]
-        # SF from this step's mean KL (summed position by position, as the scalar sum does)
-        kl_last = np.add.reduce(np.ascontiguousarray(V[idx].T), axis=0) / counts[idx]
-        temp = c.temperatures[rows[idx]]
-        scaled = ~proxy[idx] & (np.abs(temp) >= _EPS_T)
-        x = np.where(scaled, kl_last / (temp + _EPS_T), kl_last)
-        sf = np.expm1(np.minimum(self.config["sf_alpha"] * x, 700.0))
-        # WVIR over each window, oldest first
-        W = self.window
-        order = (cols["kl_ptr"][ss][:, None] + np.arange(W)[None, :]) % W
-        ratio = wvir_rows(cols["kl"][ss[:, None], order], self.decay)
-        # DSDE's length rule, then the clip
-        lo, hi = cols["lo"][ss], cols["hi"][ss]
-        r = ratio * sf
-        k = np.where(r <= 1, np.maximum(lo, np.ceil((hi - lo) * (1 - np.minimum(r, 1.0)) + lo)), lo).astype(np.int64)
-        cols["k"][ss] = k
-        cols["pred"][ss] = np.minimum(np.maximum(k, self.k_floor), self.config["max_k"])
+        slots = self.table.slots(rids if len(rows) == len(rids) else [rids[i] for i in rows.tolist()])
+        kl = np.zeros((len(rids), 0)) if c.kl is None else np.ascontiguousarray(c.kl, dtype=np.float64)
+        prop, acc, kl_len, temps = c.proposed, c.accepted, c.kl_len, c.temperatures.astype(np.float64, copy=False)
+        if len(rows) < len(rids):
+            prop, acc, kl_len, temps, kl = prop[rows], acc[rows], kl_len[rows], temps[rows], kl[rows]
+        kernels().dsde_observe(slots, prop, acc, kl_len, kl, temps, self.table.records, *self._kernel_args())
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""

@@ -36,6 +36,7 @@ from ..signals import StepResult, expected_tokens
 from ._estimators import (
     OnlineLinearCost,
     RequestAlphas,
+    kernels,
     resolve_costs,
     rng_state,
     set_rng_state,
@@ -63,6 +64,9 @@ def batch_goodput(costs: Any, alphas: Sequence[float], lengths: Sequence[int], c
     return sum(expected_tokens(a, k) for a, k in zip(alphas, lengths)) / (v + d)
 
 
+_NO_LENGTHS = np.zeros(0, dtype=np.int64)
+
+
 def capped_expected_totals(alphas: Sequence[float] | np.ndarray, lengths: Sequence[int] | np.ndarray | None,
                            top: int) -> list[float]:
     r"""``E_total(c)`` for every cap ``c = 0..top`` at once, as array operations over the batch.
@@ -70,25 +74,17 @@ def capped_expected_totals(alphas: Sequence[float] | np.ndarray, lengths: Sequen
     .. math::  E_{\rm total}(c) = \sum_r E_{\alpha_r}[\ell](\min(k_r, c)) = \sum_r \sum_{i=0}^{\min(k_r, c)} \alpha_r^i
 
     ``lengths`` None means no per-request limit (every ``k_r = top``: the uncapped ``Σ_r E_{α_r}[ℓ](c)``).
-    Why: ``O(b · top)`` work in three array passes instead of ``b`` geometric sums per candidate ``c``, and the
-    *same floats* as :func:`~sglang_ext.core.signals.expected_tokens` summed over the batch in order: the powers are
-    a running product (``multiply.accumulate``: ``1, α, α·α, …``), the partial sums a running sum, a capped request
-    adds zeros past ``k_r``, and the totals add the requests row by row in batch order (a reduction over the outer
-    axis; ``tests/test_policies.py`` checks the bits against the scalar loop).
+    Why: ``O(b · top)`` work in one compiled pass (:func:`._kernels.capped_totals`) instead of ``b`` geometric sums
+    per candidate ``c``, and the *same floats* as :func:`~sglang_ext.core.signals.expected_tokens` summed over the
+    batch in order: the powers are a running product (``1, α, α·α, …``), the partial sums a running sum, a capped
+    request stops adding past ``k_r``, and the totals add the requests in batch order (``tests/test_policies.py``
+    checks the bits against the scalar loop).
     """
-    a = np.clip(np.asarray(alphas, dtype=float), 0.0, 1.0)
-    b = len(a)
-    if b == 0:
+    a = np.asarray(alphas, dtype=np.float64)
+    if len(a) == 0:
         return [0.0] * (top + 1)
-    terms = np.empty((b, top + 1))
-    terms[:, 0] = 1.0
-    terms[:, 1:] = a[:, None]
-    np.multiply.accumulate(terms, axis=1, out=terms)
-    if lengths is not None:  # a capped request adds nothing past its k (x + 0.0 is x: the sums keep their bits)
-        k = np.asarray(lengths, dtype=np.intp)
-        terms[np.arange(top + 1)[None, :] > k[:, None]] = 0.0
-    run = np.add.accumulate(terms, axis=1)
-    return np.add.reduce(run, axis=0).tolist()
+    k = _NO_LENGTHS if lengths is None else np.asarray(lengths, dtype=np.int64)
+    return kernels().capped_totals(a, k, int(top)).tolist()
 
 
 def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int], floor: int = 1,
