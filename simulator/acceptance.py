@@ -99,6 +99,20 @@ class Drift:
         return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
 
 
+_KERNELS = None
+
+
+def _kernels():
+    """The compiled draw (:mod:`simulator._kernels`), imported on first use (numba's import is paid by a process
+    that draws, not by one that only imports this module)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _kernels as compiled
+
+        _KERNELS = compiled
+    return _KERNELS
+
+
 class _Streams:
     """Two seeded streams read in order: uniforms (accept/reject) and log-normal KL multipliers.
 
@@ -117,24 +131,23 @@ class _Streams:
         self.z = np.empty(0)
         self.j = 0
 
-    def uniforms(self, n: int) -> np.ndarray:
+    def ensure(self, n: int, noise: bool) -> None:
+        """Hold at least ``n`` unread uniforms (and noise values when ``noise``), drawing further blocks."""
         if self.i + n > len(self.u):
             left = self.u[self.i:]
             self.u = np.concatenate([left, self.rng.random(max(_BLOCK, n - len(left)))])
             self.i = 0
-        out = self.u[self.i:self.i + n]
-        self.i += n
-        return out
-
-    def noise(self, n: int) -> np.ndarray:
-        if self.j + n > len(self.z):
+        if noise and self.j + n > len(self.z):
             s = self.kl_noise
             left = self.z[self.j:]
             more = np.exp(s * self.z_rng.standard_normal(max(_BLOCK, n - len(left))) - 0.5 * s * s)
             self.z = np.concatenate([left, more])
             self.j = 0
-        out = self.z[self.j:self.j + n]
-        self.j += n
+
+    def uniforms(self, n: int) -> np.ndarray:
+        self.ensure(n, False)
+        out = self.u[self.i:self.i + n]
+        self.i += n
         return out
 
 
@@ -185,10 +198,10 @@ class ParametricAcceptance:
         self.trained = 0.0
         self._mult = 1.0
         self._buf: _Streams | None = None
-        #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
-        self.small_batch = 16
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
+        self._last_key: tuple | None = None
+        self._last_draw: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
         self._log_decay = -math.log(self.decay)
 
     # lifecycle -------------------------------------------------------------------------------------------------
@@ -202,6 +215,7 @@ class ParametricAcceptance:
         self._rng = np.random.default_rng(a_ss)
         self._buf = _Streams(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
         self._last_states = None
+        self._last_key = None
         self.trained = 0.0
         self.set_time(0.0)
 
@@ -247,7 +261,8 @@ class ParametricAcceptance:
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
                      want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        r"""Accepted counts and KL of every request of a decode step, in batch order, as array operations.
+        r"""Accepted counts and KL of every request of a decode step, in batch order, in one compiled pass
+        (:func:`simulator._kernels.draw_chains`).
 
         Request ``r`` (depth ``k_r``) reads the next ``k_r`` uniforms ``u_{r,0..k_r-1}`` (requests in batch order)
         and accepts the run of leading positions that pass, position ``i`` with probability
@@ -255,83 +270,47 @@ class ParametricAcceptance:
 
         .. math::  a_r = \min\{\, i : u_{r,i} \ge p_{r,i} \,\} \ (\text{or } k_r \text{ if none})
 
-        which has the module's distribution. Every request reads exactly ``k_r`` uniforms whatever it accepts, so
-        the offsets are known before the draw and the whole batch is one comparison of ``[B, max k]`` arrays; the
-        KL reads ``k_r`` multipliers the same way. Returns the counts (an int array) and a ``[B, max k]`` KL array
-        (row ``r`` valid up to ``k_r``; None without ``want_kl`` or when nothing is proposed). The requests' α are
-        read again only when ``states`` is a different list from the last call's (a host reuses its list while
-        the batch is unchanged).
+        which has the module's distribution. Every request reads exactly ``k_r`` uniforms whatever it accepts (so a
+        request's numbers do not depend on what the requests before it accepted), and its KL at position ``i`` is
+        :math:`(-\ln\alpha_r + i\,(-\ln\delta))\,z_{r,i}` with ``k_r`` log-normal multipliers read the same way.
+        Returns the counts (an int array) and a ``[B, max k]`` KL array (row ``r`` valid up to ``k_r``; None without
+        ``want_kl`` or when nothing is proposed). The requests' α are read again only when ``states`` is a different
+        list from the last call's (a host reuses its list while the batch is unchanged).
         """
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
-        if len(ks) <= self.small_batch:
-            return self._sample_small(states, ks.tolist() if isinstance(ks, np.ndarray) else list(ks), want_kl)
-        k = np.maximum(np.asarray(ks, dtype=np.int64), 0)
-        B = len(k)
-        K = int(k.max()) if B else 0
-        if K <= 0:
-            return np.zeros(B, dtype=np.int64), None
-        if states is not self._last_states:
-            self._last_states = states
-            self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=B)
-        alpha = self.effective_alphas(self._last_alphas)
-        total = int(k.sum())
-        start = np.cumsum(k) - k
-        J = np.arange(K + 1)  # one column past the deepest draft: always a miss, so every row has one
-        idx = np.minimum(start[:, None] + J, total - 1)
-        P = np.empty((B, K + 1))
-        P[:, 0] = alpha
-        P[:, 1:] = self.decay
-        np.multiply.accumulate(P, axis=1, out=P)
-        P *= J < k[:, None]  # positions past k_r: probability 0, a miss (u >= 0)
-        accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1)  # the first miss
-        if not want_kl:
+        k = np.asarray(ks, dtype=np.int64)
+        alpha, base = self._alphas_of(states, want_kl)
+        draw = _kernels().draw_chains
+        accepted, kl, total = draw(k, alpha, base, buf.u, buf.i, buf.z, buf.j, self.decay, self._log_decay, want_kl)
+        if total < 0:  # a buffer ran short: draw more of the same streams and ask again
+            buf.ensure(-total, want_kl)
+            accepted, kl, total = draw(k, alpha, base, buf.u, buf.i, buf.z, buf.j, self.decay, self._log_decay,
+                                       want_kl)
+        buf.i += total
+        if not want_kl or kl.shape[1] == 0:
             return accepted, None
-        with np.errstate(divide="ignore"):
-            base = np.where(alpha > 0, -np.log(alpha), 50.0)
-        kl = (base[:, None] + J[:K] * self._log_decay) * buf.noise(total)[idx[:, :K]]
+        buf.j += total
         return accepted, kl
 
-    def _sample_small(self, states: Sequence[RequestAcceptance], ks: list[int],
-                      want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`sample_batch` for a few requests, one by one in Python (numpy's per-call cost dominates there):
-        the same uniforms, the same running products and comparisons, so the same counts; the KL by the same
-        array expression."""
-        buf = self._buf
-        assert buf is not None
-        ks = [k if k > 0 else 0 for k in ks]
-        total = sum(ks)
-        if total == 0:
-            return np.zeros(len(ks), dtype=np.int64), None
-        u = buf.uniforms(total).tolist()
-        plain = self.trained == 0.0 and self._mult == 1.0
-        d = self.decay
-        accepted: list[int] = []
-        alphas: list[float] = []
-        i = 0
-        for st, k in zip(states, ks):
-            a = st.alpha
-            if plain:
-                alpha = a if a < _ALPHA_MAX or a >= 1.0 else _ALPHA_MAX
+    def _alphas_of(self, states: Sequence[RequestAcceptance], want_kl: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's effective α and, with ``want_kl``, the KL bases ``-ln α`` (50 for α = 0), recomputed only for
+        a different ``states`` list (a host reuses its list while the batch is unchanged), drift or training."""
+        key = (self._mult, self.trained, want_kl)
+        if states is not self._last_states or key != self._last_key:
+            if states is not self._last_states:
+                self._last_states = states
+                self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=len(states))
+            self._last_key = key
+            alpha = self.effective_alphas(self._last_alphas)
+            if want_kl:
+                with np.errstate(divide="ignore"):
+                    base = np.where(alpha > 0, -np.log(alpha), 50.0)
             else:
-                alpha = self.effective_alpha(a)
-            alphas.append(alpha)
-            n, p = 0, alpha
-            while n < k and u[i + n] < p:  # the first miss (u >= p) ends the accepted run
-                n += 1
-                p *= d
-            accepted.append(n)
-            i += k
-        if not want_kl:
-            return np.array(accepted, dtype=np.int64), None
-        k_arr = np.array(ks, dtype=np.int64)
-        K = int(k_arr.max())
-        alpha_arr = np.array(alphas)
-        idx = np.minimum((np.cumsum(k_arr) - k_arr)[:, None] + np.arange(K), total - 1)
-        with np.errstate(divide="ignore"):
-            base = np.where(alpha_arr > 0, -np.log(alpha_arr), 50.0)
-        return np.array(accepted, dtype=np.int64), (base[:, None] + np.arange(K) * self._log_decay) * buf.noise(total)[idx]
+                base = alpha
+            self._last_draw = (alpha, base)
+        return self._last_draw
 
     def _draw(self, alpha: float, k: int, want_kl: bool) -> tuple[int, list[float]]:
         """One request's draw at an already effective ``alpha`` (the same streams as :meth:`sample_batch`)."""

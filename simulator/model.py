@@ -498,7 +498,10 @@ class Replica:
             n = len(run)
             rids, ctxs, states = rids[:n], ctxs[:n], states[:n]
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        accepted_arr, kl = self._draw(run, states, ks)
+        if decision.speculate and any(ks):
+            accepted_arr, kl = self._draw(run, states, ks)
+        else:  # a plain step draws nothing (a request with k = 0 reads no random numbers)
+            accepted_arr, kl = np.zeros(len(ks), dtype=np.int64), None
         accepted = accepted_arr.tolist()
         columns = StepColumns(rids, ks, accepted_arr, kl, None if kl is None else ks, ctxs, self.temperature,
                               check=False)

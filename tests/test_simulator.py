@@ -559,27 +559,43 @@ def test_cli_replay_compare_static(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("trained", [False, True])
-def test_small_and_large_batch_draws_give_the_same_numbers(trained):
-    """A few requests are drawn one by one in Python, many as arrays: the same counts and KL for the same seed."""
-    from simulator.acceptance import Drift, ParametricAcceptance, RequestAcceptance
+def test_compiled_draw_matches_a_plain_per_request_draw(trained):
+    """The compiled batch draw gives, for every request, what a plain loop over the same two seeded streams gives:
+    ``k_r`` uniforms per request, the accepted run while ``u < α δ^i`` (running product), and KL
+    ``(-ln α + i(-ln δ)) z``; across batch sizes 1..70, depths -1..8, drift, training and stream refills."""
+    from simulator.acceptance import _BLOCK, Drift, ParametricAcceptance, RequestAcceptance
 
     rng = random.Random(7)
-    drift = Drift(((0.0, 1.0), (10.0, 0.7)))
-    one_by_one, arrays = ParametricAcceptance(decay=0.9, drift=drift), ParametricAcceptance(decay=0.9, drift=drift)
-    for m, small in ((one_by_one, 10**9), (arrays, 0)):
-        m.reset(3)
-        m.small_batch = small
-        m.set_time(5.0)
-        if trained:
-            m.improve(0.3)
-    for _ in range(200):
-        b = rng.randint(1, 20)
+    m = ParametricAcceptance(decay=0.9, drift=Drift(((0.0, 1.0), (10.0, 0.7))), kl_noise=0.3)
+    m.reset(3)
+    m.set_time(5.0)
+    if trained:
+        m.improve(0.3)
+    _, u_ss, z_ss = np.random.SeedSequence(3).spawn(3)
+    u = np.random.default_rng(u_ss).random(4 * _BLOCK)
+    z = np.exp(0.3 * np.random.default_rng(z_ss).standard_normal(4 * _BLOCK) - 0.5 * 0.3 * 0.3)
+    ui = zi = 0
+    for _ in range(700):
+        b = rng.randint(1, 70)
         states = [RequestAcceptance(rng.choice([rng.random(), 1.0, 0.0, 0.99995])) for _ in range(b)]
         ks = [rng.randint(-1, 8) for _ in range(b)]
         want_kl = rng.random() < 0.5
-        a1, kl1 = one_by_one.sample_batch(states, [0] * b, ks, want_kl)
-        a2, kl2 = arrays.sample_batch(states, [0] * b, ks, want_kl)
-        assert a1.tolist() == a2.tolist()
-        assert all(0 <= a <= max(k, 0) for a, k in zip(a1.tolist(), ks))
-        if want_kl and max(ks) > 0:
-            assert all(kl1[r, :k].tolist() == kl2[r, :k].tolist() for r, k in enumerate(ks) if k > 0)
+        got, kl = m.sample_batch(states, [0] * b, ks, want_kl)
+        for r, (st, k) in enumerate(zip(states, ks)):
+            if k <= 0:
+                assert got[r] == 0
+                continue
+            alpha = m.effective_alpha(st.alpha)
+            n, p = 0, alpha
+            while n < k and u[ui + n] < p:
+                n += 1
+                p *= 0.9
+            assert got[r] == n
+            if want_kl:
+                base = -math.log(alpha) if alpha > 0 else 50.0
+                want = [(base + i * -math.log(0.9)) * z[zi + i] for i in range(k)]
+                assert kl[r, :k].tolist() == pytest.approx(want, rel=1e-12)
+                zi += k
+            ui += k
+        assert (kl is None) == (not want_kl or max(ks) <= 0)
+    assert ui > 2 * _BLOCK  # the streams were refilled on the way
