@@ -883,3 +883,33 @@ def test_capped_expected_totals_has_the_bits_of_the_scalar_loop():
                 total += expected_tokens(a, min(k, c)) if k >= 0 else 0.0
             want.append(total)
         assert capped_expected_totals(alphas, lengths, top) == want
+
+
+def test_depth_seconds_has_the_bits_of_pricing_one_depth_at_a_time():
+    """A profile's cost model prices every depth of a step at once with the same floats as verify + draft per depth
+    (goodput's scores and DSDE's cost cap compare these numbers, so a last-bit change would change decisions); a
+    duck-typed cost model without the method is priced one depth at a time, None where it cannot answer."""
+    from pathlib import Path
+
+    from sglang_ext.core.costs import CostModel
+    from sglang_ext.core.policies._estimators import depth_seconds
+
+    profile = Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json"
+    cost = CostModel.fit(profile)
+    rng = random.Random(5)
+    for _ in range(300):
+        b, lo = rng.randint(0, 80), rng.randint(0, 3)
+        hi, ctx = rng.randint(lo, 12), rng.randint(0, 9000)
+        want = [cost.verify_seconds(b, c + 1, ctx) + (cost.draft_seconds(b, c) if c > 0 else 0.0)
+                for c in range(lo, hi + 1)]
+        assert cost.depth_seconds(b, lo, hi, ctx) == want
+        assert depth_seconds(cost, b, lo, hi, ctx) == want
+
+    class Partial:
+        def verify_seconds(self, b, t, ctx=0):
+            return None if t > 3 else 0.01 * b * t
+
+        def draft_seconds(self, b, d):
+            return 0.002 * d
+
+    assert depth_seconds(Partial(), 4, 0, 4) == [0.04, 0.08 + 0.002, 0.12 + 0.004, None, None]

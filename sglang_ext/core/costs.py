@@ -546,6 +546,8 @@ class CostModel:
     train: FittedTerm | None = None
     source: dict = field(default_factory=dict)
     prefill: FittedTerm | None = None
+    #: :meth:`depth_seconds`' context-free parts per (batch size, lo, hi)
+    _depth_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ---- building ----
     @classmethod
@@ -653,6 +655,45 @@ class CostModel:
         co = f.coefficients
         kv, pair = co.get("per_kv_token", 0.0), co.get("per_attention_pair", 0.0)
         return f.curve_at(total) + sum(kv * c + pair * (p * c + p * (p + 1) / 2) for p, c in chunks)
+
+    def depth_seconds(self, batch_size: int, lo: int, hi: int, context_len: int = 0) -> list[float]:
+        r"""One decode step's seconds at every depth ``c = lo..hi``:
+
+        .. math::  S(c) = V(b, c + 1) + D(b, c), \qquad D(b, 0) = 0
+
+        the same floats as :meth:`verify_seconds` ``+`` :meth:`draft_seconds` one depth at a time. Why: a
+        cost-aware policy prices every candidate depth of every step; the parts that do not depend on the context
+        length are kept per ``(b, lo, hi)``, so a step's prices are two array operations.
+        """
+        key = (batch_size, lo, hi)
+        parts = self._depth_memo.get(key)
+        if parts is None:
+            if len(self._depth_memo) >= 4096:
+                self._depth_memo.clear()
+            parts = self._depth_memo[key] = self._depth_parts(batch_size, lo, hi)
+        base, per_ctx, draft = parts
+        return (base + per_ctx * float(context_len) + draft).tolist()
+
+    def _depth_parts(self, batch_size: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``V = base + per_ctx · ctx`` and ``D`` of :meth:`depth_seconds`, each in :meth:`verify_seconds`' and
+        :meth:`draft_seconds`' own order of operations."""
+        depths = np.arange(lo, hi + 1)
+        if batch_size <= 0:
+            zero = np.zeros(len(depths))
+            return zero, zero, zero
+        B = float(batch_size)
+        n = [float(batch_size * (d + 1)) for d in range(lo, hi + 1)]
+        c = self.verify.coefficients
+        base = np.array([self.verify.curve_at(x) for x in n]) + c.get("per_request", 0.0) * B
+        per_ctx = c.get("per_kv_token", 0.0) * B + c.get("per_attention_pair", 0.0) * np.array(n)
+        draft = np.zeros(len(depths))
+        if hi > 0:
+            if self.draft is None:
+                self.draft_seconds(batch_size, hi)  # raises the error naming the profile
+            g = self.draft.coefficients
+            const = g.get("call", 0.0) + g.get("call_per_request", 0.0) * B
+            draft = np.where(depths > 0, const + depths * self.draft.curve_at(B), 0.0)
+        return base, per_ctx, draft
 
     def draft_seconds(self, batch_size: int, depth: int) -> float:
         """``depth`` sequential draft steps for ``batch_size`` requests (0 for depth 0)."""

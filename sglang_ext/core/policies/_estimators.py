@@ -264,6 +264,21 @@ class CallableCosts:
         return depth * float(self._draft(batch_size)) if self._draft is not None else 0.0
 
 
+def depth_seconds(costs: Any, batch_size: int, lo: int, hi: int, context_len: int = 0) -> list[float | None]:
+    """One step's seconds at every depth ``c = lo..hi``, ``V(b, c + 1) + D(b, c)`` (``D(b, 0) = 0``; None where a
+    cost is unknown): the cost model's own :meth:`~sglang_ext.core.costs.CostModel.depth_seconds` when it has one
+    (priced at once), else one depth at a time."""
+    many = getattr(costs, "depth_seconds", None)
+    if many is not None:
+        return many(batch_size, lo, hi, context_len)
+    out: list[float | None] = []
+    for c in range(lo, hi + 1):
+        v = costs.verify_seconds(batch_size, c + 1, context_len)
+        d = costs.draft_seconds(batch_size, c) if c > 0 else 0.0
+        out.append(None if v is None or d is None else v + d)
+    return out
+
+
 def resolve_costs(cost_model: Any = None, verify_cost: Callable | None = None,
                   draft_cost: Callable | None = None) -> Any | None:
     """The given costs as one CostModel-like object, or None when nothing was given (learn online)."""

@@ -36,6 +36,7 @@ from ..signals import StepResult, expected_tokens
 from ._estimators import (
     OnlineLinearCost,
     RequestAlphas,
+    depth_seconds,
     kernels,
     resolve_costs,
     rng_state,
@@ -102,13 +103,12 @@ def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int],
         return None, None
     b = len(alphas)
     totals = capped_expected_totals(alphas, lengths, top)
+    lo = max(floor, 0)
     best: tuple[float, int] | None = None
-    for c in range(max(floor, 0), top + 1):
-        v = costs.verify_seconds(b, c + 1, context_len)
-        d = costs.draft_seconds(b, c) if c > 0 else 0.0
-        if v is None or d is None or v + d <= 0:
+    for c, s in enumerate(depth_seconds(costs, b, lo, top, context_len), start=lo):
+        if s is None or s <= 0:
             return None, None
-        g = totals[c] / (v + d)
+        g = totals[c] / s
         if best is None or g > best[0]:
             best = (g, c)
     return best[1], best[0]
@@ -161,19 +161,15 @@ class GoodputPolicy(Policy):
 
         Why: the per-depth form summed ``b`` geometric series per depth (a few million calls on a long replay);
         :func:`capped_expected_totals` gives every depth's numerator at once, and the denominator is
-        :func:`batch_goodput`'s, ``D(b, k) + V(b, k + 1)``.
+        :func:`batch_goodput`'s, ``D(b, k) + V(b, k + 1)``, priced for every depth at once
+        (:func:`~._estimators.depth_seconds`).
         """
         b = len(alphas)
         if b == 0:
             return {k: None for k in range(lo, hi + 1)}
         totals = capped_expected_totals(alphas, None, hi)
-        costs = self.costs
-        scores: dict[int, float | None] = {}
-        for k in range(lo, hi + 1):
-            v = costs.verify_seconds(b, k + 1, context_len)
-            d = costs.draft_seconds(b, k) if k > 0 else 0.0
-            scores[k] = None if v is None or d is None or v + d <= 0 else totals[k] / (v + d)
-        return scores
+        seconds = depth_seconds(self.costs, b, lo, hi, context_len)
+        return {k: None if s is None or s <= 0 else totals[k] / s for k, s in enumerate(seconds, start=lo)}
 
     def release(self, rid: str) -> None:
         self.alphas.release(rid)

@@ -72,7 +72,15 @@ import random
 from typing import Any, Callable
 
 from ..signals import StepResult, expected_tokens
-from ._estimators import OnlineCostTable, RatioEMA, resolve_costs, rng_state, set_rng_state, step_trials
+from ._estimators import (
+    OnlineCostTable,
+    RatioEMA,
+    depth_seconds,
+    resolve_costs,
+    rng_state,
+    set_rng_state,
+    step_trials,
+)
 from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 
@@ -142,7 +150,7 @@ class TideControlPolicy(Policy):
     def best_depth(self, batch_size: int, context_len: int = 0) -> int:
         """``γ*``: the depth in ``1..gamma`` with the highest predicted speculative rate (``gamma`` while unpriced)."""
         top = self.config["gamma"]
-        rates = {g: self.predicted_rate(batch_size, True, g, context_len) for g in range(1, top + 1)}
+        rates = self._spec_rates(batch_size, 1, top, context_len)
         priced = {g: r for g, r in rates.items() if r is not None}
         return max(priced, key=lambda g: (priced[g], -g)) if priced else top  # ties: the shallower (cheaper) depth
 
@@ -182,16 +190,18 @@ class TideControlPolicy(Policy):
                        context_len: int = 0) -> float | None:
         """Predicted tokens/s of a step in the given mode (R_on / R_off of the module docstring)."""
         gamma = self.config["gamma"] if gamma is None else int(gamma)
-        costs = self.costs
         if not speculate:
-            t1 = costs.verify_seconds(batch_size, 1, context_len)
+            t1 = self.costs.verify_seconds(batch_size, 1, context_len)
             return batch_size / t1 if t1 is not None and t1 > 0 else None
+        return self._spec_rates(batch_size, gamma, gamma, context_len)[gamma]
+
+    def _spec_rates(self, batch_size: int, lo: int, hi: int, context_len: int) -> dict[int, float | None]:
+        """R_on at every depth ``lo..hi``, ``b E[ℓ] / (D(b, γ) + T(b(γ+1)))``, priced at once
+        (:func:`~._estimators.depth_seconds`); None where α or a cost is unknown."""
         a = self.alpha(batch_size)
-        tg = costs.verify_seconds(batch_size, gamma + 1, context_len)
-        dg = costs.draft_seconds(batch_size, gamma)
-        if a is None or tg is None or dg is None or tg + dg <= 0:
-            return None
-        return batch_size * expected_tokens(a, gamma) / (dg + tg)
+        seconds = depth_seconds(self.costs, batch_size, lo, hi, context_len)
+        return {g: None if a is None or t is None or t <= 0 else batch_size * expected_tokens(a, g) / t
+                for g, t in enumerate(seconds, start=lo)}
 
     # the loop -----------------------------------------------------------------------------------------------------
     def decide(self, batch: BatchView) -> Decision:
