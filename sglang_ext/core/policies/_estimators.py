@@ -178,14 +178,15 @@ class RequestAlphas:
 
     def update(self, result: StepResult) -> None:
         c = result.columns
-        succ, trials = step_trial_arrays(c)
-        idx = np.flatnonzero(trials > 0)
-        if len(idx) == 0:
+        prop, acc = c.proposed, c.accepted
+        rows = np.flatnonzero(prop > 0)  # the requests with chain trials (a proposed chain verifies >= 1 position)
+        if len(rows) == 0:
             return
         rids = c.rids
-        slots = self.table.slots(rids if len(idx) == len(rids) else [rids[i] for i in idx.tolist()])
+        if len(rows) < len(rids):
+            rids, prop, acc = [rids[i] for i in rows.tolist()], prop[rows], acc[rows]
         b = self.batch
-        b.num, b.den = kernels().ratio_update(slots, succ[idx], trials[idx], self.table.records, self.decay,
+        b.num, b.den = kernels().ratio_update(self.table.slots(rids), prop, acc, self.table.records, self.decay,
                                               b.num, b.den)
 
     def fallback(self) -> float:
@@ -201,13 +202,7 @@ class RequestAlphas:
 
     def values(self, rids: Sequence[str]) -> np.ndarray:
         """:meth:`value` of every request in ``rids``, as one array."""
-        slots = self.table.lookup(rids)
-        out = np.full(len(slots), self.fallback())
-        known = slots >= 0
-        if known.any():
-            ks = slots[known]
-            out[known] = self.table.cols["num"][ks] / self.table.cols["den"][ks]
-        return out
+        return kernels().ratio_values(self.table.lookup(rids), self.table.records, self.fallback())
 
     def release(self, rid: str) -> None:
         self.table.release(rid)

@@ -134,18 +134,54 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, w, ws, con
 
 
 @njit(cache=True, nogil=True)
-def ratio_update(slots, succ, trials, state, decay, batch_num, batch_den):
-    r""":class:`~._estimators.RequestAlphas`' update, request by request in batch order (a request listed twice
-    updates twice): :math:`S_r \leftarrow \lambda S_r + s_r,\ N_r \leftarrow \lambda N_r + n_r` on the records'
-    ``num``/``den``, and the batch-wide ratio the same way over every request in turn. Returns the batch-wide
-    ``(S, N)``."""
+def dsde_lengths(slots, state, cap):
+    """DSDE's lengths before the cost cap: each request's prediction ``pred``, and with ``cap`` the SL cap
+    ``ceil(mean of the steady requests' pred)`` applied to the steady ones (requests in warm-up are neither capped
+    nor counted). Returns ``(lengths, SL cap or -1 when none applies)``."""
+    n = slots.shape[0]
+    lengths = np.empty(n, dtype=np.int64)
+    total = 0
+    count = 0
+    for i in range(n):
+        st = state[slots[i]]
+        lengths[i] = st.pred
+        if st.steady:
+            total += st.pred
+            count += 1
+    if not cap or count == 0:
+        return lengths, -1
+    sl_cap = int(math.ceil(total / count - 1e-12))
+    for i in range(n):
+        if state[slots[i]].steady and lengths[i] > sl_cap:
+            lengths[i] = sl_cap
+    return lengths, sl_cap
+
+
+@njit(cache=True, nogil=True)
+def ratio_update(slots, proposed, accepted, state, decay, batch_num, batch_den):
+    r""":class:`~._estimators.RequestAlphas`' update from requests that proposed (``proposed > 0``), request by
+    request in batch order (a request listed twice updates twice): with the chain trials ``s = a``,
+    ``n = a + [a < k]`` (:func:`~sglang_ext.core.signals.chain_trials`),
+    :math:`S_r \leftarrow \lambda S_r + s,\ N_r \leftarrow \lambda N_r + n` on the records' ``num``/``den``, and
+    the batch-wide ratio the same way over every request in turn. Returns the batch-wide ``(S, N)``."""
     for i in range(slots.shape[0]):
         st = state[slots[i]]
-        st.num = decay * st.num + succ[i]
-        st.den = decay * st.den + trials[i]
-        batch_num = decay * batch_num + succ[i]
-        batch_den = decay * batch_den + trials[i]
+        s = accepted[i]
+        t = s + (1 if s < proposed[i] else 0)
+        st.num = decay * st.num + s
+        st.den = decay * st.den + t
+        batch_num = decay * batch_num + s
+        batch_den = decay * batch_den + t
     return batch_num, batch_den
+
+
+@njit(cache=True, nogil=True)
+def ratio_values(slots, state, fallback):
+    """``num / den`` of each record at ``slots``, ``fallback`` where the slot is -1 (no record)."""
+    out = np.empty(slots.shape[0])
+    for i in range(slots.shape[0]):
+        out[i] = state[slots[i]].num / state[slots[i]].den if slots[i] >= 0 else fallback
+    return out
 
 
 @njit(cache=True, nogil=True)

@@ -283,20 +283,13 @@ class DSDEPolicy(Policy):
 
     def decide(self, batch: BatchView) -> Decision:
         rids = batch.rids
-        slots = self.table.slots(rids)
-        cols = self.table.cols
-        lengths = cols["pred"][slots]
-        cap = None
-        if self.config["cap"]:
-            steady = cols["steady"][slots]
-            if steady.any():  # apply_batch_cap over the post-warm-up requests
-                cap = math.ceil(int(lengths[steady].sum()) / int(steady.sum()) - 1e-12)
-                lengths = np.where(steady, np.minimum(lengths, cap), lengths)
-        info: dict = {"sl_cap": cap}
+        # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
+        lengths, cap = kernels().dsde_lengths(self.table.slots(rids), self.table.records, self.config["cap"])
+        info: dict = {"sl_cap": cap if cap >= 0 else None}
         if self.config["cost_cap"]:
             lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
         ks = lengths.tolist()
-        return Decision(speculate=any(k > 0 for k in ks), lengths=BatchLengths(rids, ks=ks), info=info)
+        return Decision(speculate=bool(ks) and max(ks) > 0, lengths=BatchLengths(rids, ks=ks), info=info)
 
     # the cost cap -------------------------------------------------------------------------------------------------
     @property

@@ -98,7 +98,7 @@ def best_length_cap(costs: Any, alphas: Sequence[float], lengths: Sequence[int],
     last word on *how short*, and the cost model only on *how long is still worth paying for*. ``(None, None)``
     while the costs cannot answer.
     """
-    top = max(lengths, default=0)
+    top = (int(lengths.max()) if len(lengths) else 0) if isinstance(lengths, np.ndarray) else max(lengths, default=0)
     if top <= floor:
         return None, None
     b = len(alphas)
