@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..signals import StepColumns, StepResult
+from ..signals import StepResult
 
 
 _KERNELS = None
@@ -154,12 +154,6 @@ class SlotTable:
         return list(self.index.items())
 
 
-def step_trial_arrays(c: StepColumns) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`~sglang_ext.core.signals.chain_trials` of every request of a step: ``(successes, trials)`` arrays."""
-    trials = np.where(c.proposed > 0, c.accepted + (c.accepted < c.proposed), 0)
-    return c.accepted, trials
-
-
 class RequestAlphas:
     r"""Per-request per-token acceptance α (the chain MLE as a :class:`RatioEMA`), with the batch-wide estimate for
     a request not yet verified and ``prior`` before any step. Shared by the cost-aware length policies.
@@ -224,8 +218,8 @@ class RequestAlphas:
 
 def step_trials(result: StepResult) -> tuple[int, int]:
     """(successes, trials) of a whole step, summing :func:`chain_trials` over its requests."""
-    succ, trials = step_trial_arrays(result.columns)
-    return int(succ[trials > 0].sum()), int(trials.sum())
+    c = result.columns
+    return kernels().chain_trial_sums(c.proposed, c.accepted)
 
 
 def tokens_per_request(result: StepResult) -> int:

@@ -176,6 +176,19 @@ def ratio_update(slots, proposed, accepted, state, decay, batch_num, batch_den):
 
 
 @njit(cache=True, nogil=True)
+def chain_trial_sums(proposed, accepted):
+    """Σ successes and Σ trials of :func:`~sglang_ext.core.signals.chain_trials` over a step's requests that
+    proposed: ``s = a``, ``n = a + [a < k]``."""
+    s = 0
+    t = 0
+    for i in range(proposed.shape[0]):
+        if proposed[i] > 0:
+            s += accepted[i]
+            t += accepted[i] + (1 if accepted[i] < proposed[i] else 0)
+    return s, t
+
+
+@njit(cache=True, nogil=True)
 def ratio_values(slots, state, fallback):
     """``num / den`` of each record at ``slots``, ``fallback`` where the slot is -1 (no record)."""
     out = np.empty(slots.shape[0])
