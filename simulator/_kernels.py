@@ -1,9 +1,9 @@
 r"""The simulator's per-step draw, compiled (numba): one pass over a decode step's requests.
 
 Why compiled: at saturation every decode step draws ~64 requests' acceptance; as numpy over the batch that took
-~20 array operations (30–50 µs) per step, the largest single cost of a replay. Imported on first use (numba's import
-and the compiled code's load from its cache, ~0.7 s, are paid once per process; ``cache=True`` keeps the compiled
-code beside this file or in numba's user cache).
+~20 array operations (30–50 µs) per step, the largest single cost of a replay. Used once numba is loaded in the
+process (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`; numba's import and the compiled code's load
+from its cache cost ~0.7 s once; ``cache=True`` keeps the compiled code beside this file or in numba's user cache).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,16 +139,26 @@ class _Streams:
             self.u = np.concatenate([left, self.rng.random(max(_BLOCK, n - len(left)))])
             self.i = 0
         if noise and self.j + n > len(self.z):
-            s = self.kl_noise
-            left = self.z[self.j:]
-            more = np.exp(s * self.z_rng.standard_normal(max(_BLOCK, n - len(left))) - 0.5 * s * s)
-            self.z = np.concatenate([left, more])
-            self.j = 0
+            self.ensure_noise(n)
+
+    def ensure_noise(self, n: int) -> None:
+        s = self.kl_noise
+        left = self.z[self.j:]
+        more = np.exp(s * self.z_rng.standard_normal(max(_BLOCK, n - len(left))) - 0.5 * s * s)
+        self.z = np.concatenate([left, more])
+        self.j = 0
 
     def uniforms(self, n: int) -> np.ndarray:
         self.ensure(n, False)
         out = self.u[self.i:self.i + n]
         self.i += n
+        return out
+
+    def noise(self, n: int) -> np.ndarray:
+        if self.j + n > len(self.z):
+            self.ensure_noise(n)
+        out = self.z[self.j:self.j + n]
+        self.j += n
         return out
 
 
@@ -198,6 +209,10 @@ class ParametricAcceptance:
         self.trained = 0.0
         self._mult = 1.0
         self._buf: _Streams | None = None
+        #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
+        self.small_batch = 16
+        #: draw with the compiled kernel: None = when numba is already loaded in this process (module docstring)
+        self.compiled: bool | None = None
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
         self._last_key: tuple | None = None
@@ -261,8 +276,7 @@ class ParametricAcceptance:
 
     def sample_batch(self, states: Sequence[RequestAcceptance], positions: Sequence[int], ks: Sequence[int],
                      want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        r"""Accepted counts and KL of every request of a decode step, in batch order, in one compiled pass
-        (:func:`simulator._kernels.draw_chains`).
+        r"""Accepted counts and KL of every request of a decode step, in batch order.
 
         Request ``r`` (depth ``k_r``) reads the next ``k_r`` uniforms ``u_{r,0..k_r-1}`` (requests in batch order)
         and accepts the run of leading positions that pass, position ``i`` with probability
@@ -276,10 +290,54 @@ class ParametricAcceptance:
         Returns the counts (an int array) and a ``[B, max k]`` KL array (row ``r`` valid up to ``k_r``; None without
         ``want_kl`` or when nothing is proposed). The requests' α are read again only when ``states`` is a different
         list from the last call's (a host reuses its list while the batch is unchanged).
+
+        Three ways to the same numbers (tested against a plain per-request loop): one compiled pass
+        (:func:`simulator._kernels.draw_chains`, ~3 µs a step) once numba is loaded in the process (a policy with
+        compiled steps loads it; ``compiled`` forces either way), else ``[B, max k]`` array comparisons, or for up to
+        ``small_batch`` requests a Python loop. Why not always compiled: loading numba costs ~0.7 s once, more than a
+        replay that speculates in few steps, or only tens of thousands, saves with it.
         """
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
+        compiled = self.compiled if self.compiled is not None else "numba" in sys.modules
+        if compiled:
+            return self._sample_compiled(states, ks, want_kl)
+        if len(ks) <= self.small_batch:
+            return self._sample_small(states, ks.tolist() if isinstance(ks, np.ndarray) else list(ks), want_kl)
+        k = np.maximum(np.asarray(ks, dtype=np.int64), 0)
+        B = len(k)
+        K = int(k.max()) if B else 0
+        if K <= 0:
+            return np.zeros(B, dtype=np.int64), None
+        if states is not self._last_states:
+            self._last_states = states
+            self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=B)
+            self._last_key = None  # the compiled path's derived α are stale now
+        alpha = self.effective_alphas(self._last_alphas)
+        total = int(k.sum())
+        start = np.cumsum(k) - k
+        J = np.arange(K + 1)  # one column past the deepest draft: always a miss, so every row has one
+        idx = np.minimum(start[:, None] + J, total - 1)
+        P = np.empty((B, K + 1))
+        P[:, 0] = alpha
+        P[:, 1:] = self.decay
+        np.multiply.accumulate(P, axis=1, out=P)
+        P *= J < k[:, None]  # positions past k_r: probability 0, a miss (u >= 0)
+        accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1)  # the first miss
+        if not want_kl:
+            return accepted, None
+        with np.errstate(divide="ignore"):
+            base = np.where(alpha > 0, -np.log(alpha), 50.0)
+        kl = (base[:, None] + J[:K] * self._log_decay) * buf.noise(total)[idx[:, :K]]
+        return accepted, kl
+
+    def _sample_compiled(self, states: Sequence[RequestAcceptance], ks: Sequence[int],
+                         want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`sample_batch` as one compiled pass (:func:`simulator._kernels.draw_chains`): the same uniforms,
+        running products and comparisons, and the KL from the same bases, so the same numbers."""
+        buf = self._buf
+        assert buf is not None
         k = np.asarray(ks, dtype=np.int64)
         alpha, base = self._alphas_of(states, want_kl)
         draw = _kernels().draw_chains
@@ -293,6 +351,46 @@ class ParametricAcceptance:
             return accepted, None
         buf.j += total
         return accepted, kl
+
+    def _sample_small(self, states: Sequence[RequestAcceptance], ks: list[int],
+                      want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`sample_batch` for a few requests, one by one in Python (numpy's per-call cost dominates there):
+        the same uniforms, the same running products and comparisons, so the same counts; the KL by the same
+        array expression."""
+        buf = self._buf
+        assert buf is not None
+        ks = [k if k > 0 else 0 for k in ks]
+        total = sum(ks)
+        if total == 0:
+            return np.zeros(len(ks), dtype=np.int64), None
+        u = buf.uniforms(total).tolist()
+        plain = self.trained == 0.0 and self._mult == 1.0
+        d = self.decay
+        accepted: list[int] = []
+        alphas: list[float] = []
+        i = 0
+        for st, k in zip(states, ks):
+            a = st.alpha
+            if plain:
+                alpha = a if a < _ALPHA_MAX or a >= 1.0 else _ALPHA_MAX
+            else:
+                alpha = self.effective_alpha(a)
+            alphas.append(alpha)
+            n, p = 0, alpha
+            while n < k and u[i + n] < p:  # the first miss (u >= p) ends the accepted run
+                n += 1
+                p *= d
+            accepted.append(n)
+            i += k
+        if not want_kl:
+            return np.array(accepted, dtype=np.int64), None
+        k_arr = np.array(ks, dtype=np.int64)
+        K = int(k_arr.max())
+        alpha_arr = np.array(alphas)
+        idx = np.minimum((np.cumsum(k_arr) - k_arr)[:, None] + np.arange(K), total - 1)
+        with np.errstate(divide="ignore"):
+            base = np.where(alpha_arr > 0, -np.log(alpha_arr), 50.0)
+        return np.array(accepted, dtype=np.int64), (base[:, None] + np.arange(K) * self._log_decay) * buf.noise(total)[idx]
 
     def _alphas_of(self, states: Sequence[RequestAcceptance], want_kl: bool) -> tuple[np.ndarray, np.ndarray]:
         """The batch's effective α and, with ``want_kl``, the KL bases ``-ln α`` (50 for α = 0), recomputed only for

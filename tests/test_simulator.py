@@ -559,14 +559,18 @@ def test_cli_replay_compare_static(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("trained", [False, True])
-def test_compiled_draw_matches_a_plain_per_request_draw(trained):
-    """The compiled batch draw gives, for every request, what a plain loop over the same two seeded streams gives:
-    ``k_r`` uniforms per request, the accepted run while ``u < α δ^i`` (running product), and KL
-    ``(-ln α + i(-ln δ)) z``; across batch sizes 1..70, depths -1..8, drift, training and stream refills."""
+@pytest.mark.parametrize("path", ["compiled", "arrays", "loop", "switching"])
+def test_every_draw_path_matches_a_plain_per_request_draw(trained, path):
+    """The compiled draw, the array draw and the small-batch loop (and a run that switches between them) give, for
+    every request, what a plain loop over the same two seeded streams gives: ``k_r`` uniforms per request, the
+    accepted run while ``u < α δ^i`` (running product), and KL ``(-ln α + i(-ln δ)) z``; across batch sizes 1..70,
+    depths -1..8, drift, training and stream refills."""
     from simulator.acceptance import _BLOCK, Drift, ParametricAcceptance, RequestAcceptance
 
     rng = random.Random(7)
     m = ParametricAcceptance(decay=0.9, drift=Drift(((0.0, 1.0), (10.0, 0.7))), kl_noise=0.3)
+    m.compiled = path == "compiled"
+    m.small_batch = {"arrays": 0, "loop": 10**9}.get(path, 16)
     m.reset(3)
     m.set_time(5.0)
     if trained:
@@ -580,6 +584,12 @@ def test_compiled_draw_matches_a_plain_per_request_draw(trained):
         states = [RequestAcceptance(rng.choice([rng.random(), 1.0, 0.0, 0.99995])) for _ in range(b)]
         ks = [rng.randint(-1, 8) for _ in range(b)]
         want_kl = rng.random() < 0.5
+        if path == "switching":
+            m.compiled = rng.random() < 0.5
+            if rng.random() < 0.5:  # the same states list again: its α may be reused
+                states = getattr(m, "_last_states", None) or states
+                b = len(states)
+                ks = [rng.randint(-1, 8) for _ in range(b)]
         got, kl = m.sample_batch(states, [0] * b, ks, want_kl)
         for r, (st, k) in enumerate(zip(states, ks)):
             if k <= 0:
