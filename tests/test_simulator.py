@@ -558,9 +558,9 @@ def test_cli_replay_compare_static(tmp_path, capsys):
     assert "--train-round-seconds" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize(("trained", "decay"), [(False, 0.9), (True, 0.9), (False, 1.0)])
 @pytest.mark.parametrize("path", ["compiled", "arrays", "loop", "switching"])
-def test_every_draw_path_matches_a_plain_per_request_draw(trained, path):
+def test_every_draw_path_matches_a_plain_per_request_draw(trained, decay, path):
     """The compiled draw, the array draw and the small-batch loop (and a run that switches between them) give, for
     every request, what a plain loop over the same two seeded streams gives: ``k_r`` uniforms per request, the
     accepted run while ``u < α δ^i`` (running product), and KL ``(-ln α + i(-ln δ)) z``; across batch sizes 1..70,
@@ -568,7 +568,7 @@ def test_every_draw_path_matches_a_plain_per_request_draw(trained, path):
     from simulator.acceptance import _BLOCK, Drift, ParametricAcceptance, RequestAcceptance
 
     rng = random.Random(7)
-    m = ParametricAcceptance(decay=0.9, drift=Drift(((0.0, 1.0), (10.0, 0.7))), kl_noise=0.3)
+    m = ParametricAcceptance(decay=decay, drift=Drift(((0.0, 1.0), (10.0, 0.7))), kl_noise=0.3)
     m.compiled = path == "compiled"
     m.small_batch = {"arrays": 0, "loop": 10**9}.get(path, 16)
     m.reset(3)
@@ -583,6 +583,8 @@ def test_every_draw_path_matches_a_plain_per_request_draw(trained, path):
         b = rng.randint(1, 70)
         states = [RequestAcceptance(rng.choice([rng.random(), 1.0, 0.0, 0.99995])) for _ in range(b)]
         ks = [rng.randint(-1, 8) for _ in range(b)]
+        if rng.random() < 0.3:  # one depth for the whole batch (the array draw's uniform case)
+            ks = [rng.randint(1, 8)] * b
         want_kl = rng.random() < 0.5
         if path == "switching":
             m.compiled = rng.random() < 0.5
@@ -599,11 +601,11 @@ def test_every_draw_path_matches_a_plain_per_request_draw(trained, path):
             n, p = 0, alpha
             while n < k and u[ui + n] < p:
                 n += 1
-                p *= 0.9
+                p *= decay
             assert got[r] == n
             if want_kl:
                 base = -math.log(alpha) if alpha > 0 else 50.0
-                want = [(base + i * -math.log(0.9)) * z[zi + i] for i in range(k)]
+                want = [(base + i * -math.log(decay)) * z[zi + i] for i in range(k)]
                 assert kl[r, :k].tolist() == pytest.approx(want, rel=1e-12)
                 zi += k
             ui += k
