@@ -84,6 +84,9 @@ from ._estimators import (
 from .base import BatchLengths, BatchView, Decision, Param, Policy
 
 
+_UNSET: Any = object()  # "not computed by the caller" (None is a value: unknown)
+
+
 class TideControlPolicy(Policy):
     """Per-batch on/off speculation at a fixed depth γ by TIDE's speedup model (module docstring)."""
 
@@ -137,9 +140,15 @@ class TideControlPolicy(Policy):
         """TIDE Eq. 4/5 at this batch size, or None while α or a cost is unknown: ``R_on / R_off`` (module
         docstring), since ``E[ℓ] / (c(b)γ + β(b)) = (b E[ℓ] / (D(b, γ) + T(b(γ+1)))) / (b / T(b))``."""
         gamma = self.config["gamma"] if gamma is None else int(gamma)
-        if self.alpha(batch_size) is None or not (self._spec_costs_known(gamma) and self._plain_cost_known()):
+        return self._speedup(batch_size, gamma, context_len, self.alpha(batch_size))
+
+    def _speedup(self, batch_size: int, gamma: int, context_len: int, alpha: float | None,
+                 on: Any = _UNSET) -> float | None:
+        """:meth:`predicted_speedup` with α given and, when the caller priced it already, ``on`` = R_on(γ)."""
+        if alpha is None or not (self._spec_costs_known(gamma) and self._plain_cost_known()):
             return None
-        on = self.predicted_rate(batch_size, True, gamma, context_len)
+        if on is _UNSET:
+            on = self._spec_rates(batch_size, gamma, gamma, context_len, alpha)[gamma]
         off = self.predicted_rate(batch_size, False, gamma, context_len)
         return None if on is None or not off else on / off
 
@@ -149,10 +158,12 @@ class TideControlPolicy(Policy):
 
     def best_depth(self, batch_size: int, context_len: int = 0) -> int:
         """``γ*``: the depth in ``1..gamma`` with the highest predicted speculative rate (``gamma`` while unpriced)."""
-        top = self.config["gamma"]
-        rates = self._spec_rates(batch_size, 1, top, context_len)
+        return self._best(self._spec_rates(batch_size, 1, self.config["gamma"], context_len))
+
+    def _best(self, rates: dict[int, float | None]) -> int:
+        """The depth of the highest priced rate (ties: the shallower, cheaper one), ``gamma`` when none is priced."""
         priced = {g: r for g, r in rates.items() if r is not None}
-        return max(priced, key=lambda g: (priced[g], -g)) if priced else top  # ties: the shallower (cheaper) depth
+        return max(priced, key=lambda g: (priced[g], -g)) if priced else self.config["gamma"]
 
     def _choose(self, batch_size: int, gamma: int | None, context_len: int) -> tuple[bool, dict]:
         """``(speculate, info)`` at the fixed ``gamma`` when one is given (the composed policy asks about the depth
@@ -160,15 +171,19 @@ class TideControlPolicy(Policy):
         choose_depth = gamma is None and self.config["depth"] == "best"
         gamma = self.config["gamma"] if gamma is None else int(gamma)
         self._flip_rate = None
-        if self.alpha(batch_size) is None or not self._spec_costs_known(gamma):
+        alpha = self.alpha(batch_size)
+        if alpha is None or not self._spec_costs_known(gamma):
             return True, {"reason": "explore: speculative step unmeasured", "gamma": gamma}
         if not self._plain_cost_known():
             return False, {"reason": "explore: plain step unmeasured", "gamma": gamma}
-        if choose_depth:
-            gamma = self.best_depth(batch_size, context_len)
-        s = self.predicted_speedup(batch_size, gamma, context_len)
+        if choose_depth:  # every depth priced once; the chosen one's rate is the speedup's numerator
+            rates = self._spec_rates(batch_size, 1, gamma, context_len, alpha)
+            gamma = self._best(rates)
+            s = self._speedup(batch_size, gamma, context_len, alpha, rates[gamma])
+        else:
+            s = self._speedup(batch_size, gamma, context_len, alpha)
         on = s is not None and s > self.config["threshold"]
-        info = {"speedup": s, "alpha": self.alpha(batch_size), "reason": "rule", "gamma": gamma}
+        info = {"speedup": s, "alpha": alpha, "reason": "rule", "gamma": gamma}
         if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
             if self.explore_loss <= self.config["explore_budget"] * self.seconds_seen:
                 rate = self.predicted_rate(batch_size, on, gamma, context_len)
@@ -195,10 +210,12 @@ class TideControlPolicy(Policy):
             return batch_size / t1 if t1 is not None and t1 > 0 else None
         return self._spec_rates(batch_size, gamma, gamma, context_len)[gamma]
 
-    def _spec_rates(self, batch_size: int, lo: int, hi: int, context_len: int) -> dict[int, float | None]:
+    def _spec_rates(self, batch_size: int, lo: int, hi: int, context_len: int,
+                    alpha: Any = _UNSET) -> dict[int, float | None]:
         """R_on at every depth ``lo..hi``, ``b E[ℓ] / (D(b, γ) + T(b(γ+1)))``, priced at once
-        (:func:`~._estimators.depth_seconds`); None where α or a cost is unknown."""
-        a = self.alpha(batch_size)
+        (:func:`~._estimators.depth_seconds`); None where α or a cost is unknown. ``alpha``: α(b) when the caller
+        read it already."""
+        a = self.alpha(batch_size) if alpha is _UNSET else alpha
         seconds = depth_seconds(self.costs, batch_size, lo, hi, context_len)
         return {g: None if a is None or t is None or t <= 0 else batch_size * expected_tokens(a, g) / t
                 for g, t in enumerate(seconds, start=lo)}
