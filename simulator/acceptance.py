@@ -310,13 +310,9 @@ class ParametricAcceptance:
         K = int(k.max()) if B else 0
         if K <= 0:
             return np.zeros(B, dtype=np.int64), None
-        if states is not self._last_states:
-            self._last_states = states
-            self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=B)
-            self._last_key = None  # the compiled path's derived α are stale now
-        alpha = self.effective_alphas(self._last_alphas)
+        alpha, base = self._alphas_of(states, want_kl)
         if int(k.min()) == K:  # one depth for the whole batch (a uniform policy, nobody clipped)
-            return self._sample_uniform(alpha, B, K, want_kl)
+            return self._sample_uniform(alpha, base, B, K, want_kl)
         total = int(k.sum())
         start = np.cumsum(k) - k
         J = np.arange(K + 1)  # one column past the deepest draft: always a miss, so every row has one
@@ -329,12 +325,11 @@ class ParametricAcceptance:
         accepted = (buf.uniforms(total)[idx] >= P).argmax(axis=1)  # the first miss
         if not want_kl:
             return accepted, None
-        with np.errstate(divide="ignore"):
-            base = np.where(alpha > 0, -np.log(alpha), 50.0)
         kl = (base[:, None] + J[:K] * self._log_decay) * buf.noise(total)[idx[:, :K]]
         return accepted, kl
 
-    def _sample_uniform(self, alpha: np.ndarray, B: int, K: int, want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sample_uniform(self, alpha: np.ndarray, base: np.ndarray, B: int, K: int,
+                        want_kl: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """The array draw when every request drafts ``K``: request ``r`` reads uniforms ``r·K .. r·K + K − 1``, so
         the batch's are one ``[B, K]`` view (no gather) and the first miss is an argmax (``K`` where none); with
         ``δ = 1`` every position's probability is ``α_r`` itself. The same numbers as the general path."""
@@ -352,8 +347,6 @@ class ParametricAcceptance:
         accepted = np.where(miss.any(axis=1), miss.argmax(axis=1), K)
         if not want_kl:
             return accepted, None
-        with np.errstate(divide="ignore"):
-            base = np.where(alpha > 0, -np.log(alpha), 50.0)
         return accepted, (base[:, None] + np.arange(K) * self._log_decay) * buf.noise(B * K).reshape(B, K)
 
     def _sample_compiled(self, states: Sequence[RequestAcceptance], ks: Sequence[int],
