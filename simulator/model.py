@@ -86,7 +86,7 @@ import numpy as np
 import simpy
 
 from sglang_ext.core.costs import CATCH_UP_SPLIT
-from sglang_ext.core.policies.base import BatchView, lengths_in_order
+from sglang_ext.core.policies.base import BatchLengths, BatchView, lengths_in_order
 from sglang_ext.core.signals import ColumnarRequests, StepColumns, StepResult
 from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance, kl_matrix
 from simulator.cluster import arrivals, make_router
@@ -491,7 +491,13 @@ class Replica:
         temps = [self.temperature] * len(run)
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
-        ks = self._depths(run, lasts, ctxs, lengths_in_order(decision.lengths, rids) if decision.speculate else None)
+        lengths = decision.lengths
+        if not decision.speculate:
+            ks = [0] * len(run)
+        elif isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids:
+            ks = self._depths(run, lasts, ctxs, None, lengths.uniform)
+        else:
+            ks = self._depths(run, lasts, ctxs, lengths_in_order(lengths, rids))
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
@@ -538,19 +544,24 @@ class Replica:
                                           **decision.info})
         return draft_s + catch_up_s, verify_s
 
-    def _depths(self, run: list[_Req], lasts: np.ndarray, ctxs: list[int], ks: list[int] | None) -> list[int]:
+    def _depths(self, run: list[_Req], lasts: np.ndarray, ctxs: list[int], ks: list[int] | None,
+                uniform: int | None = None) -> list[int]:
         r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, left_r))`,
         ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r`` (``lasts``: ``prompt_r + out_r - 1``), from
-        the policy's lengths in batch order (0 everywhere when the policy does not speculate: ``ks`` None). Array
+        the policy's lengths in batch order (``ks``) or its one length for every request (``uniform``). Array
         operations for a large batch, a Python loop for a small one (the same integers)."""
-        if ks is None:
-            return [0] * len(ctxs)
         cap = self.max_draft
-        if len(ks) > SMALL_BATCH:
-            k = np.minimum(np.array(ks, dtype=np.int64), lasts - np.array(ctxs, dtype=np.int64))
-            if cap is not None:
-                k = np.minimum(k, cap)
+        if len(ctxs) > SMALL_BATCH:
+            left = lasts - np.array(ctxs, dtype=np.int64)
+            if ks is None:
+                k = np.minimum(left, uniform if cap is None else min(uniform, cap))
+            else:
+                k = np.minimum(np.array(ks, dtype=np.int64), left)
+                if cap is not None:
+                    k = np.minimum(k, cap)
             return np.maximum(k, 0).tolist()
+        if ks is None:
+            ks = [uniform] * len(ctxs)
         out = []
         for r, k, c in zip(run, ks, ctxs):
             if cap is not None and k > cap:  # noqa: PLR1730 - plain comparisons: this runs per request per step

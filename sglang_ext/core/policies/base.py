@@ -109,6 +109,11 @@ class BatchLengths(Mapping[str, int]):
         self._uniform = uniform
         self._dict: dict[str, int] | None = None
 
+    @property
+    def uniform(self) -> int | None:
+        """The one length of every request, or None when each has its own."""
+        return self._uniform
+
     def in_order(self) -> list[int]:
         """The lengths in batch order."""
         if self._ks is None:
