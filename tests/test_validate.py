@@ -427,7 +427,7 @@ class _StepCosts:
 @pytest.mark.parametrize("cost_cap", [False, True])
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
-    """The array implementation against the per-request one (tests/dsde_reference.py), decision by decision."""
+    """The compiled implementation against the per-request one (tests/dsde_reference.py), decision by decision."""
     rng = random.Random(seed)
     params = {"window": rng.choice([6, 12, 30]), "max_k": 8, "init_k": 3, "variant": rng.choice(["code", "paper"]),
               "cost_cap": cost_cap}
@@ -435,7 +435,7 @@ def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
     new, old = make_policy("dsde", **costs, **params), _OldDSDE(**costs, **params)
     pool = [f"r{i}" for i in range(24)]
     for _ in range(150):
-        rids = rng.sample(pool, rng.randint(1, 20))  # large batches: the numpy path
+        rids = rng.sample(pool, rng.randint(1, 20))
         dn, do = new.decide(BatchView(rids)), old.decide(BatchView(rids))
         assert dn.lengths == do.lengths and dn.info == do.info
         steps = []
@@ -454,6 +454,25 @@ def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
             restored = make_policy("dsde", **costs, **params)
             restored.load_state_dict(json.loads(json.dumps(new.state_dict())))
             new = restored
+
+
+def test_dsde_compiles_once_whatever_its_window():
+    """DSDE's compiled steps take the same argument types for every window (the KL window ring is its own array,
+    not a record field), so tuning ``window`` does not compile them again for each value."""
+    from sglang_ext.core.policies._estimators import kernels
+
+    def run(window: int) -> None:
+        p = make_policy("dsde", window=window)
+        rids = [f"r{i}" for i in range(5)]
+        for _ in range(3):
+            d = p.decide(BatchView(rids))
+            p.observe(StepResult([RequestStep(r, d.lengths[r], 0, kl=[0.5] * d.lengths[r]) for r in rids]))
+
+    run(7)
+    compiled = len(kernels().dsde_observe.signatures), len(kernels().dsde_lengths.signatures)
+    for window in (9, 31, 100):
+        run(window)
+    assert (len(kernels().dsde_observe.signatures), len(kernels().dsde_lengths.signatures)) == compiled
 
 
 # ---- end to end on the real model -----------------------------------------------------------------------------------

@@ -69,23 +69,33 @@ class SlotTable:
     Why: a policy's per-request state held as one array per field (indexed by slot) is updated for a whole batch
     with a few array operations (or one compiled pass), where a dict of small objects costs a Python call per
     request per step — the simulator's dominant cost at 64 running requests. ``fields`` maps a name to
-    ``(dtype, fill, row shape)``; a new slot's row is reset to ``fill``. The rows are one numpy structured array
-    (:attr:`records`, one record per slot, what a compiled step takes as a single argument); :attr:`cols` holds a
-    view of each field.
+    ``(dtype, fill, row shape)``; a new slot's row is reset to ``fill``. The scalar fields are one numpy structured
+    array (:attr:`records`, one record per slot: what a compiled step takes as a single argument, its type the same
+    whatever the sizes); a field with a row shape (a window) is its own ``[slots, *shape]`` array. :attr:`cols`
+    holds every field: a view of the records or the field's own array.
     """
 
     def __init__(self, **fields: tuple[Any, Any, tuple[int, ...]]) -> None:
         self.index: dict[str, int] = {}
         self.free: list[int] = []
         self.fields = fields
-        self.dtype = np.dtype([(name, dt, shape) for name, (dt, _, shape) in fields.items()], align=True)
+        self._scalar = [name for name, (_, _, shape) in fields.items() if shape == ()]
+        self._shaped = [name for name, (_, _, shape) in fields.items() if shape != ()]
+        self.dtype = np.dtype([(name, fields[name][0]) for name in self._scalar], align=True)
         self._fill = np.zeros((), self.dtype)
-        for name, (_, fill, _) in fields.items():
-            self._fill[name] = fill
-        self.records = np.zeros(0, self.dtype)
-        self.cols: dict[str, np.ndarray] = {name: self.records[name] for name in fields}
+        for name in self._scalar:
+            self._fill[name] = fields[name][1]
         self.size = 0
+        self.records = np.zeros(0, self.dtype)
+        self._arrays = {name: np.full((0, *fields[name][2]), fields[name][1], dtype=fields[name][0])
+                        for name in self._shaped}
+        self.cols: dict[str, np.ndarray] = {}
+        self._views()
         self._last: tuple[list[str], np.ndarray] | None = None  # the last lookup, while no request came or went
+
+    def _views(self) -> None:
+        self.cols = {name: self.records[name] if name in self.dtype.names else self._arrays[name]
+                     for name in self.fields}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -99,7 +109,12 @@ class SlotTable:
         grown = np.full(self.size, self._fill, self.dtype)
         grown[:old] = self.records
         self.records = grown
-        self.cols = {name: grown[name] for name in self.fields}
+        for name in self._shaped:
+            dt, fill, shape = self.fields[name]
+            arr = np.full((self.size, *shape), fill, dtype=dt)
+            arr[:old] = self._arrays[name]
+            self._arrays[name] = arr
+        self._views()
         self.free.extend(range(self.size - 1, old - 1, -1))
 
     def add(self, rid: str) -> int:
@@ -111,6 +126,8 @@ class SlotTable:
             self._grow()
         slot = self.free.pop()
         self.records[slot] = self._fill
+        for name in self._shaped:
+            self._arrays[name][slot] = self.fields[name][1]
         self.index[rid] = slot
         self._last = None
         return slot

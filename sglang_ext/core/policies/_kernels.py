@@ -38,10 +38,11 @@ def _weighted_variance(x: np.ndarray, w: np.ndarray, sw: float) -> float:
 
 
 @njit(cache=True, nogil=True)
-def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, w, ws, consts, k_floor, max_k):
-    """One verify step of DSDE's controller for requests ``i`` (state record ``state[slots[i]]``), in order (a
-    request listed twice steps twice). Columns: ``proposed``/``accepted``/``kl_len`` per request, ``kl`` ``[B, K]``
-    (``[B, 0]`` without KL), ``temps``; the records (:func:`.dsde._state_fields`) are updated in place. ``w``/``ws``:
+def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, ws, consts, k_floor, max_k):
+    """One verify step of DSDE's controller for requests ``i`` (state record ``state[slots[i]]``, KL window
+    ``ring[slots[i]]``), in order (a request listed twice steps twice). Columns: ``proposed``/``accepted``/``kl_len``
+    per request, ``kl`` ``[B, K]`` (``[B, 0]`` without KL), ``temps``; the records (:func:`.dsde._state_fields`) and
+    the ring are updated in place. ``w``/``ws``:
     WVIR weights of the whole window and of its last third; ``consts``: their sums, ``max_factor``, ``min_frac``,
     ``sf_alpha``, ``miss_kl``. Requests that proposed nothing must not be passed."""
     sw, sws, max_factor, min_frac, sf_alpha, miss_kl = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
@@ -52,6 +53,7 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, w, ws, con
     x = np.empty(W)
     for i in range(slots.shape[0]):
         st = state[slots[i]]
+        window = ring[slots[i]]
         prop, acc = proposed[i], accepted[i]
         # this step's values: the drafter's KL at the proposed positions, or the acceptance-only proxy
         proxy = kl_len[i] <= 0
@@ -69,7 +71,7 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, w, ws, con
         # the KL window ring (only the last W values are kept)
         ptr = st.kl_ptr
         for j in range(max(0, count - W), count):
-            st.kl[(ptr + j) % W] = vals[j]
+            window[(ptr + j) % W] = vals[j]
         st.kl_ptr = (ptr + count) % W
         st.kl_n = min(st.kl_n + count, W)
         if not st.steady:
@@ -117,7 +119,7 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, w, ws, con
         sf = math.expm1(min(sf_alpha * xs, 700.0))
         p = st.kl_ptr
         for j in range(W):
-            x[j] = st.kl[(p + j) % W]
+            x[j] = window[(p + j) % W]
         long_var = _weighted_variance(x, w, sw)
         if long_var < VAR_EPS:
             ratio = WVIR_FLAT

@@ -261,7 +261,8 @@ class DSDEPolicy(Policy):
         prop, acc, kl_len, temps = c.proposed, c.accepted, c.kl_len, c.temperatures.astype(np.float64, copy=False)
         if len(rows) < len(rids):
             prop, acc, kl_len, temps, kl = prop[rows], acc[rows], kl_len[rows], temps[rows], kl[rows]
-        kernels().dsde_observe(slots, prop, acc, kl_len, kl, temps, self.table.records, *self._kernel_args())
+        kernels().dsde_observe(slots, prop, acc, kl_len, kl, temps, self.table.records, self.table.cols["kl"],
+                                *self._kernel_args())
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
