@@ -104,8 +104,8 @@ _KERNELS = None
 
 
 def _kernels():
-    """The compiled draw (:mod:`simulator._kernels`), imported on first use (numba's import is paid by a process
-    that draws, not by one that only imports this module)."""
+    """The compiled draw (:mod:`simulator._kernels`), imported on first use (by a process that draws with it, not by
+    one that only imports this module)."""
     global _KERNELS
     if _KERNELS is None:
         from . import _kernels as compiled
@@ -211,7 +211,7 @@ class ParametricAcceptance:
         self._buf: _Streams | None = None
         #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
         self.small_batch = 16
-        #: draw with the compiled kernel: None = when numba is already loaded in this process (module docstring)
+        #: draw with the compiled kernel: None = when numba is already loaded in this process (:meth:`sample_batch`)
         self.compiled: bool | None = None
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
