@@ -1,8 +1,9 @@
 """DSDE as it was before its state moved into arrays: one ``_RequestState`` per request, the plain per-request rule.
 
-A test-only copy, kept verbatim as the oracle for ``tests/test_validate.py`` (the array policy must decide exactly
-as this one on random steps), with the per-request history it used (``SignalHistory``) and the grouped WVIR of
-lists of histories (``wvir_many``). Not imported by the package.
+A test-only copy, kept verbatim as the oracle for ``tests/test_validate.py`` (the compiled policy must decide exactly
+as this one on random steps), with the scalar formulas it used (``weighted_variance``, ``wvir``, ``scale_factor``,
+``dsl_step``), the per-request history (``SignalHistory``) and the grouped WVIR of lists of histories
+(``wvir_many``). Not imported by the package.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
+from itertools import repeat
+from operator import mul, sub
 from typing import Any, Callable
 
 import numpy as np
 
 from sglang_ext.core.policies.base import BatchView, Decision
 from sglang_ext.core.policies.compose import apply_batch_cap
-from sglang_ext.core.policies.dsde import VAR_EPS, WVIR_FLAT, DSDEPolicy, _weights, dsl_step, scale_factor, wvir
+from sglang_ext.core.policies.dsde import _EPS_T, VAR_EPS, WVIR_FLAT, DSDEPolicy, _weights
 from sglang_ext.core.policies.goodput import best_length_cap
 from sglang_ext.core.signals import RequestStep, StepResult, chain_trials
 
@@ -84,6 +87,44 @@ class SignalHistory:
         h.last_kl = list(state.get("last_kl", []))
         h.steps = int(state.get("steps", 0))
         return h
+
+
+def weighted_variance(x: Sequence[float], decay: float) -> float:
+    r"""wvar(x) with weights ``decay**age`` (the newest value, last in ``x``, has weight 1).
+
+    Computes ``mu = Σ w x / Σ w`` and ``Σ w (x - mu)**2 / Σ w`` with the same float operations in the same order
+    as the two generator passes it replaces (so the same bits), with cached weights and C-level iteration.
+    """
+    w, sw = _weights(len(x), decay)
+    mu = sum(map(mul, w, x)) / sw
+    return sum(map(mul, w, map(pow, map(sub, x, repeat(mu)), repeat(2)))) / sw
+
+
+def wvir(history: Sequence[float], decay: float) -> float:
+    """Weighted variance intensity ratio: short window (last n//3, at least 1) over the whole history."""
+    x = list(history)
+    n = len(x)
+    if n < 2:
+        return 0.0
+    short = max(1, n // 3)
+    long_var = weighted_variance(x, decay)
+    if long_var < VAR_EPS:
+        return WVIR_FLAT
+    return weighted_variance(x[-short:], decay) / long_var
+
+
+def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
+    """SF = exp(α_sf · KL_last / T) − 1 (T ignored when 0 or ``divide_by_t`` is False); overflow-safe."""
+    x = kl_last / (temperature + _EPS_T) if divide_by_t and abs(temperature) >= _EPS_T else kl_last
+    return math.expm1(min(sf_alpha * x, 700.0))
+
+
+def dsl_step(wvir_value: float, sf: float, k_min: int, k_max: int) -> int:
+    """DSDE's length rule ``_dsl_step`` (see the module docstring)."""
+    r = wvir_value * sf
+    if r <= 1:
+        return max(k_min, math.ceil((k_max - k_min) * (1 - r) + k_min))
+    return k_min
 
 
 def wvir_rows(X: np.ndarray, decay: float) -> np.ndarray:

@@ -15,8 +15,7 @@ import torch
 
 from sglang_ext.core.policies import make_policy
 from sglang_ext.core.policies.base import BatchView
-from sglang_ext.core.policies.dsde import weighted_variance, wvir
-from tests.dsde_reference import ReferenceDSDE, wvir_many
+from tests.dsde_reference import ReferenceDSDE, weighted_variance, wvir, wvir_many
 from sglang_ext.core.signals import RequestStep, StepResult
 from simulator.acceptance import (
     CategoryAcceptance,

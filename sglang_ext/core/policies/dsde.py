@@ -82,10 +82,7 @@ reference implementation and compares every decision.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from itertools import repeat
-from operator import mul, sub
 from typing import Any, Callable
 
 import numpy as np
@@ -118,44 +115,6 @@ def _weights(n: int, decay: float) -> tuple[list[float], float]:
         w = [decay ** (n - 1 - i) for i in range(n)]
         got = _WEIGHTS[(n, decay)] = (w, sum(w))
     return got
-
-
-def weighted_variance(x: Sequence[float], decay: float) -> float:
-    r"""wvar(x) with weights ``decay**age`` (the newest value, last in ``x``, has weight 1).
-
-    Computes ``mu = Σ w x / Σ w`` and ``Σ w (x - mu)**2 / Σ w`` with the same float operations in the same order
-    as the two generator passes it replaces (so the same bits), with cached weights and C-level iteration.
-    """
-    w, sw = _weights(len(x), decay)
-    mu = sum(map(mul, w, x)) / sw
-    return sum(map(mul, w, map(pow, map(sub, x, repeat(mu)), repeat(2)))) / sw
-
-
-def wvir(history: Sequence[float], decay: float) -> float:
-    """Weighted variance intensity ratio: short window (last n//3, at least 1) over the whole history."""
-    x = list(history)
-    n = len(x)
-    if n < 2:
-        return 0.0
-    short = max(1, n // 3)
-    long_var = weighted_variance(x, decay)
-    if long_var < VAR_EPS:
-        return WVIR_FLAT
-    return weighted_variance(x[-short:], decay) / long_var
-
-
-def scale_factor(kl_last: float, temperature: float, sf_alpha: float, divide_by_t: bool = True) -> float:
-    """SF = exp(α_sf · KL_last / T) − 1 (T ignored when 0 or ``divide_by_t`` is False); overflow-safe."""
-    x = kl_last / (temperature + _EPS_T) if divide_by_t and abs(temperature) >= _EPS_T else kl_last
-    return math.expm1(min(sf_alpha * x, 700.0))
-
-
-def dsl_step(wvir_value: float, sf: float, k_min: int, k_max: int) -> int:
-    """DSDE's length rule ``_dsl_step`` (see the module docstring)."""
-    r = wvir_value * sf
-    if r <= 1:
-        return max(k_min, math.ceil((k_max - k_min) * (1 - r) + k_min))
-    return k_min
 
 
 #: per-request state of :class:`DSDEPolicy` (:class:`~._estimators.SlotTable` fields; ``kl`` is the window ring)
