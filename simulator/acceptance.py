@@ -48,6 +48,7 @@ order of calls give the same numbers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -100,18 +101,13 @@ class Drift:
         return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
 
 
-_KERNELS = None
-
-
+@functools.cache
 def _kernels():
     """The compiled draw (:mod:`simulator._kernels`), imported on first use (by a process that draws with it, not by
     one that only imports this module)."""
-    global _KERNELS
-    if _KERNELS is None:
-        from . import _kernels as compiled
+    from . import _kernels
 
-        _KERNELS = compiled
-    return _KERNELS
+    return _kernels
 
 
 class _Streams:

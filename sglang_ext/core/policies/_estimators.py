@@ -9,6 +9,7 @@ so a policy reads costs the same way whether they were given or learned; the lea
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -17,18 +18,13 @@ import numpy as np
 from ..signals import StepResult
 
 
-_KERNELS = None
-
-
+@functools.cache
 def kernels():
     """The compiled per-step functions (:mod:`._kernels`), imported on first use: numba's import and load (~0.7 s)
     are paid only by a process whose policy steps through them."""
-    global _KERNELS
-    if _KERNELS is None:
-        from . import _kernels as compiled
+    from . import _kernels
 
-        _KERNELS = compiled
-    return _KERNELS
+    return _kernels
 
 
 class RatioEMA:
