@@ -294,7 +294,12 @@ class ReferenceDSDE(DSDEPolicy):
             lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
         return Decision(speculate=any(k > 0 for k in lengths.values()), lengths=lengths, info=info)
 
-    # the cost cap (``costs``, ``_observe_costs`` and ``alpha`` are the package's) -------------------------------
+    # the cost cap (``costs`` and ``alpha`` are the package's) -----------------------------------------------------
+    def _observe_costs(self, result: StepResult) -> None:
+        if self.given_costs is None:
+            self.learned.update(result)
+        self.alphas.update(result)
+
     def _apply_cost_cap(self, batch: BatchView, lengths: dict[str, int]) -> tuple[dict[str, int], int | None]:
         floor = max(1, self.k_floor)
         if max(lengths.values(), default=0) <= floor:

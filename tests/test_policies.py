@@ -469,6 +469,45 @@ def test_goodput_turns_speculation_off_when_nothing_is_accepted():
     assert not d.speculate and d.lengths == {"a": 0}
 
 
+def test_goodput_one_pass_over_a_profile_decides_as_scoring_every_depth():
+    """With a profile's cost model goodput takes its compiled argmax (α per request, every depth's totals and price in
+    one pass); the same costs behind a plain verify/draft interface are scored depth by depth in Python. Every
+    decision and reported goodput must be the same, across α that differ per request, new requests and contexts."""
+    from pathlib import Path
+
+    from sglang_ext.core.costs import CostModel
+
+    cost = CostModel.fit(Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json")
+
+    class PlainCosts:  # no depth_parts / depth_seconds: priced one depth at a time
+        def verify_seconds(self, b, t, ctx=0):
+            return cost.verify_seconds(b, t, ctx)
+
+        def draft_seconds(self, b, d):
+            return cost.draft_seconds(b, d)
+
+    fast, plain = make_policy("goodput", cost_model=cost), make_policy("goodput", cost_model=PlainCosts())
+    rng = random.Random(3)
+    pool = [f"r{i}" for i in range(40)]
+    chosen = set()
+    for _ in range(200):
+        rids = rng.sample(pool, rng.randint(1, 32))
+        view = BatchView(rids, context_lens=[rng.randint(1, 3000) for _ in rids])
+        df, dp = fast.decide(view), plain.decide(view)
+        assert df.lengths == dp.lengths and df.info == dp.info
+        k = df.lengths[rids[0]]
+        chosen.add(k)
+        step = StepResult([RequestStep(r, k, rng.randint(0, k) if rng.random() < 0.5 else k) for r in rids],
+                          speculated=k > 0)
+        fast.observe(step)
+        plain.observe(step)
+        if rng.random() < 0.2:
+            gone = rng.choice(rids)
+            fast.release(gone)
+            plain.release(gone)
+    assert len(chosen) > 2  # the argmax moved with α and the batch, not stuck at one depth
+
+
 def test_goodput_learns_linear_costs_online():
     p = make_policy("goodput", explore=0.0)
     cost = LinearCost()

@@ -423,20 +423,30 @@ class _StepCosts:
         return d * (0.002 + 0.0001 * b)
 
 
-@pytest.mark.parametrize("cost_cap", [False, True])
+def _profile_costs():
+    from sglang_ext.core.costs import CostModel
+
+    return CostModel.fit(Path(__file__).resolve().parents[1] / "traces" / "profiles" / "cpu-2core-smollm2-135m.json")
+
+
+@pytest.mark.parametrize("cost_cap", [False, "duck-typed", "profile"])
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
-    """The compiled implementation against the per-request one (tests/dsde_reference.py), decision by decision."""
+    """The compiled implementation against the per-request one (tests/dsde_reference.py), decision by decision;
+    with a profile's cost model the package takes its one-pass decision (lengths, SL cap, cost cap compiled together)
+    while the reference prices depth by depth."""
     rng = random.Random(seed)
     params = {"window": rng.choice([6, 12, 30]), "max_k": 8, "init_k": 3, "variant": rng.choice(["code", "paper"]),
-              "cost_cap": cost_cap}
-    costs = {"cost_model": _StepCosts()} if cost_cap else {}
+              "cost_cap": bool(cost_cap)}
+    costs = {"cost_model": _StepCosts() if cost_cap == "duck-typed" else _profile_costs()} if cost_cap else {}
     new, old = make_policy("dsde", **costs, **params), _OldDSDE(**costs, **params)
     pool = [f"r{i}" for i in range(24)]
+    capped = 0
     for _ in range(150):
         rids = rng.sample(pool, rng.randint(1, 20))
         dn, do = new.decide(BatchView(rids)), old.decide(BatchView(rids))
         assert dn.lengths == do.lengths and dn.info == do.info
+        capped += dn.info.get("cost_cap") is not None
         steps = []
         for r in rids:
             k = dn.lengths[r]
@@ -453,6 +463,7 @@ def test_fast_dsde_decides_exactly_as_before(seed, cost_cap):
             restored = make_policy("dsde", **costs, **params)
             restored.load_state_dict(json.loads(json.dumps(new.state_dict())))
             new = restored
+    assert capped > 0 or not cost_cap  # the cost cap was exercised, not only declined
 
 
 def test_dsde_compiles_once_whatever_its_window():

@@ -665,14 +665,20 @@ class CostModel:
         cost-aware policy prices every candidate depth of every step; the parts that do not depend on the context
         length are kept per ``(b, lo, hi)``, so a step's prices are two array operations.
         """
+        base, per_ctx, draft = self.depth_parts(batch_size, lo, hi)
+        return (base + per_ctx * float(context_len) + draft).tolist()
+
+    def depth_parts(self, batch_size: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The parts of :meth:`depth_seconds`, ``S(c) = (base + per_ctx · C) + draft`` at depths ``lo..hi``
+        (memoised per ``(b, lo, hi)``; each entry depends on its own depth only, so any range holding ``c`` gives
+        the same floats at ``c``): what a compiled policy step prices its candidate depths with."""
         key = (batch_size, lo, hi)
         parts = self._depth_memo.get(key)
         if parts is None:
             if len(self._depth_memo) >= 4096:
                 self._depth_memo.clear()
             parts = self._depth_memo[key] = self._depth_parts(batch_size, lo, hi)
-        base, per_ctx, draft = parts
-        return (base + per_ctx * float(context_len) + draft).tolist()
+        return parts
 
     def _depth_parts(self, batch_size: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``V = base + per_ctx · ctx`` and ``D`` of :meth:`depth_seconds`, each in :meth:`verify_seconds`' and

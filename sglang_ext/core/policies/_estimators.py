@@ -177,24 +177,28 @@ class RequestAlphas:
     and the batch-wide ratio updated the same way by every such request in batch order.
     """
 
-    def __init__(self, decay: float, prior: float = 0.5) -> None:
+    #: the per-request fields, for a policy that keeps them in its own :class:`SlotTable` (``table=``)
+    FIELDS: dict[str, tuple[Any, Any, tuple[int, ...]]] = {"num": (float, 0.0, ()), "den": (float, 0.0, ())}
+
+    def __init__(self, decay: float, prior: float = 0.5, table: SlotTable | None = None) -> None:
         self.decay = float(decay)
         self.prior = float(prior)
-        self.table = SlotTable(num=(float, 0.0, ()), den=(float, 0.0, ()))
+        #: a request's row; ``den == 0`` (a new row) means no estimate of its own yet. A policy may pass its own
+        #: table holding :attr:`FIELDS` (its slots then serve both, one lookup per step); it then owns the rows.
+        self.table = table if table is not None else SlotTable(**self.FIELDS)
+        self._own_table = table is None
         self.batch = RatioEMA(decay)
 
     def update(self, result: StepResult) -> None:
         c = result.columns
-        prop, acc = c.proposed, c.accepted
-        rows = np.flatnonzero(prop > 0)  # the requests with chain trials (a proposed chain verifies >= 1 position)
-        if len(rows) == 0:
-            return
-        rids = c.rids
-        if len(rows) < len(rids):
-            rids, prop, acc = [rids[i] for i in rows.tolist()], prop[rows], acc[rows]
+        prop = c.proposed
+        if prop.any():  # some request has chain trials (a proposed chain verifies >= 1 position)
+            self.update_rows(self.table.slots(c.rids), prop, c.accepted)
+
+    def update_rows(self, slots: np.ndarray, proposed: np.ndarray, accepted: np.ndarray) -> None:
+        """:meth:`update` with the step's slots already looked up (rows that proposed nothing are skipped)."""
         b = self.batch
-        b.num, b.den = kernels().ratio_update(self.table.slots(rids), prop, acc, self.table.records, self.decay,
-                                              b.num, b.den)
+        b.num, b.den = kernels().ratio_update(slots, proposed, accepted, self.table.records, self.decay, b.num, b.den)
 
     def fallback(self) -> float:
         """α of a request without its own estimate: the batch-wide one, or the prior before any step."""
@@ -203,7 +207,7 @@ class RequestAlphas:
 
     def value(self, rid: str) -> float:
         slot = self.table.index.get(rid)
-        if slot is not None:
+        if slot is not None and self.table.cols["den"][slot] > 0:
             return float(self.table.cols["num"][slot] / self.table.cols["den"][slot])
         return self.fallback()
 
@@ -216,11 +220,14 @@ class RequestAlphas:
 
     def state_dict(self) -> dict:
         num, den = self.table.cols["num"], self.table.cols["den"]
-        return {"alpha_req": {rid: [float(num[s]), float(den[s])] for rid, s in self.table.items()},
+        return {"alpha_req": {rid: [float(num[s]), float(den[s])] for rid, s in self.table.items() if den[s] > 0},
                 "alpha_all": self.batch.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.table = SlotTable(num=(float, 0.0, ()), den=(float, 0.0, ()))
+        """Restore the estimates (into a fresh table when it is this object's own; a policy's shared table is reset
+        by the policy)."""
+        if self._own_table:
+            self.table = SlotTable(**self.FIELDS)
         for rid, (n, d) in state.get("alpha_req", {}).items():
             slot = self.table.add(rid)
             self.table.cols["num"][slot] = float(n)

@@ -44,7 +44,7 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
     per request, ``kl`` ``[B, K]`` (``[B, 0]`` without KL), ``temps``; the records (:func:`.dsde._state_fields`) and
     the ring are updated in place. ``w``/``ws``:
     WVIR weights of the whole window and of its last third; ``consts``: their sums, ``max_factor``, ``min_frac``,
-    ``sf_alpha``, ``miss_kl``. Requests that proposed nothing must not be passed."""
+    ``sf_alpha``, ``miss_kl``. Requests that proposed nothing (no information about the drafter) are skipped."""
     sw, sws, max_factor, min_frac, sf_alpha, miss_kl = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
     W = w.shape[0]
     short = ws.shape[0]
@@ -52,9 +52,11 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
     vals = np.zeros(max(K, 1) + 1)
     x = np.empty(W)
     for i in range(slots.shape[0]):
+        prop, acc = proposed[i], accepted[i]
+        if prop <= 0:
+            continue
         st = state[slots[i]]
         window = ring[slots[i]]
-        prop, acc = proposed[i], accepted[i]
         # this step's values: the drafter's KL at the proposed positions, or the acceptance-only proxy
         proxy = kl_len[i] <= 0
         if proxy:
@@ -161,12 +163,14 @@ def dsde_lengths(slots, state, cap):
 
 @njit(cache=True, nogil=True)
 def ratio_update(slots, proposed, accepted, state, decay, batch_num, batch_den):
-    r""":class:`~._estimators.RequestAlphas`' update from requests that proposed (``proposed > 0``), request by
-    request in batch order (a request listed twice updates twice): with the chain trials ``s = a``,
+    r""":class:`~._estimators.RequestAlphas`' update from the requests that proposed (``proposed > 0``; the others
+    are skipped), request by request in batch order (a request listed twice updates twice): with the chain trials ``s = a``,
     ``n = a + [a < k]`` (:func:`~sglang_ext.core.signals.chain_trials`),
     :math:`S_r \leftarrow \lambda S_r + s,\ N_r \leftarrow \lambda N_r + n` on the records' ``num``/``den``, and
     the batch-wide ratio the same way over every request in turn. Returns the batch-wide ``(S, N)``."""
     for i in range(slots.shape[0]):
+        if proposed[i] <= 0:  # no chain trials
+            continue
         st = state[slots[i]]
         s = accepted[i]
         t = s + (1 if s < proposed[i] else 0)
@@ -192,10 +196,11 @@ def chain_trial_sums(proposed, accepted):
 
 @njit(cache=True, nogil=True)
 def ratio_values(slots, state, fallback):
-    """``num / den`` of each record at ``slots``, ``fallback`` where the slot is -1 (no record)."""
+    """``num / den`` of each record at ``slots``, ``fallback`` where the slot is -1 (no record) or ``den`` is 0 (a
+    record without trials yet)."""
     out = np.empty(slots.shape[0])
     for i in range(slots.shape[0]):
-        out[i] = state[slots[i]].num / state[slots[i]].den if slots[i] >= 0 else fallback
+        out[i] = state[slots[i]].num / state[slots[i]].den if slots[i] >= 0 and state[slots[i]].den > 0 else fallback
     return out
 
 
@@ -217,3 +222,69 @@ def capped_totals(alphas, lengths, top):
             out[c] += run
             p *= a
     return out
+
+
+@njit(cache=True, nogil=True)
+def _ratio_or(st, fallback):
+    """α of one :class:`~._estimators.RequestAlphas` record: ``num / den``, ``fallback`` before its first trial."""
+    return st.num / st.den if st.den > 0 else fallback
+
+
+@njit(cache=True, nogil=True)
+def _best_cap(totals, lo, hi, base, per_ctx, draft, parts_lo, ctx, skip_unpriced):
+    r"""``argmax_{c = lo..hi} totals[c] / S(c)`` with ``S(c) = (base + per_ctx · ctx) + draft`` at row
+    ``c - parts_lo`` (:meth:`~sglang_ext.core.costs.CostModel.depth_parts`); ties keep the smaller ``c``.
+    A depth whose price is not positive (the cost model cannot answer) is left out with ``skip_unpriced``, else it
+    ends the search. Returns ``(c, G)``, or ``(-1, 0)`` without an answer."""
+    best_c = -1
+    best_g = 0.0
+    for c in range(lo, hi + 1):
+        j = c - parts_lo
+        s = base[j] + per_ctx[j] * ctx + draft[j]
+        if s <= 0:
+            if skip_unpriced:
+                continue
+            return -1, 0.0
+        g = totals[c] / s
+        if best_c < 0 or g > best_g:
+            best_c = c
+            best_g = g
+    return best_c, best_g
+
+
+@njit(cache=True, nogil=True)
+def dsde_decide(slots, state, cap, floor, fallback, base, per_ctx, draft, parts_lo, ctx):
+    """DSDE's whole decision with the cost cap priced by a profile: :func:`dsde_lengths`, then
+    :func:`~.goodput.best_length_cap` over ``floor..max(lengths)`` with each request's α from its record
+    (:func:`_ratio_or`) and the capped totals of :func:`capped_totals`, and the lengths capped. Returns
+    ``(lengths, SL cap or -1, cost cap or -1)``."""
+    lengths, sl_cap = dsde_lengths(slots, state, cap)
+    n = slots.shape[0]
+    if n == 0:
+        return lengths, sl_cap, -1
+    top = lengths.max()
+    if top <= floor:
+        return lengths, sl_cap, -1
+    alphas = np.empty(n)
+    for i in range(n):
+        alphas[i] = _ratio_or(state[slots[i]], fallback)
+    totals = capped_totals(alphas, lengths, top)
+    best, _ = _best_cap(totals, max(floor, 0), top, base, per_ctx, draft, parts_lo, ctx, False)
+    if best >= 0:
+        for i in range(n):
+            if lengths[i] > best:
+                lengths[i] = best
+    return lengths, sl_cap, best
+
+
+@njit(cache=True, nogil=True)
+def goodput_best(slots, state, fallback, lo, hi, base, per_ctx, draft, parts_lo, ctx):
+    """The goodput policy's argmax over one depth for the whole batch, ``lo..hi``, priced by a profile: α per
+    request from its record (``slots[i] = -1``: ``fallback``), :func:`capped_totals` uncapped, :func:`_best_cap`.
+    Returns ``(depth or -1, its goodput)``."""
+    n = slots.shape[0]
+    alphas = np.empty(n)
+    for i in range(n):
+        alphas[i] = _ratio_or(state[slots[i]], fallback) if slots[i] >= 0 else fallback
+    totals = capped_totals(alphas, np.zeros(0, dtype=np.int64), hi)
+    return _best_cap(totals, lo, hi, base, per_ctx, draft, parts_lo, ctx, True)

@@ -101,6 +101,7 @@ VARIANTS = {
 WVIR_FLAT = 20.0
 VAR_EPS = 1e-6
 _EPS_T = 1e-8
+_NO_KL = np.zeros((0, 0))  # a step without KL: an empty [B, 0] stand-in (the kernel reads no column of it)
 
 
 _WEIGHTS: dict[tuple[int, float], tuple[list[float], float]] = {}
@@ -127,6 +128,7 @@ def _state_fields(window: int, init_k: int, init_pred: int) -> dict[str, tuple[A
         "warm_n": (np.int64, 0, ()), "warm_acc_max": (np.int64, 0, ()),  # warm-up samples: accepted counts
         "warm_kl_sum": (float, 0.0, ()), "warm_kl_n": (np.int64, 0, ()), "warm_kl_max": (float, 0.0, ()),
         "kl": (float, 0.0, (window,)), "kl_n": (np.int64, 0, ()), "kl_ptr": (np.int64, 0, ()),  # KL window ring
+        **RequestAlphas.FIELDS,  # the cost cap's α_r (:class:`~._estimators.RequestAlphas` keeps them in this table)
     }
 
 
@@ -173,7 +175,7 @@ class DSDEPolicy(Policy):
         self.table = self._new_table()
         self.given_costs = resolve_costs(cost_model, verify_cost, draft_cost)
         self.learned = OnlineLinearCost(c["forget"])
-        self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5)
+        self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5, table=self.table)
         self._probe = 0
         self._kernel_consts: tuple | None = None
 
@@ -186,8 +188,7 @@ class DSDEPolicy(Policy):
         self.table.add(rid)
 
     def release(self, rid: str) -> None:
-        self.table.release(rid)
-        self.alphas.release(rid)
+        self.table.release(rid)  # (α_r's row too: the estimator keeps it in this table)
 
     def _clip(self, k: int) -> int:
         return min(max(int(k), self.k_floor), self.config["max_k"])
@@ -208,20 +209,20 @@ class DSDEPolicy(Policy):
         return got
 
     def observe(self, result: StepResult) -> None:
-        if self.config["cost_cap"]:
-            self._observe_costs(result)
+        cost_cap = self.config["cost_cap"]
+        if cost_cap and self.given_costs is None:
+            self.learned.update(result)
         c = result.columns
-        rows = np.flatnonzero(c.proposed > 0)
-        if len(rows) == 0:
+        prop = c.proposed
+        if not prop.any():  # nothing proposed: no information about the drafter
             return
-        rids = c.rids
-        slots = self.table.slots(rids if len(rows) == len(rids) else [rids[i] for i in rows.tolist()])
-        kl = np.zeros((len(rids), 0)) if c.kl is None else np.ascontiguousarray(c.kl, dtype=np.float64)
-        prop, acc, kl_len, temps = c.proposed, c.accepted, c.kl_len, c.temperatures.astype(np.float64, copy=False)
-        if len(rows) < len(rids):
-            prop, acc, kl_len, temps, kl = prop[rows], acc[rows], kl_len[rows], temps[rows], kl[rows]
-        kernels().dsde_observe(slots, prop, acc, kl_len, kl, temps, self.table.records, self.table.cols["kl"],
-                                *self._kernel_args())
+        slots = self.table.slots(c.rids)  # (the requests that proposed nothing are skipped by both steps below)
+        acc = c.accepted
+        if cost_cap:
+            self.alphas.update_rows(slots, prop, acc)
+        kl = _NO_KL if c.kl is None else np.ascontiguousarray(c.kl, dtype=np.float64)
+        kernels().dsde_observe(slots, prop, acc, c.kl_len, kl, c.temperatures.astype(np.float64, copy=False),
+                                self.table.records, self.table.cols["kl"], *self._kernel_args())
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
@@ -243,11 +244,21 @@ class DSDEPolicy(Policy):
 
     def decide(self, batch: BatchView) -> Decision:
         rids = batch.rids
-        # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
-        lengths, cap = kernels().dsde_lengths(self.table.slots(rids), self.table.records, self.config["cap"])
-        info: dict = {"sl_cap": cap if cap >= 0 else None}
-        if self.config["cost_cap"]:
-            lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
+        slots = self.table.slots(rids)
+        parts = self._priced_parts(len(rids)) if self.config["cost_cap"] else None
+        if parts is not None:  # lengths, SL cap and the cost cap priced by the profile: one compiled pass
+            ctxs = batch.context_lens
+            ctx = round(sum(ctxs) / len(ctxs)) if len(ctxs) else 0
+            lengths, cap, cost_cap = kernels().dsde_decide(slots, self.table.records, self.config["cap"],
+                                                           max(1, self.k_floor), self.alphas.fallback(), *parts,
+                                                           float(ctx))
+            info: dict = {"sl_cap": cap if cap >= 0 else None, "cost_cap": cost_cap if cost_cap >= 0 else None}
+        else:
+            # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
+            lengths, cap = kernels().dsde_lengths(slots, self.table.records, self.config["cap"])
+            info = {"sl_cap": cap if cap >= 0 else None}
+            if self.config["cost_cap"]:
+                lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
         ks = lengths.tolist()
         return Decision(speculate=bool(ks) and max(ks) > 0, lengths=BatchLengths(rids, ks=ks), info=info)
 
@@ -256,14 +267,18 @@ class DSDEPolicy(Policy):
     def costs(self):
         return self.given_costs if self.given_costs is not None else self.learned
 
-    def _observe_costs(self, result: StepResult) -> None:
-        if self.given_costs is None:
-            self.learned.update(result)
-        self.alphas.update(result)
-
     def alpha(self, rid: str) -> float:
         """The request's running per-token acceptance (batch-wide before its first verify; 0.5 before any)."""
         return self.alphas.value(rid)
+
+    def _priced_parts(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+        """The given profile's step prices at depths ``floor..max_k`` as arrays, with the first depth
+        (:meth:`~sglang_ext.core.costs.CostModel.depth_parts`); None for costs without them (learned online)."""
+        parts = getattr(self.given_costs, "depth_parts", None)
+        if parts is None:
+            return None
+        floor = max(1, self.k_floor)
+        return (*parts(batch_size, floor, max(floor, self.config["max_k"])), floor)
 
     def _apply_cost_cap(self, batch: BatchView, lengths: np.ndarray) -> tuple[np.ndarray, int | None]:
         floor = max(1, self.k_floor)
@@ -311,7 +326,7 @@ class DSDEPolicy(Policy):
                 **self.alphas.state_dict(), "learned": self.learned.state_dict(), "probe": self._probe}
 
     def load_state_dict(self, state: dict) -> None:
-        self.table = self._new_table()
+        self.table = self.alphas.table = self._new_table()
         for rid, s in state.get("requests", {}).items():
             self._load_request(rid, s)
         self.alphas.load_state_dict(state)

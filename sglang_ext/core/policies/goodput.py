@@ -171,6 +171,21 @@ class GoodputPolicy(Policy):
         seconds = depth_seconds(self.costs, b, lo, hi, context_len)
         return {k: None if s is None or s <= 0 else totals[k] / s for k, s in enumerate(seconds, start=lo)}
 
+    def _argmax(self, rids: Sequence[str], lo: int, hi: int, ctx: int) -> tuple[int, float | None]:
+        """The depth of largest goodput (ties: the smaller) and its goodput; ``(hi, None)`` when no depth is priced.
+        With a profile's price arrays (:meth:`~sglang_ext.core.costs.CostModel.depth_parts`) one compiled pass
+        (:func:`._kernels.goodput_best`), else :meth:`_scores` (the same floats)."""
+        parts = getattr(self.costs, "depth_parts", None)
+        if parts is not None:
+            a = self.alphas
+            k, g = kernels().goodput_best(a.table.lookup(rids), a.table.records, a.fallback(), lo, hi,
+                                          *parts(len(rids), lo, hi), lo, float(ctx))
+            return (k, g) if k >= 0 else (hi, None)
+        scores = self._scores(self.alphas.values(rids), lo, hi, ctx)
+        known = {k: g for k, g in scores.items() if g is not None}
+        k = max(known, key=lambda j: (known[j], -j)) if known else hi
+        return k, known.get(k)
+
     def release(self, rid: str) -> None:
         self.alphas.release(rid)
 
@@ -186,11 +201,8 @@ class GoodputPolicy(Policy):
             self._probe += 1
             info["reason"] = "probe: costs unknown"
         else:
-            alphas = self.alphas.values(batch.rids)
-            scores = self._scores(alphas, lo, hi, ctx)
-            known = {k: g for k, g in scores.items() if g is not None}
-            k = max(known, key=lambda j: (known[j], -j)) if known else hi
-            info.update(reason="argmax", goodput=known.get(k))
+            k, g = self._argmax(batch.rids, lo, hi, ctx)
+            info.update(reason="argmax", goodput=g)
             if self.config["explore"] > 0 and self.rng.random() < self.config["explore"]:
                 k = self.rng.randint(lo, hi)
                 info["reason"] = "explore: epsilon"
