@@ -335,6 +335,7 @@ class Replica:
         self._prefilled = 0  # reference schedule: prompt tokens prefilled by the current iteration
         self._decode_tokens = 0  # tokens the current iteration's decode step commits
         self._admitted = 0  # requests admitted (first chunk scheduled) by the current iteration
+        self._temps: dict[int, np.ndarray] = {}
 
     # router interface ------------------------------------------------------------------------------------------
     def outstanding_requests(self) -> int:
@@ -492,25 +493,28 @@ class Replica:
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
         lengths = decision.lengths
+        ks_arr = None  # the depths as an int64 array too, when they were computed as one
         if not decision.speculate:
             ks = [0] * len(run)
         elif isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids:
-            ks = self._depths(run, lasts, ctxs, None, lengths.uniform)
+            ks, ks_arr = self._depths(run, lasts, ctxs, None, lengths.uniform)
         else:
-            ks = self._depths(run, lasts, ctxs, lengths_in_order(lengths, rids))
+            ks, ks_arr = self._depths(run, lasts, ctxs, lengths_in_order(lengths, rids))
         growth = sum(ks) + len(ks)
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
             n = len(run)
             rids, ctxs, states = rids[:n], ctxs[:n], states[:n]
+            ks_arr = None
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
         if decision.speculate and any(ks):
-            accepted_arr, kl = self._draw(run, states, ks)
+            accepted_arr, kl = self._draw(run, states, ks if ks_arr is None else ks_arr)
         else:  # a plain step draws nothing (a request with k = 0 reads no random numbers)
             accepted_arr, kl = np.zeros(len(ks), dtype=np.int64), None
         accepted = accepted_arr.tolist()
-        columns = StepColumns(rids, ks, accepted_arr, kl, None if kl is None else ks, ctxs, self.temperature,
-                              check=False)
+        proposed = ks if ks_arr is None else ks_arr
+        columns = StepColumns(rids, proposed, accepted_arr, kl, None if kl is None else proposed, ctxs,
+                              self._temperatures(len(ks)), check=False)
         plan = self._decode
         plan.extend(zip(run, ks, accepted))
         self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
@@ -545,11 +549,12 @@ class Replica:
         return draft_s + catch_up_s, verify_s
 
     def _depths(self, run: list[_Req], lasts: np.ndarray, ctxs: list[int], ks: list[int] | None,
-                uniform: int | None = None) -> list[int]:
+                uniform: int | None = None) -> tuple[list[int], np.ndarray | None]:
         r"""Each request's draft depth :math:`k_r = \max(0, \min(\text{lengths}[r], \text{max\_draft}, left_r))`,
         ``left_r = out_r - gen_r - 1 = (prompt_r + out_r - 1) - ctx_r`` (``lasts``: ``prompt_r + out_r - 1``), from
         the policy's lengths in batch order (``ks``) or its one length for every request (``uniform``). Array
-        operations for a large batch, a Python loop for a small one (the same integers)."""
+        operations for a large batch (returned as a list and the int64 array), a Python loop for a small one (the
+        same integers; no array)."""
         cap = self.max_draft
         if len(ctxs) > SMALL_BATCH:
             left = lasts - np.array(ctxs, dtype=np.int64)
@@ -559,7 +564,8 @@ class Replica:
                 k = np.minimum(np.array(ks, dtype=np.int64), left)
                 if cap is not None:
                     k = np.minimum(k, cap)
-            return np.maximum(k, 0).tolist()
+            k = np.maximum(k, 0)
+            return k.tolist(), k
         if ks is None:
             ks = [uniform] * len(ctxs)
         out = []
@@ -570,7 +576,15 @@ class Replica:
             if k > left:  # noqa: PLR1730
                 k = left
             out.append(k if k > 0 else 0)
-        return out
+        return out, None
+
+    def _temperatures(self, n: int) -> np.ndarray:
+        """The step's temperature per request, one shared array per batch size (a policy reading the column gets an
+        array without building one per step)."""
+        got = self._temps.get(n)
+        if got is None:
+            got = self._temps[n] = np.full(n, float(self.temperature))  # (readers must not write to it)
+        return got
 
     def _draw(self, run: list[_Req], states: list[RequestAcceptance], ks: list[int]) -> tuple[np.ndarray,
                                                                                            np.ndarray | None]:

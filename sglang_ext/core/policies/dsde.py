@@ -213,11 +213,10 @@ class DSDEPolicy(Policy):
         if cost_cap and self.given_costs is None:
             self.learned.update(result)
         c = result.columns
-        prop = c.proposed
-        if not prop.any():  # nothing proposed: no information about the drafter
-            return
-        slots = self.table.slots(c.rids)  # (the requests that proposed nothing are skipped by both steps below)
-        acc = c.accepted
+        # every request's row (the decision made them); both steps below skip the requests that proposed nothing:
+        # a plain step carries no information about the drafter
+        slots = self.table.slots(c.rids)
+        prop, acc = c.proposed, c.accepted
         if cost_cap:
             self.alphas.update_rows(slots, prop, acc)
         kl = _NO_KL if c.kl is None else np.ascontiguousarray(c.kl, dtype=np.float64)
