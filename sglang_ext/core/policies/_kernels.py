@@ -24,16 +24,30 @@ from .dsde import VAR_EPS, WVIR_FLAT
 
 
 @njit(cache=True, nogil=True)
-def _weighted_variance(x: np.ndarray, w: np.ndarray, sw: float) -> float:
-    """Σ w (x − μ)² / Σ w with μ = Σ w x / Σ w, both sums in index order (newest value last, weight 1)."""
+def _ring_weighted_variance(ring: np.ndarray, start: int, off: int, w: np.ndarray, sw: float) -> float:
+    """Σ w (x − μ)² / Σ w with μ = Σ w x / Σ w over ``x = window[off:]`` of the window held in ``ring`` oldest first
+    from ``ring[start]`` (``x_j = ring[(start + j) mod W]``), both sums in index order (newest value last, weight 1).
+    The ring is read in place (an index that wraps), not copied into window order first."""
+    W = ring.shape[0]
+    first = start + off
+    if first >= W:
+        first -= W
     mu = 0.0
-    for i in range(x.shape[0]):
-        mu += w[i] * x[i]
+    idx = first
+    for i in range(w.shape[0]):
+        mu += w[i] * ring[idx]
+        idx += 1
+        if idx == W:
+            idx = 0
     mu /= sw
     acc = 0.0
-    for i in range(x.shape[0]):
-        d = x[i] - mu
+    idx = first
+    for i in range(w.shape[0]):
+        d = ring[idx] - mu
         acc += w[i] * (d * d)
+        idx += 1
+        if idx == W:
+            idx = 0
     return acc / sw
 
 
@@ -50,7 +64,6 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
     short = ws.shape[0]
     K = kl.shape[1]
     vals = np.zeros(max(K, 1) + 1)
-    x = np.empty(W)
     for i in range(slots.shape[0]):
         prop, acc = proposed[i], accepted[i]
         if prop <= 0:
@@ -119,14 +132,11 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
         t = temps[i]
         xs = kl_last / (t + EPS_T) if (not proxy and abs(t) >= EPS_T) else kl_last
         sf = math.expm1(min(sf_alpha * xs, 700.0))
-        p = st.kl_ptr
-        for j in range(W):
-            x[j] = window[(p + j) % W]
-        long_var = _weighted_variance(x, w, sw)
+        long_var = _ring_weighted_variance(window, st.kl_ptr, 0, w, sw)
         if long_var < VAR_EPS:
             ratio = WVIR_FLAT
         else:
-            ratio = _weighted_variance(x[W - short:], ws, sws) / long_var
+            ratio = _ring_weighted_variance(window, st.kl_ptr, W - short, ws, sws) / long_var
         lo, hi = st.lo, st.hi
         r = ratio * sf
         if r <= 1:
