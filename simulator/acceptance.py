@@ -102,9 +102,10 @@ class Drift:
 
 
 @functools.cache
-def _kernels():
-    """The compiled draw (:mod:`simulator._kernels`), imported on first use (by a process that draws with it, not by
-    one that only imports this module)."""
+def compiled_kernels():
+    """The simulator's compiled per-step code (:mod:`simulator._kernels`: the draw here, the depth clip and commit in
+    :mod:`simulator.model`), imported on first use (by a process that steps with it, not by one that only imports
+    this module)."""
     from . import _kernels
 
     return _kernels
@@ -353,7 +354,7 @@ class ParametricAcceptance:
         assert buf is not None
         k = np.asarray(ks, dtype=np.int64)
         alpha, base = self._alphas_of(states, want_kl)
-        draw = _kernels().draw_chains
+        draw = compiled_kernels().draw_chains
         accepted, kl, total = draw(k, alpha, base, buf.u, buf.i, buf.z, buf.j, self.decay, self._log_decay, want_kl)
         if total < 0:  # a buffer ran short: draw more of the same streams and ask again
             buf.ensure(-total, want_kl)

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,7 +89,7 @@ import simpy
 from sglang_ext.core.costs import CATCH_UP_SPLIT
 from sglang_ext.core.policies.base import BatchLengths, BatchView, lengths_in_order
 from sglang_ext.core.signals import ColumnarRequests, StepColumns, StepResult
-from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance, kl_matrix
+from simulator.acceptance import AcceptanceModel, ReplayAcceptance, RequestAcceptance, compiled_kernels, kl_matrix
 from simulator.cluster import arrivals, make_router
 from sglang_ext.formats.results import REQUEST_COLUMNS, SimResult, summarize
 from simulator.ranges import ProfileRangeError, RangeGuard
@@ -100,6 +101,9 @@ Schedule = Literal["prefill_first", "mixed", "reference"]
 #: (numpy's fixed cost per call outweighs the loop for a few requests; both give the same integers)
 SMALL_BATCH = 16
 TrainerMode = Literal["none", "separate", "shared"]
+_NO_DEPTHS = np.zeros(0, dtype=np.int64)  # clip_depths' "one length for every request"
+
+
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,51 @@ class _Positions(Sequence[int]):
         return self.run[i].gen
 
 
+class _RunningRows:
+    """The running requests' per-request counters as rows of one int64 table, row ``i`` for ``running[i]``: what the
+    compiled decode step (:mod:`simulator._kernels`) reads and writes instead of the request objects.
+
+    Why: at saturation a replica clips, commits and checks ~64 requests every decode step; as Python over
+    :class:`_Req` objects that is ~15 µs a step, as one compiled pass over these rows ~2 µs. While a replica keeps
+    its rows, they are the truth for its running requests' ``gen``, ``spec_steps``, ``accepted`` and ``pending``
+    (the objects' copies are stale); :meth:`store` writes a row back when its request leaves the running batch
+    (finished or preempted), :meth:`append` reads one in when it joins.
+    """
+
+    FIELDS = ("gen", "prompt", "out", "last", "spec", "acc", "pending")
+    __slots__ = ("n", "table", *FIELDS)
+
+    def __init__(self, running: Sequence[_Req]) -> None:
+        self.n = 0
+        self._alloc(max(64, 2 * len(running)))
+        for r in running:
+            self.append(r)
+
+    def _alloc(self, size: int) -> None:
+        table = np.zeros((len(self.FIELDS), size), dtype=np.int64)
+        if self.n:
+            table[:, :self.n] = self.table[:, :self.n]
+        self.table = table
+        for i, name in enumerate(self.FIELDS):  # each field's full row, a view (what the kernels take)
+            setattr(self, name, table[i])
+
+    def append(self, r: _Req) -> None:
+        if self.n == self.table.shape[1]:
+            self._alloc(2 * self.n)
+        self.table[:, self.n] = (r.gen, r.prompt, r.out, r.last, r.spec_steps, r.accepted, r.pending)
+        self.n += 1
+
+    def store(self, i: int, r: _Req) -> None:
+        """Write row ``i``'s counters back into its request object."""
+        r.gen, r.spec_steps, r.accepted, r.pending = (int(self.gen[i]), int(self.spec[i]), int(self.acc[i]),
+                                                       int(self.pending[i]))
+
+    def pop(self, r: _Req) -> None:
+        """The last row leaves (its request, ``r``, was popped off the running list)."""
+        self.n -= 1
+        self.store(self.n, r)
+
+
 class _Trainer:
     """Collects served tokens and runs training rounds on a separate device or in slices of the serving one."""
 
@@ -287,6 +336,10 @@ class _Trainer:
 class Replica:
     """One engine: a SimPy process running one iteration (one timeout) after another (module docstring)."""
 
+    #: step the running requests with compiled passes over their rows (True), over the objects in Python (False), or
+    #: compiled once numba is loaded in the process (None); a replica that started compiled steps keeps them
+    compiled: bool | None = None
+
     def __init__(self, sim: Simulation, idx: int, policy: Any) -> None:
         self.sim = sim
         self.idx = idx
@@ -336,6 +389,11 @@ class Replica:
         self._decode_tokens = 0  # tokens the current iteration's decode step commits
         self._admitted = 0  # requests admitted (first chunk scheduled) by the current iteration
         self._temps: dict[int, np.ndarray] = {}
+        self._decode_B = 0  # requests in the current iteration's decode step
+        self._decode_K = 0  # its depth (the deepest request's)
+        #: the running requests' counters as rows for the compiled step, once numba is loaded (:class:`_RunningRows`)
+        self._rows: _RunningRows | None = None
+        self._decode_rows: tuple[np.ndarray, np.ndarray] | None = None  # (depths, accepted) to commit from the rows
 
     # router interface ------------------------------------------------------------------------------------------
     def outstanding_requests(self) -> int:
@@ -343,7 +401,20 @@ class Replica:
 
     def outstanding_tokens(self) -> int:
         reqs = [*self.waiting, *self.prefilling, *self.running]
-        return sum(r.need - r.done for r in reqs) + sum(r.out - r.gen for r in reqs)
+        left = sum(r.need - r.done for r in reqs)
+        rows = self._rows
+        if rows is None:
+            return left + sum(r.out - r.gen for r in reqs)
+        n = rows.n  # the running requests' counters live in the rows
+        return (left + sum(r.out - r.gen for r in (*self.waiting, *self.prefilling))
+                + int((rows.out[:n] - rows.gen[:n]).sum()))
+
+    def _run(self, r: _Req) -> None:
+        """``r`` joins the running batch (the decode step's requests)."""
+        self.running.append(r)
+        self._running_version += 1
+        if self._rows is not None:
+            self._rows.append(r)
 
     def add(self, index: int, request: Request) -> None:
         need = request.prompt_tokens + request.output_tokens
@@ -374,6 +445,8 @@ class Replica:
         self.sim.acceptance.set_time(now)
         self._chunks = []
         self._decode = []
+        self._decode_B = self._decode_K = 0
+        self._decode_rows = None
         self._result = None
         self._reserve = 0
         self._prefilled = 0
@@ -391,10 +464,10 @@ class Replica:
             prefill_s = self._plan_prefill()
             if not self._chunks and self.running:
                 draft_s, decode_s = self._plan_decode()
-        if not self._chunks and not self._decode and not self._prefilled:
+        if not self._chunks and not self._decode_B and not self._prefilled:
             raise RuntimeError(f"replica {self.idx}: no schedulable work at t={now} "
                                f"(waiting={len(self.waiting)}, kv_used={self.kv_used}/{self.kv_cap})")
-        overhead = (self.overhead + self.overhead_per_request * len(self._decode)
+        overhead = (self.overhead + self.overhead_per_request * self._decode_B
                     + self.overhead_per_admit * self._admitted)
         step = draft_s + decode_s + prefill_s + overhead
         train_s = self.sim.trainer.slice(step) if self.sim.trainer.mode == "shared" else 0.0
@@ -410,8 +483,7 @@ class Replica:
         self.iterations += 1
         dt = step + train_s
         if self.sim.steps is not None:
-            k = max((x[1] for x in self._decode), default=0)
-            self.sim.steps.append((now, self.idx, len(self._decode), k,
+            self.sim.steps.append((now, self.idx, self._decode_B, self._decode_K,
                                    sum(c for _, c in self._chunks) + self._prefilled, dt))
         return dt
 
@@ -470,58 +542,87 @@ class Replica:
             self._admitted += 1
             r.done = r.need
             r.pending = body
-            self.running.append(r)
-            self._running_version += 1
+            self._run(r)
         return seconds
 
     def _plan_decode(self) -> tuple[float, float]:
         """Ask the policy, clip its lengths, make KV room, draw every request's acceptance: one decode step.
 
         Why batch-shaped: at saturation this runs for 64 requests per step for hours of simulated time, so the
-        per-request work is kept to list comprehensions, one array draw of the whole batch's acceptance
-        (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`), and a step result handed to the policy
-        as arrays (:class:`~sglang_ext.core.signals.StepColumns`; no ``RequestStep`` objects unless a policy asks).
+        per-request work is kept to one array draw of the whole batch's acceptance
+        (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`), a step result handed to the policy as
+        arrays (:class:`~sglang_ext.core.signals.StepColumns`; no ``RequestStep`` objects unless a policy asks), and
+        either list comprehensions over the request objects or, once numba is loaded in the process (a policy with
+        compiled steps loads it; :attr:`compiled` forces either way), compiled passes over the running requests'
+        rows (:class:`_RunningRows`: the depth clip here, the commit in :meth:`_commit`). The same integers both
+        ways (tested); not always compiled because loading numba costs ~0.7 s once, more than a replay whose
+        policy needs no compiled step saves with it.
         """
         run = self.running
+        rows = self._rows
+        if rows is None and (self.compiled if self.compiled is not None else "numba" in sys.modules):
+            rows = self._rows = _RunningRows(run)  # compiled steps from here on
         lists = self._batch_lists
         if lists is None or lists[0] != self._running_version:  # the batch changed: its constant per-request lists
             lists = self._batch_lists = (self._running_version, [r.rid for r in run], [r.acc for r in run],
+                                         None if rows is not None else
                                          np.fromiter([r.last for r in run], dtype=np.int64, count=len(run)))
         _, rids, states, lasts = lists
-        ctxs = [r.prompt + r.gen for r in run]
-        temps = [self.temperature] * len(run)
+        n = len(run)
+        if rows is None:
+            ctx_arr = None
+            ctxs = [r.prompt + r.gen for r in run]
+        else:
+            ctx_arr = rows.prompt[:n] + rows.gen[:n]
+            ctxs = ctx_arr.tolist()
+        temps = [self.temperature] * n
         view = BatchView(rids=rids, context_lens=ctxs, temperatures=temps)
         decision = self.policy.decide(view)
         lengths = decision.lengths
         ks_arr = None  # the depths as an int64 array too, when they were computed as one
         if not decision.speculate:
-            ks = [0] * len(run)
-        elif isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids:
-            ks, ks_arr = self._depths(run, lasts, ctxs, None, lengths.uniform)
+            ks, K = [0] * n, 0
+            if rows is not None:
+                ks_arr = np.zeros(n, dtype=np.int64)
+        elif rows is not None:  # one compiled pass: the same integers as _depths
+            uniform = isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids
+            ks_arr, total, K = compiled_kernels().clip_depths(
+                _NO_DEPTHS if uniform else np.asarray(lengths_in_order(lengths, rids), dtype=np.int64),
+                lengths.uniform if uniform else 0, -1 if self.max_draft is None else self.max_draft, rows.last,
+                ctx_arr)
+            ks = ks_arr.tolist()
         else:
-            ks, ks_arr = self._depths(run, lasts, ctxs, lengths_in_order(lengths, rids))
-        growth = sum(ks) + len(ks)
+            if isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids:
+                ks, ks_arr = self._depths(run, lasts, ctxs, None, lengths.uniform)
+            else:
+                ks, ks_arr = self._depths(run, lasts, ctxs, lengths_in_order(lengths, rids))
+            K = max(ks)
+        growth = (total if rows is not None and decision.speculate else sum(ks)) + n  # KV positions the step writes
         if self.kv_cap is not None and self.kv_used + growth > self.kv_cap:
             growth = self._make_room(ks, growth)  # pops the newest requests off ``run`` (and ``ks``) in place
             n = len(run)
             rids, ctxs, states = rids[:n], ctxs[:n], states[:n]
-            ks_arr = None
+            K = max(ks)
+            ks_arr = None if rows is None else np.array(ks, dtype=np.int64)
         self._reserve = growth  # a mixed iteration admits prefills only into what the decode step leaves
-        if decision.speculate and any(ks):
-            accepted_arr, kl = self._draw(run, states, ks if ks_arr is None else ks_arr)
+        if K > 0:
+            positions = _Positions(run) if rows is None else rows.gen[:n]
+            accepted_arr, kl = self._draw(positions, states, ks if ks_arr is None else ks_arr)
         else:  # a plain step draws nothing (a request with k = 0 reads no random numbers)
-            accepted_arr, kl = np.zeros(len(ks), dtype=np.int64), None
-        accepted = accepted_arr.tolist()
+            accepted_arr, kl = np.zeros(n, dtype=np.int64), None
         proposed = ks if ks_arr is None else ks_arr
         columns = StepColumns(rids, proposed, accepted_arr, kl, None if kl is None else proposed, ctxs,
-                              self._temperatures(len(ks)), check=False)
-        plan = self._decode
-        plan.extend(zip(run, ks, accepted))
-        self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
-        K = max(ks)
+                              self._temperatures(n), check=False)
+        if rows is None:
+            accepted = accepted_arr.tolist()
+            self._decode.extend(zip(run, ks, accepted))
+            self._decode_tokens = sum(accepted) + len(accepted)  # tokens the step commits (each accepted + 1)
+        else:  # committed from the rows (their counters are the truth while running)
+            self._decode_rows = (proposed, accepted_arr)
+        B = self._decode_B = n
+        self._decode_K = K
         ctx_sum = sum(ctxs)
         ctx_max = max(ctxs)
-        B = len(plan)
         self.sim.request_steps += B
         # the reference engine's attention reads every row up to the longest committed context (padded batch)
         ctx_mean = ctx_max - 1 if self.reference else round(ctx_sum / B)
@@ -532,13 +633,17 @@ class Replica:
             draft_s = float(self.draft(B, K))
             verify_s = float(self.verify(B, K + 1, ctx_mean))
             if self.absorb:  # split catch-ups on long backlogs, then the batch's padded rest (module docstring)
-                long_pairs = sum(r.pending - 1 for r in run if r.pending > CATCH_UP_SPLIT)
-                backlog = max(1 if r.pending > CATCH_UP_SPLIT else r.pending for r in run)
+                pending = [r.pending for r in run] if rows is None else rows.pending[:n].tolist()
+                long_pairs = sum(p - 1 for p in pending if p > CATCH_UP_SPLIT)
+                backlog = max(1 if p > CATCH_UP_SPLIT else p for p in pending)
                 catch_up_s = self.absorb * long_pairs
                 if backlog > 1:
                     draft_s += self.absorb * B * (backlog - 1)
-                for r in run:
-                    r.pending = 0
+                if rows is None:
+                    for r in run:
+                        r.pending = 0
+                else:
+                    rows.pending[:n] = 0
         else:
             draft_s, verify_s = 0.0, float(self.verify(B, 1, ctx_mean))
         self._result = StepResult(requests=ColumnarRequests(columns), speculated=K > 0, draft_seconds=draft_s,
@@ -586,12 +691,12 @@ class Replica:
             got = self._temps[n] = np.full(n, float(self.temperature))  # (readers must not write to it)
         return got
 
-    def _draw(self, run: list[_Req], states: list[RequestAcceptance], ks: list[int]) -> tuple[np.ndarray,
-                                                                                           np.ndarray | None]:
+    def _draw(self, positions: Sequence[int], states: list[RequestAcceptance],
+              ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """Accepted counts and KL (``[B, max k]``, row ``r`` valid up to ``k_r``; None without KL) of the step's
-        requests, batched when the acceptance model can (the same draws)."""
+        requests (output ``positions``, ``states``, depths ``ks``), batched when the acceptance model can (the same
+        draws)."""
         acc = self.sim.acceptance
-        positions = _Positions(run)
         batch = getattr(acc, "sample_batch", None)
         if batch is not None:
             return batch(states, positions, ks, self.want_kl)
@@ -610,6 +715,8 @@ class Replica:
         while self.kv_used + growth > cap and len(self.running) > 1:
             victim = self.running.pop()
             self._running_version += 1
+            if self._rows is not None:
+                self._rows.pop(victim)
             growth -= ks.pop() + 1
             self._preempt(victim)
         if self.kv_used + growth > cap:  # one request left: draft only what fits
@@ -632,7 +739,27 @@ class Replica:
         finished: list[_Req] = []
         collected += self._prefilled
         decode = self._decode
-        if decode:
+        drop: np.ndarray | None = None  # rows of the running requests that finished (compiled step)
+        if self._decode_rows is not None:  # the compiled step: commit on the rows, write back the finished ones
+            ks, accepted = self._decode_rows
+            rows = self._rows
+            assert rows is not None
+            B = len(ks)
+            if self.reference:  # the reference schedule's first token comes from its first decode step
+                for i in np.flatnonzero(rows.gen[:B] == 0).tolist():
+                    r = self.running[i]
+                    if r.first != r.first:  # NaN: no token yet
+                        r.first = now
+            drop, total = compiled_kernels().commit_decode(ks, accepted, rows.gen, rows.out, rows.spec, rows.acc,
+                                                           rows.pending, bool(self.absorb))
+            running = self.running
+            for i in drop.tolist():
+                r = running[i]
+                rows.store(i, r)
+                finished.append(r)
+            self.kv_used += total
+            collected += total
+        elif decode:
             if self.reference:  # the reference schedule's first token comes from its first decode step
                 for r, _, _ in decode:
                     if r.gen == 0 and r.first != r.first:  # NaN: no token yet
@@ -674,8 +801,7 @@ class Replica:
                     if r.gen >= r.out:
                         finished.append(r)
                     else:
-                        self.running.append(r)
-                        self._running_version += 1
+                        self._run(r)
             if completed:
                 self.prefilling = [r for r in self.prefilling if r.done < r.need]
         if self._result is not None:
@@ -684,6 +810,10 @@ class Replica:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
             self._running_version += 1
+            if drop is not None and len(drop):
+                rows = self._rows
+                assert rows is not None
+                rows.n = compiled_kernels().drop_rows(drop, rows.n, rows.table)
             for r in finished:
                 self.kv_used -= r.kv
                 r.holds = False

@@ -611,3 +611,63 @@ def test_every_draw_path_matches_a_plain_per_request_draw(trained, decay, path):
             ui += k
         assert (kl is None) == (not want_kl or max(ks) <= 0)
     assert ui > 2 * _BLOCK  # the streams were refilled on the way
+
+
+def _busy_trace(n: int, seed: int, recorded: bool = False) -> list[Request]:
+    """Requests arriving faster than one replica serves them (batches fill up), some with recorded acceptance."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(4.0)
+        o = rng.randint(1, 60)
+        acc = tuple(rng.randint(0, 4) for _ in range(o)) if recorded and rng.random() < 0.4 else None
+        out.append(Request(t, rng.randint(4, 300), o, acceptance=acc, id=f"q{i}"))
+    return out
+
+
+_STEP_CASES = {  # name: (engine configuration, policy)
+    "prefill_first-cap": (SimConfig(max_draft_tokens=3, max_batch_size=48, record_steps=True), "dsde"),
+    "mixed-kv-preemption": (SimConfig(schedule="mixed", kv_capacity=1500, max_batch_size=32, record_steps=True),
+                            "static"),
+    "reference-absorb": (SimConfig(schedule="reference", absorb_per_token_s=1e-4, max_batch_size=16,
+                                   max_prefill_tokens=128, record_steps=True), "dsde"),
+    "replicas-least-tokens": (SimConfig(replicas=2, router="least-tokens", record_steps=True), "goodput"),
+    "replay-recorded": (SimConfig(record_steps=True), "tide-control"),
+    "switching": (SimConfig(kv_capacity=2500, record_steps=True), "dsde"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_STEP_CASES))
+def test_compiled_replica_step_matches_the_python_step(case, monkeypatch):
+    """The replica's two ways through a decode step — Python over the request objects, compiled passes over the
+    running requests' rows — give the same replay: every request's times and counts, the summary and every step,
+    across per-request and uniform lengths, a depth cap, KV preemption (rows popped and written back), the
+    reference schedule's first tokens and drafter backlogs, a router that reads outstanding tokens, recorded
+    acceptance (positions read from the rows), and a run that switches to the compiled step part-way."""
+    from sglang_ext.core.costs import CostModel
+    from simulator.model import Replica
+
+    cost = CostModel.fit(CPU_PROFILE)
+    config, policy = _STEP_CASES[case]
+    trace = _busy_trace(400, 11, recorded=case == "replay-recorded")
+
+    def run(compiled: bool, switch_at: float | None = None) -> tuple[SimResult, Simulation]:
+        monkeypatch.setattr(Replica, "compiled", compiled if switch_at is None else False)
+        extra = {} if policy == "static" else {"cost_model": cost}
+        sim = Simulation(trace, cost, make_policy(policy, **extra), config, seed=4)
+        if switch_at is not None:  # Python steps up to switch_at, compiled ones after
+            sim.run(until=switch_at)
+            assert all(r._rows is None for r in sim.replicas)
+            monkeypatch.setattr(Replica, "compiled", True)
+            sim.error = None
+        return sim.run(), sim
+
+    (python, sp), (compiled, sc) = run(False), run(True, 30.0 if case == "switching" else None)
+    assert all(r._rows is None for r in sp.replicas) and all(r._rows is not None for r in sc.replicas)
+    assert python.complete and compiled.complete
+    for name in python.requests:
+        assert np.array_equal(python.requests[name], compiled.requests[name], equal_nan=True), name
+    assert python.summary == compiled.summary and python.steps == compiled.steps
+    assert len(python.requests["finish"]) == len(trace) and max(python.steps["depth"]) > 1
+    if config.kv_capacity is not None:  # requests were preempted (and their rows written back) on the way
+        assert python.requests["preemptions"].sum() > 0
