@@ -413,12 +413,12 @@ class ParametricAcceptance:
         if states is not self._last_states or key != self._last_key:
             if states is not self._last_states:
                 self._last_states = states
-                self._last_alphas = np.fromiter((st.alpha for st in states), dtype=float, count=len(states))
+                self._last_alphas = np.array([st.alpha for st in states], dtype=float)
             self._last_key = key
             alpha = self.effective_alphas(self._last_alphas)
-            if want_kl:
-                with np.errstate(divide="ignore"):
-                    base = np.where(alpha > 0, -np.log(alpha), 50.0)
+            if want_kl:  # (log of 1 where α = 0: no -inf to silence, the same floats elsewhere)
+                positive = alpha > 0
+                base = np.where(positive, -np.log(np.where(positive, alpha, 1.0)), 50.0)
             else:
                 base = alpha
             self._last_draw = (alpha, base)

@@ -587,7 +587,8 @@ class Replica:
         elif rows is not None:  # one compiled pass: the same integers as _depths
             uniform = isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids
             ks_arr, total, K = compiled_kernels().clip_depths(
-                _NO_DEPTHS if uniform else np.asarray(lengths_in_order(lengths, rids), dtype=np.int64),
+                _NO_DEPTHS if uniform else lengths.as_array() if isinstance(lengths, BatchLengths) and
+                lengths.rids is rids else np.asarray(lengths_in_order(lengths, rids), dtype=np.int64),
                 lengths.uniform if uniform else 0, -1 if self.max_draft is None else self.max_draft, rows.last,
                 ctx_arr)
             ks = ks_arr.tolist()

@@ -267,14 +267,14 @@ def dsde_decide(slots, state, cap, floor, fallback, base, per_ctx, draft, parts_
     """DSDE's whole decision with the cost cap priced by a profile: :func:`dsde_lengths`, then
     :func:`~.goodput.best_length_cap` over ``floor..max(lengths)`` with each request's α from its record
     (:func:`_ratio_or`) and the capped totals of :func:`capped_totals`, and the lengths capped. Returns
-    ``(lengths, SL cap or -1, cost cap or -1)``."""
+    ``(lengths, SL cap or -1, cost cap or -1, the longest length)``."""
     lengths, sl_cap = dsde_lengths(slots, state, cap)
     n = slots.shape[0]
     if n == 0:
-        return lengths, sl_cap, -1
+        return lengths, sl_cap, -1, 0
     top = lengths.max()
     if top <= floor:
-        return lengths, sl_cap, -1
+        return lengths, sl_cap, -1, top
     alphas = np.empty(n)
     for i in range(n):
         alphas[i] = _ratio_or(state[slots[i]], fallback)
@@ -284,7 +284,8 @@ def dsde_decide(slots, state, cap, floor, fallback, base, per_ctx, draft, parts_
         for i in range(n):
             if lengths[i] > best:
                 lengths[i] = best
-    return lengths, sl_cap, best
+        top = min(top, best)
+    return lengths, sl_cap, best, top
 
 
 @njit(cache=True, nogil=True)

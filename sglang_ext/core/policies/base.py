@@ -17,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
+
 from ..signals import StepResult
 
 
@@ -118,7 +120,19 @@ class BatchLengths(Mapping[str, int]):
         """The lengths in batch order."""
         if self._ks is None:
             return [self._uniform] * len(self.rids)
-        return self._ks if isinstance(self._ks, list) else [int(k) for k in self._ks]
+        if isinstance(self._ks, list):
+            return self._ks
+        if isinstance(self._ks, np.ndarray) and self._ks.dtype.kind == "i":
+            return self._ks.tolist()
+        return [int(k) for k in self._ks]
+
+    def as_array(self) -> np.ndarray:
+        """The lengths in batch order as an int64 array (the policy's own when it answered with one: a host that
+        works on arrays takes them without a round trip through a list)."""
+        ks = self._ks
+        if isinstance(ks, np.ndarray) and ks.dtype == np.int64:
+            return ks
+        return np.asarray(self.in_order(), dtype=np.int64)
 
     def _map(self) -> dict[str, int]:
         if self._dict is None:

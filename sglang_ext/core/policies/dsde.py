@@ -248,10 +248,12 @@ class DSDEPolicy(Policy):
         if parts is not None:  # lengths, SL cap and the cost cap priced by the profile: one compiled pass
             ctxs = batch.context_lens
             ctx = round(sum(ctxs) / len(ctxs)) if len(ctxs) else 0
-            lengths, cap, cost_cap = kernels().dsde_decide(slots, self.table.records, self.config["cap"],
-                                                           max(1, self.k_floor), self.alphas.fallback(), *parts,
-                                                           float(ctx))
+            lengths, cap, cost_cap, top = kernels().dsde_decide(slots, self.table.records, self.config["cap"],
+                                                                max(1, self.k_floor), self.alphas.fallback(), *parts,
+                                                                float(ctx))
             info: dict = {"sl_cap": cap if cap >= 0 else None, "cost_cap": cost_cap if cost_cap >= 0 else None}
+            # (the lengths stay an array: a host that works on arrays takes them as they are)
+            return Decision(speculate=top > 0, lengths=BatchLengths(rids, ks=lengths), info=info)
         else:
             # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
             lengths, cap = kernels().dsde_lengths(slots, self.table.records, self.config["cap"])
