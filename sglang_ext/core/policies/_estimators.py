@@ -133,8 +133,11 @@ class SlotTable:
         got = self._cached(rids)
         if got is not None:
             return got
-        get, add = self.index.get, self.add
-        out = np.array([s if (s := get(r)) is not None else add(r) for r in rids], dtype=np.intp)
+        try:  # every request known (the common case: a batch that changed by a few requests)
+            out = np.fromiter(map(self.index.__getitem__, rids), dtype=np.intp, count=len(rids))
+        except KeyError:
+            get, add = self.index.get, self.add
+            out = np.array([s if (s := get(r)) is not None else add(r) for r in rids], dtype=np.intp)
         self._last = (list(rids), out)
         return out
 
@@ -193,12 +196,9 @@ class RequestAlphas:
         c = result.columns
         prop = c.proposed
         if prop.any():  # some request has chain trials (a proposed chain verifies >= 1 position)
-            self.update_rows(self.table.slots(c.rids), prop, c.accepted)
-
-    def update_rows(self, slots: np.ndarray, proposed: np.ndarray, accepted: np.ndarray) -> None:
-        """:meth:`update` with the step's slots already looked up (rows that proposed nothing are skipped)."""
-        b = self.batch
-        b.num, b.den = kernels().ratio_update(slots, proposed, accepted, self.table.records, self.decay, b.num, b.den)
+            b = self.batch
+            b.num, b.den = kernels().ratio_update(self.table.slots(c.rids), prop, c.accepted, self.table.records,
+                                                  self.decay, b.num, b.den)
 
     def fallback(self) -> float:
         """α of a request without its own estimate: the batch-wide one, or the prior before any step."""

@@ -52,13 +52,18 @@ def _ring_weighted_variance(ring: np.ndarray, start: int, off: int, w: np.ndarra
 
 
 @njit(cache=True, nogil=True)
-def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, ws, consts, k_floor, max_k):
+def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, ws, consts, k_floor, max_k,
+                 alpha_decay, batch_num, batch_den):
     """One verify step of DSDE's controller for requests ``i`` (state record ``state[slots[i]]``, KL window
     ``ring[slots[i]]``), in order (a request listed twice steps twice). Columns: ``proposed``/``accepted``/``kl_len``
     per request, ``kl`` ``[B, K]`` (``[B, 0]`` without KL), ``temps``; the records (:func:`.dsde._state_fields`) and
     the ring are updated in place. ``w``/``ws``:
     WVIR weights of the whole window and of its last third; ``consts``: their sums, ``max_factor``, ``min_frac``,
-    ``sf_alpha``, ``miss_kl``. Requests that proposed nothing (no information about the drafter) are skipped."""
+    ``sf_alpha``, ``miss_kl``. Requests that proposed nothing (no information about the drafter) are skipped.
+
+    With ``alpha_decay`` > 0 each request's α record (``num``/``den``, DSDE's cost cap) steps too, exactly as
+    :func:`ratio_update` (the same pass, so the step is one call): returns the batch-wide ``(S, N)`` it updated from
+    ``(batch_num, batch_den)`` (returned unchanged without)."""
     sw, sws, max_factor, min_frac, sf_alpha, miss_kl = consts[0], consts[1], consts[2], consts[3], consts[4], consts[5]
     W = w.shape[0]
     short = ws.shape[0]
@@ -69,6 +74,10 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
         if prop <= 0:
             continue
         st = state[slots[i]]
+        if alpha_decay > 0:
+            s, t = _ratio_step(st, prop, acc, alpha_decay)
+            batch_num = alpha_decay * batch_num + s
+            batch_den = alpha_decay * batch_den + t
         window = ring[slots[i]]
         # this step's values: the drafter's KL at the proposed positions, or the acceptance-only proxy
         proxy = kl_len[i] <= 0
@@ -145,6 +154,7 @@ def dsde_observe(slots, proposed, accepted, kl_len, kl, temps, state, ring, w, w
             k = lo
         st.k = k
         st.pred = min(max(k, k_floor), max_k)
+    return batch_num, batch_den
 
 
 @njit(cache=True, nogil=True)
@@ -172,20 +182,27 @@ def dsde_lengths(slots, state, cap):
 
 
 @njit(cache=True, nogil=True)
+def _ratio_step(st, proposed, accepted, decay):
+    r"""One request's chain trials ``s = a``, ``n = a + [a < k]`` (:func:`~sglang_ext.core.signals.chain_trials`)
+    into its record: :math:`S_r \leftarrow \lambda S_r + s,\ N_r \leftarrow \lambda N_r + n` (``num``/``den``).
+    Returns ``(s, n)``."""
+    s = accepted
+    t = s + (1 if s < proposed else 0)
+    st.num = decay * st.num + s
+    st.den = decay * st.den + t
+    return s, t
+
+
+@njit(cache=True, nogil=True)
 def ratio_update(slots, proposed, accepted, state, decay, batch_num, batch_den):
     r""":class:`~._estimators.RequestAlphas`' update from the requests that proposed (``proposed > 0``; the others
-    are skipped), request by request in batch order (a request listed twice updates twice): with the chain trials ``s = a``,
-    ``n = a + [a < k]`` (:func:`~sglang_ext.core.signals.chain_trials`),
-    :math:`S_r \leftarrow \lambda S_r + s,\ N_r \leftarrow \lambda N_r + n` on the records' ``num``/``den``, and
-    the batch-wide ratio the same way over every request in turn. Returns the batch-wide ``(S, N)``."""
+    are skipped), request by request in batch order (a request listed twice updates twice): :func:`_ratio_step` on
+    each record, and the batch-wide ratio the same way over every request in turn. Returns the batch-wide
+    ``(S, N)``."""
     for i in range(slots.shape[0]):
         if proposed[i] <= 0:  # no chain trials
             continue
-        st = state[slots[i]]
-        s = accepted[i]
-        t = s + (1 if s < proposed[i] else 0)
-        st.num = decay * st.num + s
-        st.den = decay * st.den + t
+        s, t = _ratio_step(state[slots[i]], proposed[i], accepted[i], decay)
         batch_num = decay * batch_num + s
         batch_den = decay * batch_den + t
     return batch_num, batch_den

@@ -178,6 +178,7 @@ class DSDEPolicy(Policy):
         self.alphas = RequestAlphas(c["alpha_decay"], prior=0.5, table=self.table)
         self._probe = 0
         self._kernel_consts: tuple | None = None
+        self._parts: dict[int, tuple] = {}  # the given profile's prices per batch size (_priced_parts)
 
     def _new_table(self) -> SlotTable:
         init_k = self.config["init_k"]
@@ -213,15 +214,17 @@ class DSDEPolicy(Policy):
         if cost_cap and self.given_costs is None:
             self.learned.update(result)
         c = result.columns
-        # every request's row (the decision made them); both steps below skip the requests that proposed nothing:
+        # every request's row (the decision made them); the pass below skips the requests that proposed nothing:
         # a plain step carries no information about the drafter
         slots = self.table.slots(c.rids)
-        prop, acc = c.proposed, c.accepted
-        if cost_cap:
-            self.alphas.update_rows(slots, prop, acc)
         kl = _NO_KL if c.kl is None else np.ascontiguousarray(c.kl, dtype=np.float64)
-        kernels().dsde_observe(slots, prop, acc, c.kl_len, kl, c.temperatures.astype(np.float64, copy=False),
-                                self.table.records, self.table.cols["kl"], *self._kernel_args())
+        # the cost cap's α_r records step in the same pass (RequestAlphas' update, its formula and its batch ratio)
+        alphas = self.alphas
+        b = alphas.batch
+        b.num, b.den = kernels().dsde_observe(slots, c.proposed, c.accepted, c.kl_len, kl,
+                                              c.temperatures.astype(np.float64, copy=False), self.table.records,
+                                              self.table.cols["kl"], *self._kernel_args(),
+                                              alphas.decay if cost_cap else 0.0, b.num, b.den)
 
     def warming_up(self, rid: str) -> bool:
         """Whether the request is still in warm-up (its length is neither capped nor counted in the cap)."""
@@ -275,11 +278,14 @@ class DSDEPolicy(Policy):
     def _priced_parts(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
         """The given profile's step prices at depths ``floor..max_k`` as arrays, with the first depth
         (:meth:`~sglang_ext.core.costs.CostModel.depth_parts`); None for costs without them (learned online)."""
-        parts = getattr(self.given_costs, "depth_parts", None)
-        if parts is None:
-            return None
-        floor = max(1, self.k_floor)
-        return (*parts(batch_size, floor, max(floor, self.config["max_k"])), floor)
+        got = self._parts.get(batch_size)
+        if got is None:
+            parts = getattr(self.given_costs, "depth_parts", None)
+            if parts is None:
+                return None
+            floor = max(1, self.k_floor)
+            got = self._parts[batch_size] = (*parts(batch_size, floor, max(floor, self.config["max_k"])), floor)
+        return got
 
     def _apply_cost_cap(self, batch: BatchView, lengths: np.ndarray) -> tuple[np.ndarray, int | None]:
         floor = max(1, self.k_floor)
