@@ -101,6 +101,13 @@ class Drift:
         return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
 
 
+#: requests drawn in one run after which the draw loads numba (and the simulator's step follows, :mod:`.model`):
+#: the compiled draw and step save ~0.5 µs per request drawn (measured on a saturated replay, 2 M requests drawn:
+#: 0.55 s), so numba's ~0.5 s load pays back after about 1 M; a replay below this (the Azure code trace draws ~0.1 M)
+#: never loads it, a long one pays the load once and keeps most of the gain
+COMPILE_AFTER = 250_000
+
+
 @functools.cache
 def compiled_kernels():
     """The simulator's compiled per-step code (:mod:`simulator._kernels`: the draw here, the depth clip and commit in
@@ -208,8 +215,11 @@ class ParametricAcceptance:
         self._buf: _Streams | None = None
         #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
         self.small_batch = 16
-        #: draw with the compiled kernel: None = when numba is already loaded in this process (:meth:`sample_batch`)
+        #: draw with the compiled kernel: None = when numba is already loaded in this process, or once this run has
+        #: drawn ``compile_after`` requests (:meth:`sample_batch`)
         self.compiled: bool | None = None
+        self.compile_after = COMPILE_AFTER
+        self._drawn = 0  # requests drawn by the array and loop paths in this run
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
         self._last_key: tuple | None = None
@@ -228,6 +238,7 @@ class ParametricAcceptance:
         self._buf = _Streams(np.random.default_rng(u_ss), np.random.default_rng(z_ss), self.kl_noise)
         self._last_states = None
         self._last_key = None
+        self._drawn = 0
         self.trained = 0.0
         self.set_time(0.0)
 
@@ -290,16 +301,20 @@ class ParametricAcceptance:
 
         Three ways to the same numbers (tested against a plain per-request loop): one compiled pass
         (:func:`simulator._kernels.draw_chains`, ~3 µs a step) once numba is loaded in the process (a policy with
-        compiled steps loads it; ``compiled`` forces either way), else ``[B, max k]`` array comparisons, or for up to
-        ``small_batch`` requests a Python loop. Why not always compiled: loading numba costs ~0.7 s once, more than a
-        replay that speculates in few steps, or only tens of thousands, saves with it.
+        compiled steps loads it) or once the run has drawn :data:`COMPILE_AFTER` requests (then this loads it;
+        ``compiled`` forces either way), else ``[B, max k]`` array comparisons, or for up to ``small_batch`` requests
+        a Python loop. Why not always compiled: loading numba costs ~0.5 s once, more than a replay that speculates
+        in few steps, or only tens of thousands, saves with it.
         """
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
-        compiled = self.compiled if self.compiled is not None else "numba" in sys.modules
+        compiled = self.compiled
+        if compiled is None:
+            compiled = "numba" in sys.modules or self._drawn >= self.compile_after
         if compiled:
             return self._sample_compiled(states, ks, want_kl)
+        self._drawn += len(ks)
         if len(ks) <= self.small_batch:
             return self._sample_small(states, ks.tolist() if isinstance(ks, np.ndarray) else list(ks), want_kl)
         k = np.maximum(np.asarray(ks, dtype=np.int64), 0)
