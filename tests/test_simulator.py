@@ -671,3 +671,31 @@ def test_compiled_replica_step_matches_the_python_step(case, monkeypatch):
     assert len(python.requests["finish"]) == len(trace) and max(python.steps["depth"]) > 1
     if config.kv_capacity is not None:  # requests were preempted (and their rows written back) on the way
         assert python.requests["preemptions"].sum() > 0
+
+
+def test_draw_turns_compiled_after_enough_requests(monkeypatch):
+    """With ``compiled`` left to the model, a run draws on the Python paths until it has drawn ``compile_after``
+    requests, then with the compiled pass (loading numba then; here already loaded) — the same numbers throughout as
+    a model kept on the Python paths."""
+    import sys
+
+    from simulator.acceptance import ParametricAcceptance, RequestAcceptance, compiled_kernels
+
+    auto, python = ParametricAcceptance(decay=0.9), ParametricAcceptance(decay=0.9)
+    auto.compile_after, python.compiled = 100, False
+    compiled_kernels()  # (loaded before numba is hidden below: never a second import of it)
+    monkeypatch.delitem(sys.modules, "numba", raising=False)  # as if numba were not loaded yet
+    used = []
+    compiled = auto._sample_compiled
+    monkeypatch.setattr(auto, "_sample_compiled", lambda *a: used.append(len(a[1])) or compiled(*a))
+    for m in (auto, python):
+        m.reset(5)
+    rng = random.Random(2)
+    for step in range(20):
+        states = [RequestAcceptance(rng.random()) for _ in range(12)]
+        ks = [rng.randint(0, 6) for _ in states]
+        a1, kl1 = auto.sample_batch(states, [0] * 12, ks, True)
+        a2, kl2 = python.sample_batch(states, [0] * 12, ks, True)
+        assert a1.tolist() == a2.tolist()
+        assert all(kl1[r, :k].tolist() == kl2[r, :k].tolist() for r, k in enumerate(ks))  # (rows valid up to k_r)
+        assert bool(used) == (step * 12 >= 100)  # compiled from the first step after 100 requests were drawn
