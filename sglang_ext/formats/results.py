@@ -181,9 +181,9 @@ def write_requests_csv(result: SimResult, path: str | Path) -> Path:
     names = list(cols) or [*REQUEST_COLUMNS, *LATENCY_COLUMNS]  # the same 13 columns with no rows
     with open(path, "w", encoding="utf-8") as f:
         f.write(",".join(names) + "\n")
-        if cols:
-            f.writelines(",".join(repr(v) if isinstance(v, float) else str(v) for v in row) + "\n"
-                         for row in zip(*(cols[n].tolist() for n in names)))
+        if cols:  # each column formatted at once (floats by repr: round-trip exact), then joined row by row
+            text = [list(map(repr if cols[n].dtype.kind == "f" else str, cols[n].tolist())) for n in names]
+            f.writelines(",".join(row) + "\n" for row in zip(*text))
     return path
 
 
