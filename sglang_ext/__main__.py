@@ -1,5 +1,3 @@
-import sys
+from sglang_ext.cli import run
 
-from sglang_ext.cli import main
-
-sys.exit(main())
+run()

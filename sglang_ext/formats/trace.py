@@ -369,7 +369,13 @@ def stream_trace(path: str | Path, time_scale: float = 1.0, head: int | None = N
     nothing already simulated or served."""
     if not (time_scale > 0 and math.isfinite(time_scale)):
         raise ValueError(f"--time-scale={time_scale} must be a finite number > 0")
-    for n, req in enumerate(TraceReader(path)):
+    reader = TraceReader(path)
+    reader.path.open("rb").close()  # a missing or unreadable file fails here, naming it, before anything runs
+    return _stream(reader, time_scale, head)
+
+
+def _stream(reader: TraceReader, time_scale: float, head: int | None) -> Iterator[Request]:
+    for n, req in enumerate(reader):
         if head is not None and n >= head:
             return
         yield req if time_scale == 1.0 else replace(req, arrival=req.arrival * time_scale)
