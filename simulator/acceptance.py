@@ -101,10 +101,11 @@ class Drift:
         return float(np.interp(t, [p[0] for p in self.points], [p[1] for p in self.points]))
 
 
-#: requests drawn in one run after which the draw loads numba (and the simulator's step follows, :mod:`.model`):
-#: the compiled draw and step save ~0.5 µs per request drawn (measured on a saturated replay, 2 M requests drawn:
-#: 0.55 s), so numba's ~0.5 s load pays back after about 1 M; a replay below this (the Azure code trace draws ~0.1 M)
-#: never loads it, a long one pays the load once and keeps most of the gain
+#: requests drawn in steps of more than ``small_batch`` requests in one run, after which the draw loads numba (and
+#: the simulator's step follows, :mod:`.model`): there the compiled draw and step save ~0.5 µs per request drawn
+#: (measured on a saturated replay, 2 M requests drawn: 0.55 s), so numba's ~0.5 s load pays back after about 1 M;
+#: a replay below this (the Azure code trace draws ~0.1 M) never loads it, a long one pays the load once and keeps
+#: most of the gain; one whose steps hold a few requests (many replicas) never does
 COMPILE_AFTER = 250_000
 
 
@@ -299,18 +300,21 @@ class ParametricAcceptance:
         ``want_kl`` or when nothing is proposed). The requests' α are read again only when ``states`` is a different
         list from the last call's (a host reuses its list while the batch is unchanged).
 
-        Three ways to the same numbers (tested against a plain per-request loop): one compiled pass
+        Three ways to the same numbers (tested against a plain per-request loop): for up to ``small_batch`` requests
+        a Python loop (numpy's and numba's cost per call dominate there); above, one compiled pass
         (:func:`simulator._kernels.draw_chains`, ~3 µs a step) once numba is loaded in the process (a policy with
-        compiled steps loads it) or once the run has drawn :data:`COMPILE_AFTER` requests (then this loads it;
-        ``compiled`` forces either way), else ``[B, max k]`` array comparisons, or for up to ``small_batch`` requests
-        a Python loop. Why not always compiled: loading numba costs ~0.5 s once, more than a replay that speculates
-        in few steps, or only tens of thousands, saves with it.
+        compiled steps loads it) or once the run has drawn :data:`COMPILE_AFTER` requests in such steps (then this
+        loads it), else ``[B, max k]`` array comparisons; ``compiled`` forces the compiled pass (True, any batch) or
+        the other two (False). Why not always compiled: loading numba costs ~0.5 s once, more than a replay that
+        speculates in few steps, or only tens of thousands, saves with it.
         """
         buf = self._buf
         if buf is None:
             raise RuntimeError("acceptance model not reset: call reset(seed) first")
         compiled = self.compiled
         if compiled is None:
+            if len(ks) <= self.small_batch:  # a few requests: the Python loop is the fastest way
+                return self._sample_small(states, ks.tolist() if isinstance(ks, np.ndarray) else list(ks), want_kl)
             compiled = "numba" in sys.modules or self._drawn >= self.compile_after
         if compiled:
             return self._sample_compiled(states, ks, want_kl)

@@ -337,7 +337,8 @@ class Replica:
     """One engine: a SimPy process running one iteration (one timeout) after another (module docstring)."""
 
     #: step the running requests with compiled passes over their rows (True), over the objects in Python (False), or
-    #: compiled once numba is loaded in the process (None); a replica that started compiled steps keeps them
+    #: compiled from a step of more than SMALL_BATCH requests once numba is loaded (None); a replica that started
+    #: compiled steps keeps them
     compiled: bool | None = None
 
     def __init__(self, sim: Simulation, idx: int, policy: Any) -> None:
@@ -552,15 +553,17 @@ class Replica:
         per-request work is kept to one array draw of the whole batch's acceptance
         (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`), a step result handed to the policy as
         arrays (:class:`~sglang_ext.core.signals.StepColumns`; no ``RequestStep`` objects unless a policy asks), and
-        either list comprehensions over the request objects or, once numba is loaded in the process (a policy with
-        compiled steps loads it; :attr:`compiled` forces either way), compiled passes over the running requests'
-        rows (:class:`_RunningRows`: the depth clip here, the commit in :meth:`_commit`). The same integers both
-        ways (tested); not always compiled because loading numba costs ~0.7 s once, more than a replay whose
-        policy needs no compiled step saves with it.
+        either list comprehensions over the request objects or, from the first step of more than ``SMALL_BATCH``
+        requests once numba is loaded in the process (a policy with compiled steps or a long draw loads it;
+        :attr:`compiled` forces either way), compiled passes over the running requests' rows
+        (:class:`_RunningRows`: the depth clip here, the commit in :meth:`_commit`). The same integers both ways
+        (tested). Not always compiled: loading numba costs ~0.5 s once, more than a replay whose policy needs no
+        compiled step saves with it, and for a few requests per step the Python loops are faster.
         """
         run = self.running
         rows = self._rows
-        if rows is None and (self.compiled if self.compiled is not None else "numba" in sys.modules):
+        if rows is None and (self.compiled if self.compiled is not None else
+                             len(run) > SMALL_BATCH and "numba" in sys.modules):
             rows = self._rows = _RunningRows(run)  # compiled steps from here on
         lists = self._batch_lists
         if lists is None or lists[0] != self._running_version:  # the batch changed: its constant per-request lists

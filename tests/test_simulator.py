@@ -674,9 +674,10 @@ def test_compiled_replica_step_matches_the_python_step(case, monkeypatch):
 
 
 def test_draw_turns_compiled_after_enough_requests(monkeypatch):
-    """With ``compiled`` left to the model, a run draws on the Python paths until it has drawn ``compile_after``
-    requests, then with the compiled pass (loading numba then; here already loaded) — the same numbers throughout as
-    a model kept on the Python paths."""
+    """With ``compiled`` left to the model, a run draws steps of more than ``small_batch`` requests on the array path
+    until it has drawn ``compile_after`` requests in them, then with the compiled pass (loading numba then; here
+    already loaded), and small steps always with the Python loop — the same numbers throughout as a model kept on
+    the Python paths."""
     import sys
 
     from simulator.acceptance import ParametricAcceptance, RequestAcceptance, compiled_kernels
@@ -691,11 +692,16 @@ def test_draw_turns_compiled_after_enough_requests(monkeypatch):
     for m in (auto, python):
         m.reset(5)
     rng = random.Random(2)
-    for step in range(20):
-        states = [RequestAcceptance(rng.random()) for _ in range(12)]
+    large = 0  # requests drawn in steps above small_batch
+    for _ in range(40):
+        b = rng.choice([3, 20])
+        states = [RequestAcceptance(rng.random()) for _ in range(b)]
         ks = [rng.randint(0, 6) for _ in states]
-        a1, kl1 = auto.sample_batch(states, [0] * 12, ks, True)
-        a2, kl2 = python.sample_batch(states, [0] * 12, ks, True)
+        before = len(used)
+        a1, kl1 = auto.sample_batch(states, [0] * b, ks, True)
+        a2, kl2 = python.sample_batch(states, [0] * b, ks, True)
         assert a1.tolist() == a2.tolist()
         assert all(kl1[r, :k].tolist() == kl2[r, :k].tolist() for r, k in enumerate(ks))  # (rows valid up to k_r)
-        assert bool(used) == (step * 12 >= 100)  # compiled from the first step after 100 requests were drawn
+        assert (len(used) > before) == (b > auto.small_batch and large >= 100)  # compiled: large steps after 100
+        large += b if b > auto.small_batch else 0
+    assert used

@@ -174,6 +174,9 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+_CSV_BLOCK = 8192  # rows formatted together by write_requests_csv (bounded memory for a million-request result)
+
+
 def write_requests_csv(result: SimResult, path: str | Path) -> Path:
     """Per-request columns plus TTFT/TPOT/E2E as CSV."""
     path = Path(path)
@@ -181,9 +184,12 @@ def write_requests_csv(result: SimResult, path: str | Path) -> Path:
     names = list(cols) or [*REQUEST_COLUMNS, *LATENCY_COLUMNS]  # the same 13 columns with no rows
     with open(path, "w", encoding="utf-8") as f:
         f.write(",".join(names) + "\n")
-        if cols:  # each column formatted at once (floats by repr: round-trip exact), then joined row by row
-            text = [list(map(repr if cols[n].dtype.kind == "f" else str, cols[n].tolist())) for n in names]
-            f.writelines(",".join(row) + "\n" for row in zip(*text))
+        if cols:  # a block of rows at a time, each column formatted at once (floats by repr: round-trip exact)
+            arrays = [cols[n] for n in names]
+            fmts = [repr if a.dtype.kind == "f" else str for a in arrays]
+            for lo in range(0, len(arrays[0]), _CSV_BLOCK):
+                text = [list(map(fmt, a[lo:lo + _CSV_BLOCK].tolist())) for fmt, a in zip(fmts, arrays)]
+                f.writelines(",".join(row) + "\n" for row in zip(*text))
     return path
 
 
