@@ -353,11 +353,11 @@ def run() -> None:
     start servers, pools or a Ray cluster exit normally, so their shutdown handlers run.
     """
     rc = main()
-    if tuple(a for a in sys.argv[1:3]) in _NO_TEARDOWN:
+    if tuple(sys.argv[1:3]) in _NO_TEARDOWN:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(rc if isinstance(rc, int) else 1)
+        os._exit(int(rc or 0))
     sys.exit(rc)
 
 

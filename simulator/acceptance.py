@@ -216,11 +216,12 @@ class ParametricAcceptance:
         self._buf: _Streams | None = None
         #: up to this many requests a step is drawn one request at a time (:meth:`_sample_small`, the same numbers)
         self.small_batch = 16
-        #: draw with the compiled kernel: None = when numba is already loaded in this process, or once this run has
-        #: drawn ``compile_after`` requests (:meth:`sample_batch`)
+        #: draw with the compiled kernel (True), never (False), or None: a step of more than ``small_batch``
+        #: requests once numba is loaded in this process or this run has drawn ``compile_after`` requests on the
+        #: array path (:meth:`sample_batch`)
         self.compiled: bool | None = None
         self.compile_after = COMPILE_AFTER
-        self._drawn = 0  # requests drawn by the array and loop paths in this run
+        self._drawn = 0  # requests drawn on the array path in this run (toward compile_after)
         self._last_states: Sequence[RequestAcceptance] | None = None  # the last batch's states and their α
         self._last_alphas = np.empty(0)
         self._last_key: tuple | None = None

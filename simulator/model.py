@@ -104,8 +104,6 @@ TrainerMode = Literal["none", "separate", "shared"]
 _NO_DEPTHS = np.zeros(0, dtype=np.int64)  # clip_depths' "one length for every request"
 
 
-
-
 @dataclass(frozen=True)
 class SimConfig:
     """Engine and run configuration (every field is a knob of the model in the module docstring)."""
@@ -588,12 +586,12 @@ class Replica:
             if rows is not None:
                 ks_arr = np.zeros(n, dtype=np.int64)
         elif rows is not None:  # one compiled pass: the same integers as _depths
-            uniform = isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids
-            ks_arr, total, K = compiled_kernels().clip_depths(
-                _NO_DEPTHS if uniform else lengths.as_array() if isinstance(lengths, BatchLengths) and
-                lengths.rids is rids else np.asarray(lengths_in_order(lengths, rids), dtype=np.int64),
-                lengths.uniform if uniform else 0, -1 if self.max_draft is None else self.max_draft, rows.last,
-                ctx_arr)
+            ours = isinstance(lengths, BatchLengths) and lengths.rids is rids  # answered for this batch, in order
+            uniform = lengths.uniform if ours else None
+            asked = (_NO_DEPTHS if uniform is not None else lengths.as_array() if ours
+                     else np.asarray(lengths_in_order(lengths, rids), dtype=np.int64))
+            cap = -1 if self.max_draft is None else self.max_draft
+            ks_arr, total, K = compiled_kernels().clip_depths(asked, uniform or 0, cap, rows.last, ctx_arr)
             ks = ks_arr.tolist()
         else:
             if isinstance(lengths, BatchLengths) and lengths.uniform is not None and lengths.rids is rids:

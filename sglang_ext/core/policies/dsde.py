@@ -257,12 +257,11 @@ class DSDEPolicy(Policy):
             info: dict = {"sl_cap": cap if cap >= 0 else None, "cost_cap": cost_cap if cost_cap >= 0 else None}
             # (the lengths stay an array: a host that works on arrays takes them as they are)
             return Decision(speculate=top > 0, lengths=BatchLengths(rids, ks=lengths), info=info)
-        else:
-            # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
-            lengths, cap = kernels().dsde_lengths(slots, self.table.records, self.config["cap"])
-            info = {"sl_cap": cap if cap >= 0 else None}
-            if self.config["cost_cap"]:
-                lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
+        # each request's prediction, and the SL cap (apply_batch_cap over the post-warm-up requests)
+        lengths, cap = kernels().dsde_lengths(slots, self.table.records, self.config["cap"])
+        info = {"sl_cap": cap if cap >= 0 else None}
+        if self.config["cost_cap"]:
+            lengths, info["cost_cap"] = self._apply_cost_cap(batch, lengths)
         ks = lengths.tolist()
         return Decision(speculate=bool(ks) and max(ks) > 0, lengths=BatchLengths(rids, ks=ks), info=info)
 
