@@ -5,7 +5,7 @@ Why compiled: at saturation every decode step draws ~64 requests' acceptance; as
 ~20 array operations (30–50 µs) per step, the largest single cost of a replay; the depth clip and the commit, as
 Python over request objects, cost ~15 µs more per step. Used once numba is loaded in the process
 (:meth:`~simulator.acceptance.ParametricAcceptance.sample_batch`, :class:`~simulator.model.Replica`'s running rows;
-numba's import and the compiled code's load from its cache cost ~0.7 s once; ``cache=True`` keeps the compiled code
+numba's import and the compiled code's load from its cache cost ~0.5 s once; ``cache=True`` keeps the compiled code
 beside this file or in numba's user cache).
 """
 

@@ -20,7 +20,7 @@ from ..signals import StepResult
 
 @functools.cache
 def kernels():
-    """The compiled per-step functions (:mod:`._kernels`), imported on first use: numba's import and load (~0.7 s)
+    """The compiled per-step functions (:mod:`._kernels`), imported on first use: numba's import and load (~0.5 s)
     are paid only by a process whose policy steps through them."""
     from . import _kernels
 

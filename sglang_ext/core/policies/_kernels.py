@@ -7,9 +7,9 @@ capped expected totals ~20 each. Each function here is the formula of the docstr
 request, with the scalar formulas' float operations in their order (sums add one term at a time, as ``sum`` does),
 so the results are those of the scalar definitions (tests compare decisions and bits).
 
-Imported on first use (:func:`load`): numba's import and the compiled code's load from its cache cost ~0.7 s, paid
-only by a process whose policy steps through here. ``cache=True`` keeps the compiled code beside this file (or in
-numba's user cache) for later processes.
+Imported on first use (:func:`._estimators.kernels`): numba's import and the compiled code's load from its cache
+cost ~0.5 s, paid only by a process whose policy steps through here. ``cache=True`` keeps the compiled code beside
+this file (or in numba's user cache) for later processes.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from .dsde import VAR_EPS, WVIR_FLAT
 
 @njit(cache=True, nogil=True)
 def _ring_weighted_variance(ring: np.ndarray, start: int, off: int, w: np.ndarray, sw: float) -> float:
-    """Σ w (x − μ)² / Σ w with μ = Σ w x / Σ w over ``x = window[off:]`` of the window held in ``ring`` oldest first
-    from ``ring[start]`` (``x_j = ring[(start + j) mod W]``), both sums in index order (newest value last, weight 1).
-    The ring is read in place (an index that wraps), not copied into window order first."""
+    """Σ w (x − μ)² / Σ w with μ = Σ w x / Σ w over ``x = window[off:]`` of the window held in ``ring`` oldest
+    first from ``ring[start]`` (``x_j = ring[(start + j) mod W]``), both sums in index order (newest value last,
+    weight 1). The ring is read in place (an index that wraps), not copied into window order first."""
     W = ring.shape[0]
     first = start + off
     if first >= W:
